@@ -1,0 +1,1 @@
+"""Driver side of flatbasin: the CLI, search configuration, Tuner assembly, MLflow logging, reproduce."""

@@ -1,0 +1,89 @@
+"""The validated configuration of one trial: data, model, optimiser, budget, variant parameters.
+
+Validated once, here, with messages that name the field and its allowed values. Everything below
+works with these frozen objects, never with raw dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SerializeAsAny, model_validator
+
+from trainables.data import DataSpec
+from trainables.models import Init, ModelName
+from trainables.variants import REGISTRY, Variant, VariantParams
+
+OptimizerName = Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad"]
+
+
+class TrialConfig(DataSpec):
+    """One trial. Flat on purpose: `--set key=value`, space files and MLflow params use the same names."""
+
+    variant: str
+    params: SerializeAsAny[VariantParams] = Field(default_factory=VariantParams)
+    model: ModelName = "auto"  # small_cnn below 32x32 inputs, resnet18 at 32x32
+    epochs: int = Field(20, ge=1, le=10_000)  # the budget every variant spends in full
+    batch_size: int = Field(64, ge=2, le=65_536)
+    optimizer: OptimizerName = "sgd"  # "sgd" is heavy-ball momentum; "nesterov" adds the look-ahead
+    lr: float = Field(0.05, gt=0, le=10)  # peak learning rate of the base phase
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum, RMSprop momentum, Adam beta1
+    weight_decay: float = Field(5e-4, ge=0, lt=1)  # L2, applied by the optimiser
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Init = "default"
+    augment: bool = False  # random flip and 2-pixel translation of the training batches
+    seed: int = Field(0, ge=0)  # model init, batch order, augmentation, dropout
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=256)  # torch intra-op threads; None keeps torch's choice
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_params(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        name = values.get("variant")
+        if name not in REGISTRY:
+            raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+        params = values.get("params") or {}
+        if isinstance(params, VariantParams):
+            params = params.model_dump()
+        return {**values, "params": REGISTRY[name].Params.model_validate(params)}
+
+    @model_validator(mode="after")
+    def _fits_budget(self) -> TrialConfig:
+        self.build_variant()  # raises ValueError naming the parameter when the cycles do not fit
+        return self
+
+    def build_variant(self) -> Variant:
+        return REGISTRY[self.variant](self.params, epochs=self.epochs, lr=self.lr)
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(**{name: getattr(self, name) for name in DataSpec.model_fields})
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting under one flat name (variant parameters unprefixed), for logging."""
+        values = self.model_dump(mode="json", exclude={"params"})
+        return {**values, **self.params.model_dump(mode="json")}
+
+
+def config_keys(variant: str) -> tuple[set[str], set[str]]:
+    """(top-level keys, variant parameter keys) accepted for `variant`."""
+    top = set(TrialConfig.model_fields) - {"params", "variant"}
+    return top, set(REGISTRY[variant].Params.model_fields)
+
+
+def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
+    """Build a config from flat `key: value` settings, routing each key to the trial or the variant."""
+    if variant not in REGISTRY:
+        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    top, own = config_keys(variant)
+    unknown = sorted(set(settings) - top - own)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)} for variant '{variant}'; "
+            f"variant parameters: {', '.join(sorted(own)) or '(none)'}; "
+            f"trial settings: {', '.join(sorted(top))}"
+        )
+    params = {k: v for k, v in settings.items() if k in own}
+    return TrialConfig(variant=variant, params=params, **{k: v for k, v in settings.items() if k in top})

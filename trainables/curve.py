@@ -1,0 +1,75 @@
+"""The accuracy-versus-number-averaged curve, built as members join.
+
+Each join scores the averager's probes on the validation and test splits once. Ensembles keep each
+member's softmax outputs so that any prefix (newest or oldest first) is a cheap mean; weight averages
+keep only accuracies, since their newest probe already is the prefix model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainables.averagers import CurveKind
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    count: int  # models averaged or ensembled
+    val_acc: float
+    test_acc: float
+
+
+def accuracy(probs: Tensor, labels: Tensor) -> float:
+    return (probs.argmax(dim=1) == labels).float().mean().item()
+
+
+class Curve:
+    def __init__(self, kind: CurveKind, newest_first: bool, y_val: Tensor, y_test: Tensor):
+        self.kind, self.newest_first = kind, newest_first
+        self.y_val, self.y_test = y_val, y_test
+        self.member_probs: list[tuple[Tensor, Tensor]] = []  # ensembles: (val, test) softmax outputs
+        self.accuracies: dict[str, list[tuple[float, float]]] = {}  # probe -> (val, test) per join
+
+    def add(self, probe: str, val_probs: Tensor, test_probs: Tensor) -> None:
+        if probe == "member" and self.kind == "ensemble":
+            self.member_probs.append((val_probs, test_probs))
+        else:
+            point = (accuracy(val_probs, self.y_val), accuracy(test_probs, self.y_test))
+            self.accuracies.setdefault(probe, []).append(point)
+
+    def score(self) -> float | None:
+        """Validation accuracy of what is deployed now, or None when no member has joined yet."""
+        if self.kind == "ensemble":
+            if not self.member_probs:
+                return None
+            return accuracy(torch.stack([v for v, _ in self.member_probs]).mean(0), self.y_val)
+        members = self.accuracies.get("member")
+        return members[-1][0] if members else None
+
+    def points(self) -> list[CurvePoint]:
+        if self.kind == "ensemble":
+            probs = self.member_probs[::-1] if self.newest_first else self.member_probs
+            out = []
+            for k in range(1, len(probs) + 1):
+                val = torch.stack([v for v, _ in probs[:k]]).mean(0)
+                test = torch.stack([t for _, t in probs[:k]]).mean(0)
+                out.append(CurvePoint(k, accuracy(val, self.y_val), accuracy(test, self.y_test)))
+            return out
+        return self._points("member")
+
+    def extra(self) -> dict[str, list[CurvePoint]]:
+        return {name: self._points(name) for name in self.accuracies if name != "member"}
+
+    def _points(self, probe: str) -> list[CurvePoint]:
+        return [CurvePoint(k, v, t) for k, (v, t) in enumerate(self.accuracies.get(probe, []), start=1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"member_probs": self.member_probs, "accuracies": self.accuracies}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.member_probs = [tuple(p) for p in state["member_probs"]]  # type: ignore[misc]
+        self.accuracies = {k: [tuple(p) for p in v] for k, v in state["accuracies"].items()}  # type: ignore[misc]

@@ -1,0 +1,239 @@
+"""Data sets as tensors on the trial's device, split deterministically into train / validation / test.
+
+Small image sets fit in memory, so batches are index slices of one tensor: no DataLoader workers,
+no per-batch host-to-device copies (the airbench way). Loading happens once per worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+DatasetName = Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"]
+
+
+class DataError(ValueError):
+    """The data cannot be loaded as configured (missing directory, corrupt file, wrong layout)."""
+
+
+class DataSpec(BaseModel):
+    """Which data, where it lives and how it is split. Hashable: it keys the per-process cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: DatasetName = "digits"
+    data_dir: Path | None = None  # root for torchvision sets and image folders
+    download: bool = False  # torchvision sets only, and only when asked
+    image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square
+    val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
+    test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
+    split_seed: int = 0  # fixed across a search so that every trial sees the same split
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    fingerprint: str
+    num_classes: int
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return c, h, w
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(len(self.x_train) // batch_size, 1)
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, augment: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled epoch; the last partial batch is dropped (batch norm needs whole batches)."""
+        n = len(self.x_train)
+        order = torch.randperm(n, generator=generator).to(self.x_train.device)
+        for k in range(self.steps_per_epoch(batch_size)):
+            idx = order[k * batch_size : (k + 1) * batch_size]
+            x = self.x_train[idx]
+            if augment:
+                x = flip_and_crop(x, generator)
+            yield x, self.y_train[idx]
+
+    def inputs(self, split: Literal["train", "val", "test"], batch_size: int = 1024) -> Iterator[Tensor]:
+        x = {"train": self.x_train, "val": self.x_val, "test": self.x_test}[split]
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size]
+
+    def to(self, device: torch.device) -> Data:
+        moved = {k: getattr(self, k).to(device) for k in _TENSORS}
+        return Data(self.name, self.fingerprint, self.num_classes, **moved)
+
+
+_TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def flip_and_crop(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
+    """Random horizontal flip and random translation by up to `pad` pixels (reflect padding)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Raw loaders: each returns (train images NCHW uint8 or float, train labels, test images, test labels),
+# test arrays None when the set has no official test split.
+Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _digits(spec: DataSpec) -> Raw:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    return images, bunch.target.astype(np.int64), None, None
+
+
+def _root(spec: DataSpec) -> Path:
+    if spec.data_dir is None:
+        raise DataError(f"data set '{spec.dataset}' needs data_dir (a local directory holding its files)")
+    root = spec.data_dir.expanduser()
+    if not root.is_dir() and not spec.download:
+        raise DataError(
+            f"data_dir {root} does not exist; put the '{spec.dataset}' files there "
+            "or set download: true to fetch them"
+        )
+    return root
+
+
+def _torchvision(spec: DataSpec) -> Raw:
+    from torchvision import datasets
+
+    root = _root(spec)
+    try:
+        if spec.dataset == "svhn":
+            train_set = datasets.SVHN(str(root), split="train", download=spec.download)
+            test_set = datasets.SVHN(str(root), split="test", download=spec.download)
+            return train_set.data, train_set.labels.astype(np.int64), test_set.data, test_set.labels.astype(np.int64)
+        cls = {
+            "cifar10": datasets.CIFAR10,
+            "cifar100": datasets.CIFAR100,
+            "mnist": datasets.MNIST,
+            "fashion_mnist": datasets.FashionMNIST,
+        }[spec.dataset]
+        train_set = cls(str(root), train=True, download=spec.download)
+        test_set = cls(str(root), train=False, download=spec.download)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise DataError(f"cannot load '{spec.dataset}' from {root}: {err}") from err
+
+    def arrays(ds: object) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(ds.data)  # type: ignore[attr-defined]
+        images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(images), np.asarray(ds.targets, dtype=np.int64)  # type: ignore[attr-defined]
+
+    return (*arrays(train_set), *arrays(test_set))
+
+
+def _image_folder(spec: DataSpec) -> Raw:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = _root(spec)
+    try:
+        folder = ImageFolder(str(root), loader=lambda p: p)  # paths only; decoded below
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(f"image folder {root}: {err}") from err
+    size = (spec.image_size, spec.image_size)
+    images = np.empty((len(folder.samples), 3, *size), dtype=np.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize(size)
+                images[i] = np.asarray(img).transpose(2, 0, 1)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"corrupt or unreadable image {path}: {err}") from err
+    labels = np.array([label for _, label in folder.samples], dtype=np.int64)
+    return images, labels, None, None
+
+
+_LOADERS = {
+    "digits": _digits,
+    "image_folder": _image_folder,
+    "cifar10": _torchvision,
+    "cifar100": _torchvision,
+    "mnist": _torchvision,
+    "fashion_mnist": _torchvision,
+    "svhn": _torchvision,
+}
+
+
+def _fingerprint(*arrays: np.ndarray | None) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        if a is not None:
+            digest.update(np.ascontiguousarray(a).data)
+    return digest.hexdigest()[:16]
+
+
+def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * frac))
+    return order[cut:], order[:cut]
+
+
+def load_raw(spec: DataSpec) -> Raw:
+    return _LOADERS[spec.dataset](spec)
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(spec: DataSpec, device: str = "cpu") -> Data:
+    """Load, split, normalise with training statistics, move to `device`. Cached per process."""
+    x, y, x_test, y_test = load_raw(spec)
+    if len(x) == 0:
+        raise DataError(f"data set '{spec.dataset}' is empty")
+    fingerprint = _fingerprint(x, y, x_test, y_test)
+    if x_test is None or y_test is None:
+        keep, test = _split(len(x), spec.test_frac, spec.split_seed)
+        x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
+    train, val = _split(len(x), spec.val_frac, spec.split_seed + 1)
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+
+    x_train = tensor(x[train])
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    norm = lambda t: ((t - mean) / std).contiguous()  # noqa: E731
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    data = Data(
+        name=spec.dataset,
+        fingerprint=fingerprint,
+        num_classes=num_classes,
+        x_train=norm(x_train),
+        y_train=torch.from_numpy(y[train]),
+        x_val=norm(tensor(x[val])),
+        y_val=torch.from_numpy(y[val]),
+        x_test=norm(tensor(x_test)),
+        y_test=torch.from_numpy(np.asarray(y_test)),
+    )
+    return data.to(torch.device(device))

@@ -1,0 +1,213 @@
+"""The one training loop. Every variant runs through `train`; a variant only supplies the schedule,
+the averager and an optional loss term, so this file reads top to bottom like a plain PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainables.averagers import Averager
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import TrialConfig
+from trainables.curve import Curve, CurvePoint, accuracy
+from trainables.data import Data, load_data
+from trainables.models import build_model, resolve_name
+from trainables.optim import build_optimizer
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int  # 1-based: metrics after this many epochs
+    step: int
+    train_loss: float
+    train_acc: float
+    val_loss: float  # of the live weights
+    val_acc: float
+    lr: float  # of the last step of the epoch
+    score: float  # validation accuracy of the model the variant would deploy now
+    members: int  # models averaged or ensembled so far
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    history: list[EpochMetrics]
+    score: float
+    test_acc: float | None  # None when the trial diverged
+    curve: list[CurvePoint]
+    extra_curves: dict[str, list[CurvePoint]]
+    diverged: bool
+    data_fingerprint: str
+    plan: dict[str, float | int]
+    threads: int
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)  # total, averaging (joins + BN), eval
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "history": [asdict(m) for m in self.history],
+            "score": self.score,
+            "test_acc": self.test_acc,
+            "curve": [asdict(p) for p in self.curve],
+            "extra_curves": {k: [asdict(p) for p in v] for k, v in self.extra_curves.items()},
+            "diverged": self.diverged,
+            "data_fingerprint": self.data_fingerprint,
+            "plan": self.plan,
+            "threads": self.threads,
+            "device": self.device,
+            "seconds": self.seconds,
+        }
+
+
+# Called after every epoch with the metrics and a function that writes a checkpoint to a path.
+EpochCallback = Callable[[EpochMetrics, Callable[[Path], None]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict(module: nn.Module, batches: Any) -> Tensor:
+    """Softmax outputs of `module` in eval mode (restoring its mode afterwards)."""
+    was_training = module.training
+    module.eval()
+    probs = torch.cat([module(x).float().softmax(dim=1) for x in batches])
+    module.train(was_training)
+    return probs
+
+
+def nll(probs: Tensor, labels: Tensor) -> float:
+    return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
+
+
+def train(
+    config: TrialConfig,
+    *,
+    data: Data | None = None,
+    resume: Path | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> TrialResult:
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    data = data if data is not None else load_data(config.data_spec, str(device))
+    variant = config.build_variant()
+    steps_per_epoch = data.steps_per_epoch(config.batch_size)
+
+    torch.manual_seed(config.seed)  # model initialisation, then dropout
+    model = build_model(
+        resolve_name(config.model, data.shape[1]), data.shape, data.num_classes,
+        dropout=config.dropout, init=config.init,
+    ).to(device)  # fmt: skip
+    optimizer = build_optimizer(
+        config.optimizer, model.parameters(),
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+    )  # fmt: skip
+    lr_at = variant.schedule(steps_per_epoch)
+    averager: Averager = variant.averager(model, steps_per_epoch, lambda: data.inputs("train"))
+    curve = Curve(averager.curve_kind, averager.newest_first, data.y_val, data.y_test)
+    order = torch.Generator().manual_seed(config.seed)  # batch order and augmentation
+    history: list[EpochMetrics] = []
+    step, first_epoch = 0, 0
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, averager, curve, order)
+        step, first_epoch, history = state.step, state.epoch, state.history
+
+    seconds = {"averaging": 0.0, "eval": 0.0}
+    diverged = False
+    for epoch in range(first_epoch, config.epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for x, y in data.train_batches(config.batch_size, order, config.augment):
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            extra = variant.penalty(model, averager)
+            if extra is not None:
+                loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.detach()
+            correct += (logits.argmax(dim=1) == y).sum()
+            tick = time.perf_counter()
+            if averager.update(model, step):
+                for name, probe in averager.probes(model).items():
+                    curve.add(name, predict(probe, data.inputs("val")), predict(probe, data.inputs("test")))
+            seconds["averaging"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        train_loss = loss_sum.item() / steps_per_epoch
+        diverged = not math.isfinite(train_loss)
+        val_probs = predict(model, data.inputs("val"))
+        val_acc = accuracy(val_probs, data.y_val)
+        score = curve.score()
+        if score is None:
+            deployed = averager.deployed(model)
+            score = val_acc if deployed is model else accuracy(predict(deployed, data.inputs("val")), data.y_val)
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            step=step,
+            train_loss=train_loss,
+            train_acc=correct.item() / (steps_per_epoch * config.batch_size),
+            val_loss=nll(val_probs, data.y_val),
+            val_acc=val_acc,
+            lr=lr_at(step - 1),
+            score=1.0 / data.num_classes if diverged else score,
+            members=averager.count,
+        )
+        history.append(metrics)
+        seconds["eval"] += time.perf_counter() - tick
+        if diverged:  # large learning rates are what is searched: report, do not crash
+            break
+        if on_epoch is not None:
+            snapshot = {"step": step, "epoch": epoch + 1, "history": history}
+            on_epoch(
+                metrics,
+                lambda path: save_checkpoint(path, model, optimizer, averager, curve, order, **snapshot),
+            )
+
+    chance = 1.0 / data.num_classes
+    test_acc: float | None = None
+    points: list[CurvePoint] = []
+    score = chance
+    if not diverged:
+        deployed = averager.deployed(model)
+        score = accuracy(predict(deployed, data.inputs("val")), data.y_val)
+        test_acc = accuracy(predict(deployed, data.inputs("test")), data.y_test)
+        points = curve.points() if curve.kind != "final" else [CurvePoint(1, score, test_acc)]
+    seconds["total"] = time.perf_counter() - started
+    return TrialResult(
+        config=config,
+        history=history,
+        score=score,
+        test_acc=test_acc,
+        curve=points,
+        extra_curves=curve.extra() if not diverged else {},
+        diverged=diverged,
+        data_fingerprint=data.fingerprint,
+        plan=variant.plan(),
+        threads=torch.get_num_threads(),
+        device=str(device),
+        seconds=seconds,
+    )

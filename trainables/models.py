@@ -1,0 +1,213 @@
+"""Image classifiers: a small CNN for 8x8 and 28x28 inputs, and the CIFAR nets of the SWA paper's tables.
+
+torchvision's ResNet-18 and VGG16-BN with CIFAR heads; compact PreResNet-110/164 and WRN-28-10 after
+the SWA reference code (timgaripov/swa/models), which torchvision does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ModelName = Literal["auto", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"]
+Init = Literal["default", "kaiming", "xavier"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks and a linear head; size-agnostic thanks to global average pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0, width: int = 32):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, width),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class _PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        out = planes * self.expansion
+        self.shortcut = nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class _PreActBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        out = planes * self.expansion
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + skip
+
+
+class PreResNet(nn.Module):
+    """Pre-activation ResNet for 32x32 (He et al. 2016); depth 110 uses basic blocks, 164 bottlenecks."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int):
+        super().__init__()
+        bottleneck = depth >= 44
+        block: type[_PreActBlock] | type[_PreActBottleneck] = _PreActBottleneck if bottleneck else _PreActBlock
+        n = (depth - 2) // 9 if bottleneck else (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        layers: list[nn.Module] = []
+        c_in = 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(n):
+                layers.append(block(c_in, planes, stride if i == 0 else 1))
+                c_in = planes * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(self.conv1(x))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+        return self.fc(out)
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.drop(self.conv1(F.relu(self.bn1(x))))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + (self.shortcut(x) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis 2016), as in the SWA paper's WRN-28-10."""
+
+    def __init__(self, depth: int, widen: int, in_channels: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        layers: list[nn.Module] = []
+        c_in = widths[0]
+        for c_out, stride in zip(widths[1:], (1, 2, 2), strict=True):
+            for i in range(n):
+                layers.append(_WideBlock(c_in, c_out, stride if i == 0 else 1, dropout))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)  # CIFAR stem: no 7x7, no max-pool
+    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def _vgg16_bn(in_channels: int, num_classes: int, dropout: float) -> nn.Module:
+    from torchvision.models import vgg16_bn
+
+    model = vgg16_bn(num_classes=num_classes)
+    if in_channels != 3:
+        model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+    model.avgpool = nn.Identity()  # type: ignore[assignment]
+    # The SWA paper's CIFAR head: 512 features after five poolings of a 32x32 input.
+    model.classifier = nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(True),
+        nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(True),
+        nn.Linear(512, num_classes),
+    )  # fmt: skip
+    return model
+
+
+def resolve_name(name: ModelName, image_size: int) -> ModelName:
+    if name != "auto":
+        return name
+    return "small_cnn" if image_size < 32 else "resnet18"
+
+
+def build_model(
+    name: ModelName, shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0, init: Init = "default"
+) -> nn.Module:
+    channels, height, _ = shape
+    name = resolve_name(name, height)
+    if name != "small_cnn" and height < 32:
+        raise ValueError(f"model '{name}' needs 32x32 inputs; this data set is {height}x{height} (use small_cnn)")
+    model: nn.Module
+    if name == "small_cnn":
+        model = SmallCNN(channels, num_classes, dropout)
+    elif name == "resnet18":
+        model = _resnet18(channels, num_classes)
+    elif name == "vgg16_bn":
+        model = _vgg16_bn(channels, num_classes, dropout)
+    elif name == "preresnet110":
+        model = PreResNet(110, channels, num_classes)
+    elif name == "preresnet164":
+        model = PreResNet(164, channels, num_classes)
+    else:
+        model = WideResNet(28, 10, channels, num_classes, dropout)
+    _initialise(model, init)
+    return model
+
+
+def _initialise(model: nn.Module, init: Init) -> None:
+    if init == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            if init == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

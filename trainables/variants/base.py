@@ -1,0 +1,101 @@
+"""The variant interface: validated parameters, a schedule, an averager, and where the cycles end.
+
+A variant never touches the loop: it answers `lr_at(step)` (through `schedule`), says which model to
+keep and deploy (through `averager`), and may add a term to the loss (`penalty`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from trainables import schedules
+from trainables.averagers import Averager, BatchSource
+
+
+class VariantParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetError(ValueError):
+    """The variant's cycles do not fit the epoch budget."""
+
+
+P = TypeVar("P", bound=VariantParams)
+
+
+class Variant(ABC, Generic[P]):
+    name: ClassVar[str]
+    Params: ClassVar[type[VariantParams]]
+    # Parameters that make the variant fit a 2-epoch smoke run (used by the contract test and `--smoke`).
+    smoke: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: P, *, epochs: int, lr: float):
+        self.params = params
+        self.epochs = epochs
+        self.lr = lr
+
+    @abstractmethod
+    def schedule(self, steps_per_epoch: int) -> schedules.Schedule: ...
+
+    @abstractmethod
+    def averager(self, model: nn.Module, steps_per_epoch: int, bn_batches: BatchSource) -> Averager: ...
+
+    def penalty(self, model: nn.Module, averager: Averager) -> Tensor | None:
+        """An extra loss term (cyclic_average's pull toward the running average); None for most."""
+        return None
+
+    def join_steps(self, steps_per_epoch: int) -> list[int]:
+        """Completed-step counts at which a member joins (cycle ends); empty for non-cyclic variants."""
+        return []
+
+    def boundaries(self, steps_per_epoch: int) -> list[int]:
+        """Epochs after which a member has just joined: the only points where comparing trials is fair."""
+        return sorted({math.ceil(s / steps_per_epoch) for s in self.join_steps(steps_per_epoch)})
+
+    def plan(self) -> dict[str, float | int]:
+        """Quantities derived from the budget, for the record (cycle lengths in epochs and the like)."""
+        return {}
+
+
+def cycle_split(epochs: int, base_frac: float, cycles: int, field: str = "cycles") -> tuple[int, int]:
+    """(base epochs, epochs per cycle): whole-epoch cycles filling the budget after the base phase.
+
+    Cycle length is derived from the budget (budget after the base phase / cycles), never chosen apart
+    from it; leftover epochs go to the base phase.
+    """
+    base = max(1, round(base_frac * epochs))
+    cycle_epochs = (epochs - base) // cycles
+    if cycle_epochs < 1:
+        raise BudgetError(
+            f"{field}={cycles} does not fit the budget: {epochs} epochs with base_frac={base_frac} "
+            f"leave {epochs - base} epoch(s) for the cycles, and each cycle needs at least 1; "
+            f"lower {field}, lower base_frac or raise epochs"
+        )
+    return epochs - cycles * cycle_epochs, cycle_epochs
+
+
+class BaseScheduleParams(VariantParams):
+    """The single schedules of plain training (seed 001 and 003)."""
+
+    schedule: Literal["constant", "step", "cosine", "warmup_cosine"] = "cosine"
+    lr_min: float = Field(0.0, ge=0)  # floor of cosine schedules
+    warmup_frac: float = Field(0.05, ge=0, lt=1)  # share of the budget spent warming up
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the budget where lr *= step_gamma
+    step_gamma: float = Field(0.1, gt=0, le=1)
+
+
+def base_schedule(p: BaseScheduleParams, lr: float, total_steps: int) -> schedules.Schedule:
+    if p.schedule == "constant":
+        return schedules.Constant(lr)
+    if p.schedule == "step":
+        milestones = tuple(round(f * total_steps) for f in p.step_milestones)
+        return schedules.StepDecay(lr, milestones, p.step_gamma)
+    if p.schedule == "cosine":
+        return schedules.Cosine(lr, p.lr_min, total_steps)
+    warmup = max(1, round(p.warmup_frac * total_steps))
+    return schedules.WarmupCosine(lr, p.lr_min, warmup, total_steps)
