@@ -17,6 +17,7 @@ class EMAParams(BaseScheduleParams):
 class EMAVariant(Variant[EMAParams]):
     name = "ema"
     Params = EMAParams
+    smoke = {"decay": 0.8}  # 16 steps: 0.99 would still be the initial weights
 
     def schedule(self, steps_per_epoch: int) -> Schedule:
         return base_schedule(self.params, self.lr, self.epochs * steps_per_epoch)

@@ -34,6 +34,7 @@ class SWAParams(VariantParams):
 class SWA(Variant[SWAParams]):
     name = "swa"
     Params = SWAParams
+    smoke = {"swa_start_frac": 0.5}
 
     def __init__(self, params: SWAParams, *, epochs: int, lr: float):
         super().__init__(params, epochs=epochs, lr=lr)

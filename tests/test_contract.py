@@ -1,0 +1,75 @@
+"""One contract every registered variant must pass: a new variant is tested by registering it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict
+
+import pytest
+
+from trainables.config import make_config
+from trainables.loop import train
+from trainables.variants import REGISTRY
+
+METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"}
+
+
+def smoke_config(name: str, **extra):
+    return make_config(name, {**REGISTRY[name].smoke, "epochs": 2, "batch_size": 32, "threads": 1, **extra})
+
+
+def expected_curve_length(config, steps_per_epoch: int) -> int:
+    joins = config.build_variant().join_steps(steps_per_epoch)
+    return len(joins) if joins else 1
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_variant_trains_reports_and_resumes_bit_for_bit(name, small, tmp_path):
+    """The killed run recomputes epoch 1 from scratch, so equality also shows determinism."""
+    config = smoke_config(name)
+    full = train(config, data=small)
+
+    assert not full.diverged
+    assert [m.epoch for m in full.history] == [1, 2]
+    for m in full.history:
+        row = asdict(m)
+        assert METRICS <= row.keys()
+        assert all(math.isfinite(row[k]) for k in METRICS)
+        assert 0.0 <= m.score <= 1.0
+    assert full.test_acc is not None and 0.0 <= full.test_acc <= 1.0
+    assert len(full.curve) == expected_curve_length(config, small.steps_per_epoch(32))
+    assert [p.count for p in full.curve] == list(range(1, len(full.curve) + 1))
+    assert full.score == pytest.approx(full.history[-1].score)
+    assert full.score > 0.3, "two epochs on digits should be well above chance"
+
+    # Interrupted after epoch 1 (the process dies right after its checkpoint), then resumed.
+    ckpt = tmp_path / "ckpt.pt"
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_epoch(metrics, save):
+        save(ckpt)
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(config, data=small, on_epoch=die_after_first_epoch)
+    resumed = train(config, data=small, resume=ckpt)
+
+    assert resumed.history == full.history  # dataclass equality: every float bit for bit
+    assert resumed.curve == full.curve
+    assert resumed.extra_curves == full.extra_curves
+    assert (resumed.score, resumed.test_acc) == (full.score, full.test_acc)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_divergence_is_a_result_not_a_crash(name, small):
+    poisoned = dataclasses.replace(small, x_train=small.x_train.clone())
+    poisoned.x_train[3] = float("inf")  # the loss turns non-finite in the first epoch
+    result = train(smoke_config(name), data=poisoned)
+    assert result.diverged
+    assert len(result.history) == 1
+    assert result.score == pytest.approx(1 / small.num_classes)
+    assert result.history[-1].score == pytest.approx(1 / small.num_classes)
+    assert result.test_acc is None and result.curve == []
