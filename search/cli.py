@@ -37,7 +37,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def build_config(variant: str, settings: dict[str, Any]):  # noqa: ANN201 - TrialConfig, imported lazily
+def build_config(variant: str, settings: dict[str, Any]):
     from trainables.config import make_config
 
     try:
@@ -72,20 +72,38 @@ def print_curve(result: Any) -> None:
 
 @app.command()
 def train(
-    variant: Annotated[str, typer.Option(help="sgd, swa, cyclic_average, snapshot, sgdr, fge, ema")],
-    dataset: Annotated[str | None, typer.Option(help="digits (bundled), cifar10, cifar100, mnist, fashion_mnist, svhn, image_folder")] = None,
+    variant: Annotated[
+        str, typer.Option(help="sgd, swa, cyclic_average, snapshot, sgdr, fge, ema")
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="digits (bundled), cifar10, cifar100, mnist, fashion_mnist, svhn, image_folder"
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="epoch budget")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="root of a torchvision set or an image folder")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="root of a torchvision set or an image folder")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write final metrics, curve and config here")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint file, written every epoch")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write final metrics, curve and config here")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="checkpoint file, written every epoch")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint")] = False,
 ) -> None:
     """Train one trial locally, without Ray, printing a line per epoch and the final curve."""
     try:
         settings = parse_settings(set_ or [])
-        for key, value in (("dataset", dataset), ("epochs", epochs), ("seed", seed), ("data_dir", data_dir)):
+        for key, value in (
+            ("dataset", dataset),
+            ("epochs", epochs),
+            ("seed", seed),
+            ("data_dir", data_dir),
+        ):
             if value is not None:
                 settings[key] = value
         config = build_config(variant, settings)
@@ -107,11 +125,17 @@ def train(
     except (DataError, ValueError) as err:
         fail(str(err))
     if result.diverged:
-        console.print(f"[yellow]diverged[/] at epoch {result.history[-1].epoch}: the loss is not finite")
+        console.print(
+            f"[yellow]diverged[/] at epoch {result.history[-1].epoch}: the loss is not finite"
+        )
     else:
         print_curve(result)
-        console.print(f"score (val acc of the deployed model) {result.score:.4f}   test_acc {result.test_acc:.4f}")
-    console.print(f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s); plan {result.plan}")
+        console.print(
+            f"score (val acc of the deployed model) {result.score:.4f}   test_acc {result.test_acc:.4f}"
+        )
+    console.print(
+        f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s); plan {result.plan}"
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
 

@@ -25,7 +25,9 @@ def torch_lrs(make_scheduler, steps: int, lr: float) -> list[float]:
 @pytest.mark.parametrize(("t0", "t_mult", "eta_min"), [(5, 1, 0.0), (4, 2, 0.001), (3, 3, 0.01)])
 def test_sgdr_matches_torch_cosine_annealing_warm_restarts(t0, t_mult, eta_min):
     ref = torch_lrs(
-        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=t0, T_mult=t_mult, eta_min=eta_min),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            o, T_0=t0, T_mult=t_mult, eta_min=eta_min
+        ),
         steps=60,
         lr=0.1,
     )
@@ -40,13 +42,17 @@ def test_sgdr_restarts_at_period_boundaries():
 
 
 def test_cosine_matches_torch():
-    ref = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.001), 21, 0.1)
+    ref = torch_lrs(
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.001), 21, 0.1
+    )
     ours = s.Cosine(0.1, 0.001, 20)
     assert [ours(i) for i in range(21)] == pytest.approx(ref, abs=1e-12)
 
 
 def test_step_decay_matches_torch_multistep():
-    ref = torch_lrs(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[5, 8], gamma=0.1), 12, 0.1)
+    ref = torch_lrs(
+        lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[5, 8], gamma=0.1), 12, 0.1
+    )
     ours = s.StepDecay(0.1, (5, 8), 0.1)
     assert [ours(i) for i in range(12)] == pytest.approx(ref, abs=1e-12)
 

@@ -34,7 +34,9 @@ class TrialConfig(DataSpec):
     augment: bool = False  # random flip and 2-pixel translation of the training batches
     seed: int = Field(0, ge=0)  # model init, batch order, augmentation, dropout
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, le=256)  # torch intra-op threads; None keeps torch's choice
+    threads: int | None = Field(
+        None, ge=1, le=256
+    )  # torch intra-op threads; None keeps torch's choice
 
     @model_validator(mode="before")
     @classmethod
@@ -43,7 +45,9 @@ class TrialConfig(DataSpec):
             return values
         name = values.get("variant")
         if name not in REGISTRY:
-            raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+            raise ValueError(
+                f"unknown variant {name!r}; choose one of: {', '.join(sorted(REGISTRY))}"
+            )
         params = values.get("params") or {}
         if isinstance(params, VariantParams):
             params = params.model_dump()
@@ -76,7 +80,9 @@ def config_keys(variant: str) -> tuple[set[str], set[str]]:
 def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
     """Build a config from flat `key: value` settings, routing each key to the trial or the variant."""
     if variant not in REGISTRY:
-        raise ValueError(f"unknown variant {variant!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"unknown variant {variant!r}; choose one of: {', '.join(sorted(REGISTRY))}"
+        )
     top, own = config_keys(variant)
     unknown = sorted(set(settings) - top - own)
     if unknown:
@@ -86,4 +92,5 @@ def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
             f"trial settings: {', '.join(sorted(top))}"
         )
     params = {k: v for k, v in settings.items() if k in own}
-    return TrialConfig(variant=variant, params=params, **{k: v for k, v in settings.items() if k in top})
+    trial = {k: v for k, v in settings.items() if k in top}
+    return TrialConfig.model_validate({**trial, "variant": variant, "params": params})

@@ -31,7 +31,9 @@ class Curve:
     def __init__(self, kind: CurveKind, newest_first: bool, y_val: Tensor, y_test: Tensor):
         self.kind, self.newest_first = kind, newest_first
         self.y_val, self.y_test = y_val, y_test
-        self.member_probs: list[tuple[Tensor, Tensor]] = []  # ensembles: (val, test) softmax outputs
+        self.member_probs: list[
+            tuple[Tensor, Tensor]
+        ] = []  # ensembles: (val, test) softmax outputs
         self.accuracies: dict[str, list[tuple[float, float]]] = {}  # probe -> (val, test) per join
 
     def add(self, probe: str, val_probs: Tensor, test_probs: Tensor) -> None:
@@ -65,11 +67,13 @@ class Curve:
         return {name: self._points(name) for name in self.accuracies if name != "member"}
 
     def _points(self, probe: str) -> list[CurvePoint]:
-        return [CurvePoint(k, v, t) for k, (v, t) in enumerate(self.accuracies.get(probe, []), start=1)]
+        return [
+            CurvePoint(k, v, t) for k, (v, t) in enumerate(self.accuracies.get(probe, []), start=1)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"member_probs": self.member_probs, "accuracies": self.accuracies}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.member_probs = [tuple(p) for p in state["member_probs"]]  # type: ignore[misc]
-        self.accuracies = {k: [tuple(p) for p in v] for k, v in state["accuracies"].items()}  # type: ignore[misc]
+        self.member_probs = [tuple(p) for p in state["member_probs"]]
+        self.accuracies = {k: [tuple(p) for p in v] for k, v in state["accuracies"].items()}

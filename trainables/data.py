@@ -18,7 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-DatasetName = Literal["digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"]
+DatasetName = Literal[
+    "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"
+]
 
 
 class DataError(ValueError):
@@ -72,7 +74,9 @@ class Data:
                 x = flip_and_crop(x, generator)
             yield x, self.y_train[idx]
 
-    def inputs(self, split: Literal["train", "val", "test"], batch_size: int = 1024) -> Iterator[Tensor]:
+    def inputs(
+        self, split: Literal["train", "val", "test"], batch_size: int = 1024
+    ) -> Iterator[Tensor]:
         x = {"train": self.x_train, "val": self.x_val, "test": self.x_test}[split]
         for start in range(0, len(x), batch_size):
             yield x[start : start + batch_size]
@@ -116,7 +120,9 @@ def _digits(spec: DataSpec) -> Raw:
 
 def _root(spec: DataSpec) -> Path:
     if spec.data_dir is None:
-        raise DataError(f"data set '{spec.dataset}' needs data_dir (a local directory holding its files)")
+        raise DataError(
+            f"data set '{spec.dataset}' needs data_dir (a local directory holding its files)"
+        )
     root = spec.data_dir.expanduser()
     if not root.is_dir() and not spec.download:
         raise DataError(
@@ -134,7 +140,12 @@ def _torchvision(spec: DataSpec) -> Raw:
         if spec.dataset == "svhn":
             train_set = datasets.SVHN(str(root), split="train", download=spec.download)
             test_set = datasets.SVHN(str(root), split="test", download=spec.download)
-            return train_set.data, train_set.labels.astype(np.int64), test_set.data, test_set.labels.astype(np.int64)
+            return (
+                train_set.data,
+                train_set.labels.astype(np.int64),
+                test_set.data,
+                test_set.labels.astype(np.int64),
+            )
         cls = {
             "cifar10": datasets.CIFAR10,
             "cifar100": datasets.CIFAR100,
@@ -168,8 +179,7 @@ def _image_folder(spec: DataSpec) -> Raw:
     for i, (path, _) in enumerate(folder.samples):
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize(size)
-                images[i] = np.asarray(img).transpose(2, 0, 1)
+                images[i] = np.asarray(img.convert("RGB").resize(size)).transpose(2, 0, 1)
         except (OSError, SyntaxError, ValueError) as err:
             raise DataError(f"corrupt or unreadable image {path}: {err}") from err
     labels = np.array([label for _, label in folder.samples], dtype=np.int64)
@@ -197,7 +207,7 @@ def _fingerprint(*arrays: np.ndarray | None) -> str:
 
 def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(n * frac))
+    cut = round(n * frac)
     return order[cut:], order[:cut]
 
 

@@ -4,6 +4,7 @@ the averager and an optional loss term, so this file reads top to bottom like a 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -153,7 +154,11 @@ def train(
             tick = time.perf_counter()
             if averager.update(model, step):
                 for name, probe in averager.probes(model).items():
-                    curve.add(name, predict(probe, data.inputs("val")), predict(probe, data.inputs("test")))
+                    curve.add(
+                        name,
+                        predict(probe, data.inputs("val")),
+                        predict(probe, data.inputs("test")),
+                    )
             seconds["averaging"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -164,7 +169,11 @@ def train(
         score = curve.score()
         if score is None:
             deployed = averager.deployed(model)
-            score = val_acc if deployed is model else accuracy(predict(deployed, data.inputs("val")), data.y_val)
+            score = (
+                val_acc
+                if deployed is model
+                else accuracy(predict(deployed, data.inputs("val")), data.y_val)
+            )
         metrics = EpochMetrics(
             epoch=epoch + 1,
             step=step,
@@ -181,11 +190,12 @@ def train(
         if diverged:  # large learning rates are what is searched: report, do not crash
             break
         if on_epoch is not None:
-            snapshot = {"step": step, "epoch": epoch + 1, "history": history}
-            on_epoch(
-                metrics,
-                lambda path: save_checkpoint(path, model, optimizer, averager, curve, order, **snapshot),
-            )
+            save = functools.partial(
+                save_checkpoint,
+                model=model, optimizer=optimizer, averager=averager, curve=curve, order=order,
+                epoch=epoch + 1, step=step, history=list(history),
+            )  # fmt: skip
+            on_epoch(metrics, save)
 
     chance = 1.0 / data.num_classes
     test_acc: float | None = None

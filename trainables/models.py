@@ -11,7 +11,9 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ModelName = Literal["auto", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"]
+ModelName = Literal[
+    "auto", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"
+]
 Init = Literal["default", "kaiming", "xavier"]
 
 
@@ -22,7 +24,11 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
             *block(in_channels, width),
@@ -48,7 +54,9 @@ class _PreActBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         out = planes * self.expansion
-        self.shortcut = nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+        self.shortcut = (
+            nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
@@ -70,7 +78,9 @@ class _PreActBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+        self.shortcut = (
+            nn.Conv2d(c_in, out, 1, stride, bias=False) if stride != 1 or c_in != out else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
@@ -87,7 +97,9 @@ class PreResNet(nn.Module):
     def __init__(self, depth: int, in_channels: int, num_classes: int):
         super().__init__()
         bottleneck = depth >= 44
-        block: type[_PreActBlock] | type[_PreActBottleneck] = _PreActBottleneck if bottleneck else _PreActBlock
+        block: type[_PreActBlock] | type[_PreActBottleneck] = (
+            _PreActBottleneck if bottleneck else _PreActBlock
+        )
         n = (depth - 2) // 9 if bottleneck else (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         layers: list[nn.Module] = []
@@ -114,7 +126,9 @@ class _WideBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.drop(self.conv1(F.relu(self.bn1(x))))
@@ -125,7 +139,9 @@ class _WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-k (Zagoruyko & Komodakis 2016), as in the SWA paper's WRN-28-10."""
 
-    def __init__(self, depth: int, widen: int, in_channels: int, num_classes: int, dropout: float = 0.0):
+    def __init__(
+        self, depth: int, widen: int, in_channels: int, num_classes: int, dropout: float = 0.0
+    ):
         super().__init__()
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
@@ -150,7 +166,7 @@ def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
 
     model = resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)  # CIFAR stem: no 7x7, no max-pool
-    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    model.maxpool = nn.Identity()
     return model
 
 
@@ -160,7 +176,7 @@ def _vgg16_bn(in_channels: int, num_classes: int, dropout: float) -> nn.Module:
     model = vgg16_bn(num_classes=num_classes)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
-    model.avgpool = nn.Identity()  # type: ignore[assignment]
+    model.avgpool = nn.Identity()
     # The SWA paper's CIFAR head: 512 features after five poolings of a 32x32 input.
     model.classifier = nn.Sequential(
         nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(True),
@@ -177,12 +193,19 @@ def resolve_name(name: ModelName, image_size: int) -> ModelName:
 
 
 def build_model(
-    name: ModelName, shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0, init: Init = "default"
+    name: ModelName,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    dropout: float = 0.0,
+    init: Init = "default",
 ) -> nn.Module:
     channels, height, _ = shape
     name = resolve_name(name, height)
     if name != "small_cnn" and height < 32:
-        raise ValueError(f"model '{name}' needs 32x32 inputs; this data set is {height}x{height} (use small_cnn)")
+        raise ValueError(
+            f"model '{name}' needs 32x32 inputs; this data set is {height}x{height} (use small_cnn)"
+        )
     model: nn.Module
     if name == "small_cnn":
         model = SmallCNN(channels, num_classes, dropout)

@@ -13,7 +13,11 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     if name in ("sgd", "nesterov"):
         return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, nesterov=name == "nesterov" and momentum > 0, weight_decay=weight_decay
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=name == "nesterov" and momentum > 0,
+            weight_decay=weight_decay,
         )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)

@@ -180,4 +180,3 @@ class Then:
 
     def __call__(self, step: int) -> float:
         return self.first(step) if step < self.steps else self.rest(step - self.steps)
-

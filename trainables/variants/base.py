@@ -43,7 +43,9 @@ class Variant(ABC, Generic[P]):
     def schedule(self, steps_per_epoch: int) -> schedules.Schedule: ...
 
     @abstractmethod
-    def averager(self, model: nn.Module, steps_per_epoch: int, bn_batches: BatchSource) -> Averager: ...
+    def averager(
+        self, model: nn.Module, steps_per_epoch: int, bn_batches: BatchSource
+    ) -> Averager: ...
 
     def penalty(self, model: nn.Module, averager: Averager) -> Tensor | None:
         """An extra loss term (cyclic_average's pull toward the running average); None for most."""
@@ -62,7 +64,9 @@ class Variant(ABC, Generic[P]):
         return {}
 
 
-def cycle_split(epochs: int, base_frac: float, cycles: int, field: str = "cycles") -> tuple[int, int]:
+def cycle_split(
+    epochs: int, base_frac: float, cycles: int, field: str = "cycles"
+) -> tuple[int, int]:
     """(base epochs, epochs per cycle): whole-epoch cycles filling the budget after the base phase.
 
     Cycle length is derived from the budget (budget after the base phase / cycles), never chosen apart
@@ -85,7 +89,10 @@ class BaseScheduleParams(VariantParams):
     schedule: Literal["constant", "step", "cosine", "warmup_cosine"] = "cosine"
     lr_min: float = Field(0.0, ge=0)  # floor of cosine schedules
     warmup_frac: float = Field(0.05, ge=0, lt=1)  # share of the budget spent warming up
-    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the budget where lr *= step_gamma
+    step_milestones: tuple[float, ...] = (
+        0.5,
+        0.75,
+    )  # fractions of the budget where lr *= step_gamma
     step_gamma: float = Field(0.1, gt=0, le=1)
 
 

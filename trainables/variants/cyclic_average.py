@@ -28,7 +28,9 @@ class CyclicAverageParams(VariantParams):
     @model_validator(mode="after")
     def _ordered(self) -> CyclicAverageParams:
         if self.lr_small > self.lr_large:
-            raise ValueError(f"lr_small ({self.lr_small}) must not exceed lr_large ({self.lr_large})")
+            raise ValueError(
+                f"lr_small ({self.lr_small}) must not exceed lr_large ({self.lr_large})"
+            )
         return self
 
 

@@ -28,14 +28,18 @@ class Snapshot(Variant[SnapshotParams]):
     def __init__(self, params: SnapshotParams, *, epochs: int, lr: float):
         super().__init__(params, epochs=epochs, lr=lr)
         if params.cycles > epochs:
-            raise BudgetError(f"cycles={params.cycles} does not fit the budget of {epochs} epochs: each cycle needs at least 1")
+            raise BudgetError(
+                f"cycles={params.cycles} does not fit the budget of {epochs} epochs: each cycle needs at least 1"
+            )
 
     def schedule(self, steps_per_epoch: int) -> schedules.SnapshotCosine:
         return schedules.SnapshotCosine(self.lr, self.epochs * steps_per_epoch, self.params.cycles)
 
     def join_steps(self, steps_per_epoch: int) -> list[int]:
         sched = self.schedule(steps_per_epoch)
-        ends = {min(k * sched.cycle_steps, sched.total_steps) for k in range(1, self.params.cycles + 1)}
+        ends = {
+            min(k * sched.cycle_steps, sched.total_steps) for k in range(1, self.params.cycles + 1)
+        }
         return sorted(ends)
 
     def averager(self, model: nn.Module, steps_per_epoch: int, bn_batches: BatchSource) -> Averager:

@@ -1,0 +1,137 @@
+"""The real loaders on files the tests write in the real on-disk formats; no network."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets
+
+from trainables.data import DataError, DataSpec, flip_and_crop, load_data
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar10(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
+    """A CIFAR-10 python batch directory; torchvision checks md5s, so the test registers ours."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [i % 10 for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"label_names": [f"class{i}" for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    folder = write_cifar10(tmp_path)
+    monkeypatch.setattr(
+        datasets.CIFAR10, "train_list", [["data_batch_1", md5(folder / "data_batch_1")]]
+    )
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    meta = {**datasets.CIFAR10.meta, "md5": md5(folder / "batches.meta")}
+    monkeypatch.setattr(datasets.CIFAR10, "meta", meta)
+    load_data.cache_clear()
+    return tmp_path
+
+
+def test_cifar10_pickle_batches_load_through_torchvision(cifar_root):
+    data = load_data(DataSpec(dataset="cifar10", data_dir=cifar_root, val_frac=0.25), "cpu")
+    assert data.shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data.x_train) == 45 and len(data.x_val) == 15 and len(data.x_test) == 20
+    # normalised with training statistics
+    assert data.x_train.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+
+
+def test_cifar_with_wrong_checksum_is_a_clear_error(cifar_root):
+    (cifar_root / "cifar-10-batches-py" / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cifar10"):
+        load_data(DataSpec(dataset="cifar10", data_dir=cifar_root), "cpu")
+
+
+def write_mnist(root: Path, n: int) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for prefix, count in (("train", n), ("t10k", n // 2)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = np.arange(count, dtype=np.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, count) + labels.tobytes()
+        )
+
+
+def test_mnist_idx_files_load(tmp_path):
+    write_mnist(tmp_path, 40)
+    data = load_data(DataSpec(dataset="mnist", data_dir=tmp_path), "cpu")
+    assert data.shape == (1, 28, 28)
+    assert len(data.x_test) == 20 and len(data.x_train) + len(data.x_val) == 40
+
+
+def write_image_folder(root: Path, per_class: int = 6) -> None:
+    rng = np.random.default_rng(2)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def test_image_folder_loads_and_resizes(tmp_path):
+    write_image_folder(tmp_path)
+    data = load_data(
+        DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=16, test_frac=0.25), "cpu"
+    )
+    assert data.shape == (3, 16, 16) and data.num_classes == 2
+    assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 12
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    write_image_folder(tmp_path)
+    good = tmp_path / "dog" / "ok.jpg"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8) + 99).save(good, quality=95)
+    bad = tmp_path / "dog" / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:200])  # truncated mid-scan
+    with pytest.raises(DataError, match=r"broken\.jpg"):
+        load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(DataSpec(dataset="cifar10", data_dir=tmp_path / "nope"), "cpu")
+    with pytest.raises(DataError, match="needs data_dir"):
+        load_data(DataSpec(dataset="svhn"), "cpu")
+
+
+def test_digits_split_is_fixed_by_split_seed():
+    a = load_data(DataSpec(split_seed=0), "cpu")
+    b = load_data(DataSpec(split_seed=1), "cpu")
+    assert len(a.x_train) + len(a.x_val) + len(a.x_test) == 1797
+    assert a.fingerprint == b.fingerprint  # same raw data
+    assert not torch.equal(a.y_test, b.y_test)
+    load_data.cache_clear()
+    assert torch.equal(load_data(DataSpec(split_seed=0), "cpu").y_test, a.y_test)
+
+
+def test_flip_and_crop_keeps_shape_and_content_range():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = flip_and_crop(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert set(out.unique().tolist()) <= set(x.unique().tolist())
