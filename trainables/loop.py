@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,42 @@ def nll(probs: Tensor, labels: Tensor) -> float:
     return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean().item()
 
 
+class Parts(NamedTuple):
+    """Everything a trial's state lives in: what a checkpoint saves and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    averager: Averager
+    curve: Curve
+    order: torch.Generator  # batch order and augmentation
+
+
+def assemble(config: TrialConfig, data: Data, device: torch.device) -> Parts:
+    """Model, optimiser, averager, curve and batch-order RNG, seeded and in their initial state."""
+    torch.manual_seed(config.seed)  # model initialisation, then dropout
+    model = build_model(
+        resolve_name(config.model, data.shape[1]), data.shape, data.num_classes,
+        dropout=config.dropout, init=config.init,
+    ).to(device)  # fmt: skip
+    optimizer = build_optimizer(
+        config.optimizer, model.parameters(),
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+    )  # fmt: skip
+    steps_per_epoch = data.steps_per_epoch(config.batch_size)
+    averager = config.build_variant().averager(model, steps_per_epoch, lambda: data.inputs("train"))
+    curve = Curve(averager.curve_kind, averager.newest_first, data.y_val, data.y_test)
+    return Parts(model, optimizer, averager, curve, torch.Generator().manual_seed(config.seed))
+
+
+def load_deployed(config: TrialConfig, checkpoint: Path, data: Data | None = None) -> nn.Module:
+    """The model a checkpointed trial would ship (average, ensemble or plain weights), in eval mode."""
+    device = resolve_device(config.device)
+    data = data if data is not None else load_data(config.data_spec, str(device))
+    parts = assemble(config, data, device)
+    load_checkpoint(checkpoint, *parts)
+    return parts.averager.deployed(parts.model).eval()
+
+
 def train(
     config: TrialConfig,
     *,
@@ -111,19 +147,8 @@ def train(
     variant = config.build_variant()
     steps_per_epoch = data.steps_per_epoch(config.batch_size)
 
-    torch.manual_seed(config.seed)  # model initialisation, then dropout
-    model = build_model(
-        resolve_name(config.model, data.shape[1]), data.shape, data.num_classes,
-        dropout=config.dropout, init=config.init,
-    ).to(device)  # fmt: skip
-    optimizer = build_optimizer(
-        config.optimizer, model.parameters(),
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-    )  # fmt: skip
+    model, optimizer, averager, curve, order = assemble(config, data, device)
     lr_at = variant.schedule(steps_per_epoch)
-    averager: Averager = variant.averager(model, steps_per_epoch, lambda: data.inputs("train"))
-    curve = Curve(averager.curve_kind, averager.newest_first, data.y_val, data.y_test)
-    order = torch.Generator().manual_seed(config.seed)  # batch order and augmentation
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
     if resume is not None:

@@ -1,0 +1,94 @@
+"""The Ray Tune adapter: the only file under trainables/ that imports Ray.
+
+Turns the sampled Tune config into a TrialConfig, runs the one loop, reports every epoch through
+`tune.report` (with a checkpoint every `checkpoint_every` epochs and at the end) and resumes from
+`tune.get_checkpoint()` when Tune restarts the trial on another worker.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from trainables.config import TrialConfig, make_config
+from trainables.data import load_data
+from trainables.loop import EpochMetrics, TrialResult, resolve_device, train
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """Tune config -> TrialConfig: shared settings, then the variant's sampled values (nested under
+    its name, as OptunaSearch unflattens the 'variant/key' names)."""
+    variant = config["variant"]
+    return make_config(variant, {**config.get("settings", {}), **config.get(variant, {})})
+
+
+def epoch_metrics(m: EpochMetrics, rung_epochs: list[int]) -> dict[str, Any]:
+    metrics = {k: v for k, v in vars(m).items()}
+    # ASHA compares trials only at cycle boundaries: mid-cycle accuracy says nothing.
+    metrics["rung_epoch"] = max((b for b in rung_epochs if b <= m.epoch), default=0) if rung_epochs else m.epoch
+    metrics["diverged"] = False
+    return metrics
+
+
+def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]:
+    last = epoch_metrics(result.history[-1], rung_epochs)
+    return {
+        **last,
+        "score": result.score,
+        "test_acc": result.test_acc,
+        "diverged": result.diverged,
+        "done": True,
+        "curve": [vars(p) for p in result.curve],
+        "extra_curves": {k: [vars(p) for p in v] for k, v in result.extra_curves.items()},
+        "trial_config": result.config.model_dump(mode="json"),
+        "data_fingerprint": result.data_fingerprint,
+        "plan": result.plan,
+        "threads": result.threads,
+        "seconds_total": result.seconds["total"],
+    }
+
+
+def trainable(config: dict[str, Any]) -> None:
+    trial = trial_config(config)
+    every = int(config.get("checkpoint_every", 1))
+    data = load_data(trial.data_spec, str(resolve_device(trial.device)))  # cached per worker process
+    rungs = trial.build_variant().boundaries(data.steps_per_epoch(trial.batch_size))
+
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="flatbasin-resume-"))
+        resume = Path(restored.to_directory(str(resume_dir))) / CHECKPOINT_FILE
+
+    pending: list[tuple[EpochMetrics, Any]] = []
+
+    def on_epoch(metrics: EpochMetrics, save: Any) -> None:
+        # Report one epoch late, so that the last epoch goes out with the final results in one report.
+        if pending:
+            _report(*pending.pop(), rungs, every)
+        pending.append((metrics, save))
+
+    result = train(trial, data=data, resume=resume, on_epoch=on_epoch)
+    if pending and pending[-1][0].epoch != result.history[-1].epoch:  # diverged: no callback for it
+        _report(*pending.pop(), rungs, every)
+    save = pending[-1][1] if pending else None
+    with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
+        checkpoint = None
+        if save is not None and not result.diverged:
+            save(Path(tmp) / CHECKPOINT_FILE)
+            checkpoint = tune.Checkpoint.from_directory(tmp)
+        tune.report(final_metrics(result, rungs), checkpoint=checkpoint)
+
+
+def _report(metrics: EpochMetrics, save: Any, rungs: list[int], every: int) -> None:
+    if metrics.epoch % every:
+        tune.report(epoch_metrics(metrics, rungs))
+        return
+    with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
+        save(Path(tmp) / CHECKPOINT_FILE)
+        tune.report(epoch_metrics(metrics, rungs), checkpoint=tune.Checkpoint.from_directory(tmp))
