@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,8 @@ from rich.table import Table
 from search.errors import UsageError, describe, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(highlight=False, soft_wrap=True)
+# Wide enough for the summary table when the output is a log file rather than a terminal.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 @app.callback()
@@ -138,6 +140,127 @@ def train(
     )
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
+
+
+@app.command()
+def search(
+    space_file: Annotated[
+        Path, typer.Argument(metavar="SPACE.yaml", help="a search space, e.g. spaces/compare.yaml")
+    ],
+    samples: Annotated[
+        int | None, typer.Option(help="trials (default: the space's samples)")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="trials running at once")] = 2,
+    address: Annotated[
+        str | None, typer.Option(help="join a running Ray cluster (default: local Ray)")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        ),
+    ] = None,
+    storage: Annotated[
+        Path, typer.Option(help="Tune storage: checkpoints and result files")
+    ] = Path("runs"),
+    name: Annotated[
+        str | None, typer.Option(help="search and experiment name (default: the space's name)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted search")] = False,
+    scheduler: Annotated[
+        str, typer.Option(help="asha (early stopping at cycle boundaries) or fifo")
+    ] = "fifo",
+    cpus_per_trial: Annotated[float, typer.Option()] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="fractions allowed")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seeds the TPE sampler")] = 0,
+    time_budget: Annotated[
+        float | None, typer.Option(help="stop starting trials after this many seconds")
+    ] = None,
+) -> None:
+    """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
+    from search.tracking import TrackingUnavailable, default_tracking_uri
+    from search.tuner import SearchOptions, run_search
+    from spaces import SpaceError, load_space
+
+    try:
+        space = load_space(space_file)
+        options = SearchOptions(
+            samples=samples, concurrency=concurrency, address=address,
+            tracking_uri=tracking_uri or default_tracking_uri(), storage=storage, name=name, resume=resume,
+            scheduler=scheduler, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
+            time_budget_s=time_budget,
+        )  # fmt: skip
+    except SpaceError as err:
+        fail(str(err))
+    except ValidationError as err:
+        fail(f"invalid search options:\n{describe(err, '--')}")
+    _quiet_mlflow_retries()
+    try:
+        outcome = run_search(space, options, console)
+    except TrackingUnavailable as err:
+        fail(f"{err}\nStart the server or pass --tracking-uri; nothing was started.")
+    except FileNotFoundError as err:
+        fail(str(err))
+    print_summary(outcome, options.tracking_uri)
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="an MLflow trial run id (see the search summary)")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        ),
+    ] = None,
+) -> None:
+    """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
+    from search.reproduce import reproduce as run_reproduce
+    from search.tracking import default_tracking_uri
+
+    _quiet_mlflow_retries()
+    try:
+        exact = run_reproduce(run_id, tracking_uri or default_tracking_uri(), console)
+    except UsageError as err:
+        fail(str(err))
+    raise typer.Exit(0 if exact else 1)
+
+
+def _quiet_mlflow_retries() -> None:
+    """A tracking server that is down should cost seconds, not minutes of retries, per attempt."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def print_summary(outcome: Any, tracking_uri: str) -> None:
+    table = Table(title=f"search '{outcome.name}': best trial per variant")
+    for column in ("variant", "score (val)", "test_acc", "params", "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for row in outcome.best:
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
+        )
+        table.add_row(
+            row["variant"],
+            f"{row['score']:.4f}",
+            f"{row['test_acc']:.4f}",
+            params,
+            row.get("run_id") or "-",
+        )
+    console.print(table)
+    if outcome.unwritten:
+        console.print(
+            f"[yellow]{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:[/]\n"
+            f"  flatbasin sync {outcome.experiment_path} --tracking-uri {tracking_uri}"
+        )
+    console.print(f"Tune results: {outcome.experiment_path}")
+    console.print(f"Browse:       mlflow ui --backend-store-uri {tracking_uri}")
+    if outcome.best and outcome.best[0].get("run_id"):
+        console.print(
+            f"Reproduce:    flatbasin reproduce {outcome.best[0]['run_id']} --tracking-uri {tracking_uri}"
+        )
 
 
 def main() -> None:

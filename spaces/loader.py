@@ -89,7 +89,9 @@ class Space:
 
     def with_settings(self, **settings: Any) -> Space:
         """The same space with extra fixed settings (the driver adds threads, device)."""
-        return Space(self.path, self.name, self.samples, {**self.settings, **settings}, self.variants)
+        return Space(
+            self.path, self.name, self.samples, {**self.settings, **settings}, self.variants
+        )
 
 
 def _parse_dist(where: str, value: Any) -> Dist | None:
@@ -97,15 +99,21 @@ def _parse_dist(where: str, value: Any) -> Dist | None:
     if not isinstance(value, dict):
         return None
     if len(value) != 1:
-        raise SpaceError(f"{where}: a distribution is one of loguniform, uniform, int, choice; got keys {sorted(value)}")
-    (kind, args), = value.items()
+        raise SpaceError(
+            f"{where}: a distribution is one of loguniform, uniform, int, choice; got keys {sorted(value)}"
+        )
+    ((kind, args),) = value.items()
     if kind not in ("loguniform", "uniform", "int", "choice"):
-        raise SpaceError(f"{where}: unknown distribution '{kind}' (use loguniform, uniform, int or choice)")
+        raise SpaceError(
+            f"{where}: unknown distribution '{kind}' (use loguniform, uniform, int or choice)"
+        )
     if not isinstance(args, list) or not args:
         raise SpaceError(f"{where}: {kind} takes a list, e.g. {kind}: [low, high]")
     if kind == "choice":
         return Dist(kind, tuple(args))
-    if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+    if len(args) != 2 or not all(
+        isinstance(a, int | float) and not isinstance(a, bool) for a in args
+    ):
         raise SpaceError(f"{where}: {kind} takes two numbers [low, high], got {args}")
     low, high = args
     if low > high:
@@ -137,17 +145,23 @@ def load_space(path: str | Path) -> Space:
     variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]] = {}
     for variant, entries in spec.variants.items():
         if variant not in REGISTRY:
-            raise SpaceError(f"{path}: variants.{variant}: unknown variant; choose from {', '.join(sorted(REGISTRY))}")
+            raise SpaceError(
+                f"{path}: variants.{variant}: unknown variant; choose from {', '.join(sorted(REGISTRY))}"
+            )
         top, own = config_keys(variant)
         for key in spec.fixed:
             if key not in top:
-                raise SpaceError(f"{path}: fixed.{key}: not a trial setting; allowed: {', '.join(sorted(top))}")
+                raise SpaceError(
+                    f"{path}: fixed.{key}: not a trial setting; allowed: {', '.join(sorted(top))}"
+                )
         searched: dict[str, Dist] = {}
         fixed: dict[str, Any] = {}
         for key, value in (entries or {}).items():
             where = f"{path}: variants.{variant}.{key}"
             if key not in top | own:
-                raise SpaceError(f"{where}: unknown key; {variant} parameters: {', '.join(sorted(own))}; trial settings: {', '.join(sorted(top))}")
+                raise SpaceError(
+                    f"{where}: unknown key; {variant} parameters: {', '.join(sorted(own))}; trial settings: {', '.join(sorted(top))}"
+                )
             dist = _parse_dist(where, value)
             if dist is None:
                 fixed[key] = value
@@ -158,10 +172,18 @@ def load_space(path: str | Path) -> Space:
     return Space(path, spec.name or path.stem, spec.samples, settings, variants)
 
 
-def _check_corners(path: Path, variant: str, settings: dict[str, Any], searched: dict[str, Dist], fixed: dict[str, Any]) -> None:
+def _check_corners(
+    path: Path,
+    variant: str,
+    settings: dict[str, Any],
+    searched: dict[str, Dist],
+    fixed: dict[str, Any],
+) -> None:
     """Every combination of range ends (and choices) must make a valid trial, budget included."""
     keys = list(searched)
-    corners = list(itertools.islice(itertools.product(*(searched[k].corners for k in keys)), MAX_CORNERS))
+    corners = list(
+        itertools.islice(itertools.product(*(searched[k].corners for k in keys)), MAX_CORNERS)
+    )
     for combo in corners or [()]:
         values = dict(zip(keys, combo, strict=True))
         try:

@@ -94,3 +94,12 @@ def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
     params = {k: v for k, v in settings.items() if k in own}
     trial = {k: v for k, v in settings.items() if k in top}
     return TrialConfig.model_validate({**trial, "variant": variant, "params": params})
+
+
+def trial_config(search_config: dict[str, Any]) -> TrialConfig:
+    """A search's sampled config -> TrialConfig: the shared settings, then the variant's sampled values
+    (nested under its name, as OptunaSearch unflattens the 'variant/key' names)."""
+    variant = search_config["variant"]
+    return make_config(
+        variant, {**search_config.get("settings", {}), **search_config.get(variant, {})}
+    )

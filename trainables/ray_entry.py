@@ -13,24 +13,19 @@ from typing import Any
 
 from ray import tune
 
-from trainables.config import TrialConfig, make_config
+from trainables.config import trial_config
 from trainables.data import load_data
 from trainables.loop import EpochMetrics, TrialResult, resolve_device, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def trial_config(config: dict[str, Any]) -> TrialConfig:
-    """Tune config -> TrialConfig: shared settings, then the variant's sampled values (nested under
-    its name, as OptunaSearch unflattens the 'variant/key' names)."""
-    variant = config["variant"]
-    return make_config(variant, {**config.get("settings", {}), **config.get(variant, {})})
-
-
 def epoch_metrics(m: EpochMetrics, rung_epochs: list[int]) -> dict[str, Any]:
     metrics = {k: v for k, v in vars(m).items()}
     # ASHA compares trials only at cycle boundaries: mid-cycle accuracy says nothing.
-    metrics["rung_epoch"] = max((b for b in rung_epochs if b <= m.epoch), default=0) if rung_epochs else m.epoch
+    metrics["rung_epoch"] = (
+        max((b for b in rung_epochs if b <= m.epoch), default=0) if rung_epochs else m.epoch
+    )
     metrics["diverged"] = False
     return metrics
 
@@ -56,7 +51,9 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
 def trainable(config: dict[str, Any]) -> None:
     trial = trial_config(config)
     every = int(config.get("checkpoint_every", 1))
-    data = load_data(trial.data_spec, str(resolve_device(trial.device)))  # cached per worker process
+    data = load_data(
+        trial.data_spec, str(resolve_device(trial.device))
+    )  # cached per worker process
     rungs = trial.build_variant().boundaries(data.steps_per_epoch(trial.batch_size))
 
     resume = None

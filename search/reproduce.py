@@ -1,0 +1,112 @@
+"""`flatbasin reproduce RUN_ID`: retrain a logged trial locally, without Ray, and compare.
+
+Reads trial_config.json from the run, trains with the same config, seed and thread count, prints the
+recorded and reproduced numbers side by side, and logs the reproduction as a new run tagged with the
+original's id. On the CPU the numbers match exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from rich.console import Console
+from rich.table import Table
+
+from search.errors import UsageError
+from search.tracking import EPOCH_METRICS, ROLE, base_tags
+from trainables.config import TrialConfig
+from trainables.loop import train
+
+
+def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    try:
+        client.get_run(run_id)
+    except Exception as err:
+        raise UsageError(f"run {run_id} not found at the tracking URI: {err}") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "trial_config.json", tmp)
+        except Exception as err:
+            raise UsageError(
+                f"run {run_id} has no trial_config.json (is it a finished trial run?): {err}"
+            ) from err
+        return json.loads(Path(path).read_text())
+
+
+def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    record = fetch_record(client, run_id)
+    config = TrialConfig.model_validate({**record["config"], "threads": record["threads"]})
+    console.print(
+        f"reproducing {config.variant} trial {record['trial_id']} ({config.epochs} epochs, seed {config.seed}, {record['threads']} thread(s))"
+    )
+    result = train(config)
+    if result.data_fingerprint != record["data_fingerprint"]:
+        console.print(
+            f"[yellow]data differs from the original: fingerprint {result.data_fingerprint} vs {record['data_fingerprint']}[/]"
+        )
+
+    recorded = record["recorded"]
+    rows: list[tuple[str, Any, Any]] = [
+        ("score", recorded["score"], result.score),
+        ("test_acc", recorded["test_acc"], result.test_acc),
+    ]
+    for old, new in zip(recorded["history"], result.history, strict=False):
+        rows += [
+            (f"epoch {old['epoch']} {key}", old[key], getattr(new, key))
+            for key in ("train_loss", "val_acc", "score")
+        ]
+    for old, new in zip(recorded["curve"], result.curve, strict=False):
+        rows += [
+            (f"curve {old['count']} val_acc", old["val_acc"], new.val_acc),
+            (f"curve {old['count']} test_acc", old["test_acc"], new.test_acc),
+        ]
+    exact = (
+        all(a == b for _, a, b in rows)
+        and len(recorded["curve"]) == len(result.curve)
+        and len(recorded["history"]) == len(result.history)
+    )
+
+    table = Table(title=f"run {run_id}: recorded vs reproduced")
+    for column in ("metric", "recorded", "reproduced", ""):
+        table.add_column(column)
+    for name, a, b in rows:
+        table.add_row(name, _fmt(a), _fmt(b), "=" if a == b else "[red]differs[/]")
+    console.print(table)
+
+    original = client.get_run(run_id)
+    new = client.create_run(
+        original.info.experiment_id,
+        run_name=f"reproduce-{original.info.run_name}",
+        tags={ROLE: "reproduction", "flatbasin.reproduces": run_id, "flatbasin.exact_match": str(exact).lower(),
+              "flatbasin.variant": config.variant, **base_tags()},
+    )  # fmt: skip
+    params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
+    for start in range(0, len(params), 100):
+        client.log_batch(new.info.run_id, params=params[start : start + 100])
+    metrics = [
+        Metric(k, float(v), 0, m.epoch)
+        for m in result.history
+        for k, v in asdict(m).items()
+        if k in EPOCH_METRICS
+    ]
+    metrics += [Metric("curve/val_acc", p.val_acc, 0, p.count) for p in result.curve]
+    metrics += [Metric("curve/test_acc", p.test_acc, 0, p.count) for p in result.curve]
+    if result.test_acc is not None:
+        metrics.append(Metric("test_acc", result.test_acc, 0, 0))
+    client.log_batch(new.info.run_id, metrics=metrics)
+    client.log_dict(new.info.run_id, result.to_json(), "reproduction.json")
+    client.set_terminated(new.info.run_id)
+    verdict = "[green]exact match[/]" if exact else "[red]numbers differ[/]"
+    console.print(f"{verdict}; logged as run {new.info.run_id}")
+    return exact
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,280 @@
+"""The one MLflow writer. Trials and searches become runs here and nowhere else.
+
+Every write is idempotent: runs are found again by their tags (the search's storage path, the trial id),
+metrics already in MLflow are not logged twice, and the final results are written once. That is what
+lets a restored search, a retry after the server came back, and `flatbasin sync` share this code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+import trainables
+from trainables.config import trial_config
+
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members")
+ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
+    "flatbasin.role",
+    "flatbasin.variant",
+    "flatbasin.trial_id",
+    "flatbasin.search",
+)
+FINAL = "flatbasin.final_logged"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached or refuses to work."""
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@functools.cache
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def base_tags() -> dict[str, str]:
+    tags = {"flatbasin.version": trainables.__version__}
+    commit = git_commit()
+    if commit:
+        tags["flatbasin.git_commit"] = commit
+    return tags
+
+
+@dataclass
+class TrialRecord:
+    """What Tune told us about one trial: its config, every result in order, and how it ended."""
+
+    trial_id: str
+    config: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "RUNNING"  # RUNNING, FINISHED, FAILED
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        return self.results[-1] if self.results and self.results[-1].get("done") else None
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, search_key: str):
+        self.uri, self.experiment, self.search_key = uri, experiment, search_key
+        self.client = MlflowClient(tracking_uri=uri)
+        self._experiment_id: str | None = None
+        self._parent: str | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._logged_epoch: dict[str, int] = {}  # run id -> last epoch already in MLflow
+        self._finalised: set[str] = set()
+
+    def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
+        return {"uri": self.uri, "experiment": self.experiment, "search_key": self.search_key}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ search level
+    def check(self) -> None:
+        """Fail fast, before any trial starts, when the tracking store is unreachable."""
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking server at {self.uri} is not reachable: {err}"
+            ) from err
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(self.experiment)
+            )
+        return self._experiment_id
+
+    def parent(self, params: dict[str, Any] | None = None, space_file: Path | None = None) -> str:
+        """The search's run: found again by its storage key when a search is restored."""
+        if self._parent is None:
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{self.search_key}'",
+                max_results=1,
+            )
+            if found:
+                self._parent = found[0].info.run_id
+            else:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=self.experiment,
+                    tags={ROLE: "search", SEARCH_KEY: self.search_key, **base_tags()},
+                )
+                self._parent = run.info.run_id
+                if params:
+                    self.client.log_batch(
+                        self._parent, params=[Param(k, str(v)) for k, v in params.items()]
+                    )
+                if space_file is not None:
+                    self.client.log_artifact(self._parent, str(space_file))
+        return self._parent
+
+    # ------------------------------------------------------------------ trial level
+    def run_for(self, record: TrialRecord) -> str:
+        if record.trial_id in self._runs:
+            return self._runs[record.trial_id]
+        parent = self.parent()
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TRIAL_ID}` = '{record.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            history = self.client.get_metric_history(run_id, "score")
+            self._logged_epoch[run_id] = max((m.step for m in history), default=0)
+            if found[0].data.tags.get(FINAL) == "true":
+                self._finalised.add(run_id)
+        else:
+            config = trial_config(record.config)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{config.variant}-{record.trial_id}",
+                tags={MLFLOW_PARENT_RUN_ID: parent, ROLE: "trial", VARIANT: config.variant,
+                      TRIAL_ID: record.trial_id, "flatbasin.dataset": config.dataset, **base_tags()},
+            )  # fmt: skip
+            run_id = run.info.run_id
+            params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start : start + 100])
+            self._logged_epoch[run_id] = 0
+        self._runs[record.trial_id] = run_id
+        return run_id
+
+    def write(self, record: TrialRecord) -> None:
+        """Bring the trial's run up to date with the record; safe to call again and again."""
+        run_id = self.run_for(record)
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(r[key]), now, int(r["epoch"]))
+            for r in record.results
+            if int(r["epoch"]) > self._logged_epoch[run_id]
+            for key in EPOCH_METRICS
+            if r.get(key) is not None
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        if record.results:
+            self._logged_epoch[run_id] = max(
+                self._logged_epoch[run_id], max(int(r["epoch"]) for r in record.results)
+            )
+        final = record.final
+        if final is not None and run_id not in self._finalised:
+            self._write_final(run_id, record, final, now)
+            self._finalised.add(run_id)
+        if record.status != "RUNNING":
+            status = "FINISHED" if record.status == "FINISHED" else "FAILED"
+            tags = (
+                []
+                if final
+                else [
+                    RunTag("flatbasin.stopped_early", "true" if status == "FINISHED" else "false")
+                ]
+            )
+            if tags:
+                self.client.log_batch(run_id, tags=tags)
+            self.client.set_terminated(run_id, status)
+
+    def _write_final(
+        self, run_id: str, record: TrialRecord, final: dict[str, Any], now: int
+    ) -> None:
+        metrics = (
+            [Metric("test_acc", float(final["test_acc"]), now, 0)]
+            if final.get("test_acc") is not None
+            else []
+        )
+        metrics.append(Metric("final_score", float(final["score"]), now, 0))
+        for p in final["curve"]:
+            metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
+                        Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
+        for name, points in final.get("extra_curves", {}).items():
+            metrics += [
+                Metric(f"curve/{name}/val_acc", p["val_acc"], now, p["count"]) for p in points
+            ]
+            metrics += [
+                Metric(f"curve/{name}/test_acc", p["test_acc"], now, p["count"]) for p in points
+            ]
+        tags = [
+            RunTag("flatbasin.diverged", str(bool(final["diverged"])).lower()),
+            RunTag("flatbasin.data_fingerprint", final["data_fingerprint"]),
+        ]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
+        if final["curve"]:
+            self.client.log_figure(run_id, curve_figure({record.trial_id: final}), "curve.png")
+        self.client.set_tag(run_id, FINAL, "true")
+
+    def run_id(self, trial_id: str) -> str | None:
+        return self._runs.get(trial_id)
+
+
+def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
+    """trial_config.json: everything `flatbasin reproduce` needs, and what it will compare against."""
+    return {
+        "config": final["trial_config"],
+        "seed": final["trial_config"]["seed"],
+        "threads": final["threads"],
+        "data_fingerprint": final["data_fingerprint"],
+        "flatbasin_version": trainables.__version__,
+        "git_commit": git_commit(),
+        "trial_id": record.trial_id,
+        "recorded": {
+            "score": final["score"],
+            "test_acc": final["test_acc"],
+            "diverged": final["diverged"],
+            "curve": final["curve"],
+            "history": [{k: r[k] for k in ("epoch", *EPOCH_METRICS)} for r in record.results],
+        },
+    }
+
+
+def curve_figure(finals: dict[str, dict[str, Any]]):
+    """Validation (solid) and test (dashed) accuracy against models averaged, one line per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, final in finals.items():
+        counts = [p["count"] for p in final["curve"]]
+        (line,) = ax.plot(
+            counts, [p["val_acc"] for p in final["curve"]], marker="o", label=f"{label} val"
+        )
+        ax.plot(
+            counts,
+            [p["test_acc"] for p in final["curve"]],
+            ls="--",
+            color=line.get_color(),
+            label=f"{label} test",
+        )
+    ax.set_xlabel("models averaged / ensembled")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,231 @@
+"""Assembling and running a search: OptunaSearch (seeded TPE) under a concurrency limit, ASHA or FIFO,
+resources per trial, reused actors, checkpoints and retries, MLflow through the driver's callback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from search.callbacks import MlflowWriter, Progress
+from search.tracking import Tracker, TrialRecord, curve_figure
+from spaces import Space
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int | None = Field(None, ge=1)  # None: the space file's `samples`
+    concurrency: int = Field(2, ge=1)
+    address: str | None = None  # None: a local Ray on this machine
+    tracking_uri: str
+    storage: Path
+    name: str | None = None  # None: the space's name
+    resume: bool = False
+    scheduler: Literal["asha", "fifo"] = "fifo"
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+    time_budget_s: float | None = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    experiment_path: Path
+    best: list[dict[str, Any]]  # best trial per variant, best first
+    parent_run_id: str
+    unwritten: int  # trials whose MLflow writes are still pending (server away at the end)
+
+
+def _init_ray(address: str | None, threads: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Two checkpoints kept per trial force a state snapshot now and then; that is intended, not a problem.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # local: this machine only, nothing listening beyond loopback
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+
+def run_search(space: Space, options: SearchOptions, console: Console) -> Outcome:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from trainables import ray_entry
+
+    name = options.name or space.name
+    storage = options.storage.expanduser().resolve()
+    experiment_path = storage / name
+    tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
+    tracker.check()
+    samples = options.samples or space.samples
+    threads = max(1, int(options.cpus_per_trial))  # torch threads match the CPUs a trial holds
+    device = "cuda" if options.gpus_per_trial > 0 else "cpu"
+    space = space.with_settings(threads=threads, device=device)
+    parent = tracker.parent(
+        params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
+                "scheduler": options.scheduler, "concurrency": options.concurrency,
+                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial},
+        space_file=space.path,
+    )  # fmt: skip
+
+    _init_ray(options.address, threads)
+    trainable = tune.with_resources(
+        ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+    )
+    writer = MlflowWriter(tracker, console)
+    progress = Progress(samples, console)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=str(storage),
+        callbacks=[writer, progress],
+        failure_config=tune.FailureConfig(max_failures=options.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=0,
+    )
+    if options.resume:
+        if not tune.Tuner.can_restore(str(experiment_path)):
+            raise FileNotFoundError(f"no search to resume at {experiment_path}")
+        # Tune restores its own (pickled) copies of the callbacks; trials that finished before the
+        # interruption are read back from the result grid below, so `writer` needs no special care.
+        tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
+    else:
+        epochs = int(space.settings["epochs"])
+        scheduler = (
+            ASHAScheduler(
+                time_attr="rung_epoch",
+                metric="score",
+                mode="max",
+                max_t=epochs,
+                grace_period=max(1, epochs // 4),
+                reduction_factor=2,
+            )
+            if options.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        searcher = OptunaSearch(
+            space.define_by_run,
+            metric="score",
+            mode="max",
+            sampler=optuna.samplers.TPESampler(seed=options.seed),
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"checkpoint_every": options.checkpoint_every},
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrency),
+                scheduler=scheduler,
+                num_samples=samples,
+                reuse_actors=True,
+                time_budget_s=options.time_budget_s,
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+
+    _fill_from_grid(writer, grid)
+    best = _best_per_variant(writer)
+    written = writer.flush_all()
+    if written:
+        _finish_parent(tracker, parent, best, grid)
+    return Outcome(name, experiment_path, best, parent, len(writer.unwritten))
+
+
+def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
+    """Trials finished before a restore never pass through this process's callbacks: read them back."""
+    from search.callbacks import KEPT
+
+    for result in grid:
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        if trial_id is None or trial_id in writer.records:
+            continue
+        record = TrialRecord(trial_id, dict(result.config))
+        frame = result.metrics_dataframe
+        if frame is not None:
+            for row in frame.to_dict("records"):
+                record.results.append({k: v for k, v in row.items() if k in KEPT})
+        if result.metrics.get("done"):
+            record.results[-1:] = [{k: v for k, v in result.metrics.items() if k in KEPT}]
+        record.status = "FAILED" if result.error else "FINISHED"
+        writer.records[trial_id] = record
+        writer.unwritten.add(trial_id)
+
+
+def _best_per_variant(writer: MlflowWriter) -> list[dict[str, Any]]:
+    best: dict[str, dict[str, Any]] = {}
+    for record in writer.records.values():
+        final = record.final
+        if final is None or final["diverged"]:
+            continue
+        variant = record.config["variant"]
+        if variant not in best or final["score"] > best[variant]["score"]:
+            best[variant] = {
+                "variant": variant,
+                "trial_id": record.trial_id,
+                "score": final["score"],
+                "test_acc": final["test_acc"],
+                "params": dict(record.config.get(variant, {})),
+                "final": final,
+            }
+    return sorted(best.values(), key=lambda row: -row["score"])
+
+
+def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], grid: Any) -> None:
+    """Summary, comparison figure and the deployed model of each variant's best trial."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    import trainables
+    from trainables.config import TrialConfig
+    from trainables.loop import load_deployed
+    from trainables.ray_entry import CHECKPOINT_FILE
+
+    for row in best:
+        row["run_id"] = tracker.run_id(row["trial_id"])
+    summary = [{k: v for k, v in row.items() if k != "final"} for row in best]
+    tracker.client.log_dict(parent, {"best_per_variant": summary}, "summary.json")
+    if best:
+        tracker.client.log_figure(
+            parent, curve_figure({r["variant"]: r["final"] for r in best}), "comparison.png"
+        )
+        top = best[0]
+        tracker.client.set_tag(parent, "flatbasin.best_run_id", top["run_id"] or "")
+        tracker.client.log_metric(parent, "best_score", top["score"])
+    checkpoints = {
+        r.metrics.get("trial_id"): r.checkpoint for r in grid if r.checkpoint is not None
+    }
+    mlflow.set_tracking_uri(tracker.uri)
+    # Pickle format on purpose: the ensembles' forward is not traceable to pt2 without example inputs.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    for row in best:
+        ckpt = checkpoints.get(row["trial_id"])
+        if ckpt is None or row["run_id"] is None:
+            continue
+        config = TrialConfig.model_validate(row["final"]["trial_config"])
+        with ckpt.as_directory() as folder:
+            model = load_deployed(
+                config.model_copy(update={"device": "cpu"}), Path(folder) / CHECKPOINT_FILE
+            )
+        with mlflow.start_run(run_id=row["run_id"]):
+            # Explicit requirements: inferring them re-imports the model in a subprocess (seconds each).
+            mlflow.pytorch.log_model(
+                model, name="model", serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__}", f"flatbasin=={trainables.__version__}"],
+            )  # fmt: skip
+    tracker.client.set_terminated(parent, "FINISHED")
