@@ -189,13 +189,11 @@ def _check_corners(
         try:
             make_config(variant, {**settings, **fixed, **values})
         except ValidationError as err:
-            problem = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'] if p != 'params') or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in err.errors()
-            )
-            at = f" (at {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
+            first = err.errors()[0]
             # Field errors carry their key; budget errors (whole-config) name their keys in the text.
-            key = next((f".{e['loc'][-1]}" for e in err.errors() if e["loc"]), "")
-            raise SpaceError(f"{path}: variants.{variant}{key}: {problem}{at}") from err
+            key = f".{first['loc'][-1]}" if first["loc"] else ""
+            at = f" (at {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
+            message = first["msg"].removeprefix("Value error, ")
+            raise SpaceError(f"{path}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{path}: variants.{variant}: {err}") from err

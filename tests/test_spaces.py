@@ -1,0 +1,104 @@
+"""Every shipped space through one contract, and every kind of bad space rejected with file and key."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from search.cli import app
+from spaces import SpaceError, load_space
+from trainables.config import trial_config
+from trainables.variants import REGISTRY
+
+SHIPPED = sorted((Path(__file__).parent.parent / "spaces").glob("*.yaml"))
+
+
+def test_there_is_a_space_per_variant_and_a_compare_space():
+    assert {p.stem for p in SHIPPED} == {*REGISTRY, "compare"}
+    assert set(load_space(Path(SHIPPED[0]).parent / "compare.yaml").variants) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_space_samples_valid_trials_with_prefixed_names(path):
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    for _ in range(12):
+        trial = study.ask()
+        constants = space.define_by_run(trial)
+        variant = constants["variant"]
+        assert all(name == "variant" or name.startswith(f"{variant}/") for name in trial.params)
+        nested = {variant: {k.split("/", 1)[1]: v for k, v in trial.params.items() if k != "variant"}}
+        config = trial_config({**constants, **nested})  # what the trainable will build
+        assert config.variant == variant and config.epochs == space.settings["epochs"]
+        study.tell(trial, 0.5)
+
+
+GOOD = """
+epochs: 10
+variants:
+  snapshot:
+    lr: {loguniform: [0.01, 0.1]}
+    cycles: {int: [2, 5]}
+"""
+
+BAD = {
+    "unknown top-level key": ("epochs: 10\nvariants: {sgd: {}}\nbogus: 1\n", "bogus"),
+    "unknown parameter": ("variants:\n  swa: {swa_lrr: {loguniform: [0.01, 0.1]}}\n", "variants.swa.swa_lrr"),
+    "low above high": ("variants:\n  swa: {swa_lr: {uniform: [0.1, 0.01]}}\n", "low (0.1) is above high (0.01)"),
+    "non-positive lr": ("variants:\n  sgd: {lr: {uniform: [0.0, 0.1]}}\n", "variants.sgd.lr: Input should be greater than 0"),
+    "zero cycles": ("variants:\n  snapshot: {cycles: {int: [0, 3]}}\n", "variants.snapshot.cycles: Input should be greater than or equal to 1"),
+    "budget shorter than cycles": ("epochs: 4\nvariants:\n  snapshot: {cycles: {int: [2, 6]}}\n", "cycles=6 does not fit the budget"),
+    "yaml syntax": ("variants: [sgd: {\n", "YAML syntax error"),
+    "unknown variant": ("variants:\n  adam_magic: {}\n", "variants.adam_magic: unknown variant"),
+    "unknown distribution": ("variants:\n  sgd: {lr: {normal: [0.1, 0.2]}}\n", "unknown distribution 'normal'"),
+    "loguniform at zero": ("variants:\n  sgd: {weight_decay: {loguniform: [0, 0.1]}}\n", "loguniform needs low > 0"),
+}
+
+
+def test_good_space_loads(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    space = load_space(path)
+    assert space.name == "good" and space.samples == 16
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_space_names_file_and_key(tmp_path, case):
+    text, needle = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+@pytest.mark.parametrize("case", ["budget shorter than cycles", "yaml syntax", "unknown variant"])
+def test_bad_space_exits_2_before_ray_starts(tmp_path, case):
+    import ray
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD[case][0])
+    result = CliRunner().invoke(app, ["search", str(path), "--storage", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert str(path) in " ".join(result.output.split()).replace(" ", "") or "bad.yaml" in result.output
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tracking_server_down_exits_2_and_starts_nothing(tmp_path):
+    with socket.socket() as s:  # a port on loopback that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    result = CliRunner().invoke(
+        app, ["search", str(path), "--tracking-uri", f"http://127.0.0.1:{port}", "--storage", str(tmp_path / "runs")],
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "not reachable" in result.output
+    assert not (tmp_path / "runs").exists()
