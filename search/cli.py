@@ -205,6 +205,29 @@ def search(
 
 
 @app.command()
+def sync(
+    experiment: Annotated[Path, typer.Argument(help="a search's Tune folder, e.g. runs/compare")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        ),
+    ] = None,
+) -> None:
+    """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
+    from search.tracking import TrackingUnavailable, default_tracking_uri
+    from search.tuner import sync as run_sync
+
+    _quiet_mlflow_retries()
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        outcome = run_sync(experiment, uri, console)
+    except (TrackingUnavailable, FileNotFoundError) as err:
+        fail(str(err))
+    print_summary(outcome, uri)
+
+
+@app.command()
 def reproduce(
     run_id: Annotated[str, typer.Argument(help="an MLflow trial run id (see the search summary)")],
     tracking_uri: Annotated[

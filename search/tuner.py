@@ -16,6 +16,8 @@ from search.callbacks import MlflowWriter, Progress
 from search.tracking import Tracker, TrialRecord, curve_figure
 from spaces import Space
 
+MODEL_LOGGED = "flatbasin.model_logged"
+
 
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -217,6 +219,8 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
         ckpt = checkpoints.get(row["trial_id"])
         if ckpt is None or row["run_id"] is None:
             continue
+        if tracker.client.get_run(row["run_id"]).data.tags.get(MODEL_LOGGED) == "true":
+            continue  # a restored search or a second sync: the model is there already
         config = TrialConfig.model_validate(row["final"]["trial_config"])
         with ckpt.as_directory() as folder:
             model = load_deployed(
@@ -228,4 +232,29 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
                 model, name="model", serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__}", f"flatbasin=={trainables.__version__}"],
             )  # fmt: skip
+        tracker.client.set_tag(row["run_id"], MODEL_LOGGED, "true")
     tracker.client.set_terminated(parent, "FINISHED")
+
+
+def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
+    """Write a search's results into MLflow from Tune's result files (after the server was away).
+
+    Idempotent like every write here: runs already complete are left alone, missing epochs are added.
+    """
+    from ray import tune
+
+    from trainables import ray_entry
+
+    experiment_path = experiment_path.expanduser().resolve()
+    if not tune.Tuner.can_restore(str(experiment_path)):
+        raise FileNotFoundError(f"no Tune experiment at {experiment_path}")
+    tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
+    tracker.check()
+    parent = tracker.parent()
+    grid = tune.Tuner.restore(str(experiment_path), ray_entry.trainable).get_results()
+    writer = MlflowWriter(tracker, console)
+    _fill_from_grid(writer, grid)
+    best = _best_per_variant(writer)
+    if writer.flush_all():
+        _finish_parent(tracker, parent, best, grid)
+    return Outcome(experiment_path.name, experiment_path, best, parent, len(writer.unwritten))

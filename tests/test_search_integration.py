@@ -83,7 +83,11 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"):
             assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3], key
         curve = client.get_metric_history(rid, "curve/val_acc")
-        expected = {"sgd": 1, "swa": 1, "snapshot": int(run.data.params["cycles"]) if variant == "snapshot" else 0}
+        expected = {
+            "sgd": 1,
+            "swa": 1,
+            "snapshot": int(run.data.params["cycles"]) if variant == "snapshot" else 0,
+        }
         assert sorted(m.step for m in curve) == list(range(1, expected[variant] + 1))
         assert len(client.get_metric_history(rid, "curve/test_acc")) == len(curve)
         assert 0 < run.data.metrics["test_acc"] <= 1
@@ -91,7 +95,11 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
         assert {"trial_config.json", "curve.png"} <= files
         assert run.data.tags["flatbasin.data_fingerprint"]
 
-    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())
+    summary = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))
+        ).read_text()
+    )
     best_runs = {row["run_id"] for row in summary["best_per_variant"]}
     assert len(best_runs) == 3
     mlflow.set_tracking_uri(uri)
@@ -107,14 +115,27 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "exact match" in again.stdout
-    repro = [r for r in client.search_runs([parent.info.experiment_id]) if r.data.tags.get("flatbasin.role") == "reproduction"]
+    repro = [
+        r
+        for r in client.search_runs([parent.info.experiment_id])
+        if r.data.tags.get("flatbasin.role") == "reproduction"
+    ]
     assert len(repro) == 1 and repro[0].data.tags["flatbasin.reproduces"] == best
 
 
 def test_interrupted_search_resumes_without_duplicates(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "resumed", samples=6)
-    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), "--seed", "1"]
+    args = [
+        "search",
+        str(space),
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--seed",
+        "1",
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     seen = []
@@ -141,3 +162,87 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "score")]
         assert steps == [1, 2, 3], (run.info.run_id, steps)  # no epoch logged twice
         assert "test_acc" in run.data.metrics
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (SQLite backend, served artifacts); restartable."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    procs: list[subprocess.Popen] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))  # fmt: skip
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop() -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    start()
+    yield uri, start, stop
+    stop()
+
+
+def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
+    uri, start, stop = mlflow_server
+    space = write_space(tmp_path, "outage", samples=4)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+    }
+    args = [
+        "search",
+        str(space),
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--seed",
+        "3",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    out = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if "1/4 done" in line:
+            stop()  # the server goes away mid-search
+            break
+    out += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(out)
+    text = "".join(out)
+    assert "MLflow unavailable" in text and "flatbasin sync" in text
+
+    start()
+    synced = flatbasin(
+        "sync", str(tmp_path / "runs" / "outage"), "--tracking-uri", uri, cwd=tmp_path
+    )
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    client = MlflowClient(uri)
+    parents, trials = trial_runs(client, "outage")
+    assert len(parents) == 1 and len(trials) == 4
+    for run in trials:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
+        assert "test_acc" in run.data.metrics
+        assert "trial_config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -31,7 +31,9 @@ def test_space_samples_valid_trials_with_prefixed_names(path):
         constants = space.define_by_run(trial)
         variant = constants["variant"]
         assert all(name == "variant" or name.startswith(f"{variant}/") for name in trial.params)
-        nested = {variant: {k.split("/", 1)[1]: v for k, v in trial.params.items() if k != "variant"}}
+        nested = {
+            variant: {k.split("/", 1)[1]: v for k, v in trial.params.items() if k != "variant"}
+        }
         config = trial_config({**constants, **nested})  # what the trainable will build
         assert config.variant == variant and config.epochs == space.settings["epochs"]
         study.tell(trial, 0.5)
@@ -47,15 +49,36 @@ variants:
 
 BAD = {
     "unknown top-level key": ("epochs: 10\nvariants: {sgd: {}}\nbogus: 1\n", "bogus"),
-    "unknown parameter": ("variants:\n  swa: {swa_lrr: {loguniform: [0.01, 0.1]}}\n", "variants.swa.swa_lrr"),
-    "low above high": ("variants:\n  swa: {swa_lr: {uniform: [0.1, 0.01]}}\n", "low (0.1) is above high (0.01)"),
-    "non-positive lr": ("variants:\n  sgd: {lr: {uniform: [0.0, 0.1]}}\n", "variants.sgd.lr: Input should be greater than 0"),
-    "zero cycles": ("variants:\n  snapshot: {cycles: {int: [0, 3]}}\n", "variants.snapshot.cycles: Input should be greater than or equal to 1"),
-    "budget shorter than cycles": ("epochs: 4\nvariants:\n  snapshot: {cycles: {int: [2, 6]}}\n", "cycles=6 does not fit the budget"),
+    "unknown parameter": (
+        "variants:\n  swa: {swa_lrr: {loguniform: [0.01, 0.1]}}\n",
+        "variants.swa.swa_lrr",
+    ),
+    "low above high": (
+        "variants:\n  swa: {swa_lr: {uniform: [0.1, 0.01]}}\n",
+        "low (0.1) is above high (0.01)",
+    ),
+    "non-positive lr": (
+        "variants:\n  sgd: {lr: {uniform: [0.0, 0.1]}}\n",
+        "variants.sgd.lr: Input should be greater than 0",
+    ),
+    "zero cycles": (
+        "variants:\n  snapshot: {cycles: {int: [0, 3]}}\n",
+        "variants.snapshot.cycles: Input should be greater than or equal to 1",
+    ),
+    "budget shorter than cycles": (
+        "epochs: 4\nvariants:\n  snapshot: {cycles: {int: [2, 6]}}\n",
+        "cycles=6 does not fit the budget",
+    ),
     "yaml syntax": ("variants: [sgd: {\n", "YAML syntax error"),
     "unknown variant": ("variants:\n  adam_magic: {}\n", "variants.adam_magic: unknown variant"),
-    "unknown distribution": ("variants:\n  sgd: {lr: {normal: [0.1, 0.2]}}\n", "unknown distribution 'normal'"),
-    "loguniform at zero": ("variants:\n  sgd: {weight_decay: {loguniform: [0, 0.1]}}\n", "loguniform needs low > 0"),
+    "unknown distribution": (
+        "variants:\n  sgd: {lr: {normal: [0.1, 0.2]}}\n",
+        "unknown distribution 'normal'",
+    ),
+    "loguniform at zero": (
+        "variants:\n  sgd: {weight_decay: {loguniform: [0, 0.1]}}\n",
+        "loguniform needs low > 0",
+    ),
 }
 
 
@@ -84,7 +107,9 @@ def test_bad_space_exits_2_before_ray_starts(tmp_path, case):
     path.write_text(BAD[case][0])
     result = CliRunner().invoke(app, ["search", str(path), "--storage", str(tmp_path / "runs")])
     assert result.exit_code == 2, result.output
-    assert str(path) in " ".join(result.output.split()).replace(" ", "") or "bad.yaml" in result.output
+    assert (
+        str(path) in " ".join(result.output.split()).replace(" ", "") or "bad.yaml" in result.output
+    )
     assert not ray.is_initialized()
     assert not (tmp_path / "runs").exists()
 
