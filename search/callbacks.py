@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -16,15 +17,27 @@ KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "done", "test
 
 
 class MlflowWriter(Callback):
-    """Turns Tune events into MLflow runs through the Tracker. When the server is away, writes wait in
-    the records and go out at the next event or at the end; nothing is dropped."""
+    """Turns Tune events into MLflow runs through the Tracker, from one background thread.
+
+    Tune runs callbacks inside its control loop and a trial's `tune.report` waits for that loop, so
+    writing here directly would stall every trial for every MLflow round trip. Events only update the
+    records and wake the writer thread; it brings each touched trial's run up to date. When the server
+    is away the records keep everything and the thread retries; `drain` waits for the end state.
+    """
+
+    retry_s = 2.0
 
     def __init__(self, tracker: Tracker, console: Console):
         self.tracker = tracker
         self.console = console
         self.records: dict[str, TrialRecord] = {}
         self.unwritten: set[str] = set()
+        self._lock = threading.Lock()  # guards records and unwritten
+        self._wake = threading.Condition(self._lock)
+        self._busy = False
+        self._closed = False
         self._warned = False
+        self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
         return {"tracker": self.tracker}
@@ -32,56 +45,100 @@ class MlflowWriter(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["tracker"], Console(highlight=False, soft_wrap=True))  # type: ignore[misc]
 
-    def record(self, trial: Any) -> TrialRecord:
-        if trial.trial_id not in self.records:
-            self.records[trial.trial_id] = TrialRecord(trial.trial_id, dict(trial.config))
-        return self.records[trial.trial_id]
-
+    # ---------------------------------------------------------------- Tune events (control loop)
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.record(trial)
-        self._flush(trial.trial_id)
+        self._touch(trial)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        self.record(trial).results.append({k: v for k, v in result.items() if k in KEPT})
-        self._flush(trial.trial_id)
+        self._touch(trial, result=result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.record(trial).status = "FINISHED"
-        self._flush(trial.trial_id)
+        self._touch(trial, status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.record(trial).status = "FAILED"
-        self._flush(trial.trial_id)
+        self._touch(trial, status="FAILED")
 
-    def flush_all(self) -> bool:
-        """Try every unwritten trial once more; True when MLflow holds everything."""
-        for trial_id in list(self.unwritten):
-            self._write(trial_id)
-        return not self.unwritten
+    def add(self, record: TrialRecord) -> None:
+        """A record built elsewhere (read back from Tune's result files)."""
+        with self._lock:
+            self.records[record.trial_id] = record
+            self.unwritten.add(record.trial_id)
 
-    def _flush(self, trial_id: str) -> None:
-        self.unwritten.add(trial_id)
-        for pending in list(self.unwritten):
-            if not self._write(pending):
-                return  # the server is away: keep the rest queued, retry at the next event
+    def _touch(self, trial: Any, result: dict | None = None, status: str | None = None) -> None:
+        with self._lock:
+            record = self.records.setdefault(
+                trial.trial_id, TrialRecord(trial.trial_id, dict(trial.config))
+            )
+            if result is not None:
+                record.results.append({k: v for k, v in result.items() if k in KEPT})
+            if status is not None:
+                record.status = status
+            self.unwritten.add(trial.trial_id)
+            self._start()
+            self._wake.notify()
 
-    def _write(self, trial_id: str) -> bool:
-        try:
-            self.tracker.write(self.records[trial_id])
-        except Exception as err:  # any failure of the store: keep the record, retry later
-            if not self._warned:
-                self.console.print(
-                    f"[yellow]MLflow unavailable ({type(err).__name__}); results are kept and written when it is back[/]"
-                )
-                self._warned = True
-            return False
-        self.unwritten.discard(trial_id)
-        if self._warned and not self.unwritten:
-            self.console.print("[green]MLflow is back; all results written[/]")
+    # ---------------------------------------------------------------- the writer thread
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flatbasin-mlflow", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.unwritten and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self.unwritten:
+                    return
+                self._busy = True
+            failed = not self._write_pending()
+            with self._lock:
+                self._busy = False
+                self._wake.notify_all()
+                if failed and not self._closed:
+                    self._wake.wait(self.retry_s)  # the server is away: retry after a pause
+                elif failed:
+                    return
+
+    def _write_pending(self) -> bool:
+        """Write every unwritten trial once; False at the first failure (the rest stay queued)."""
+        with self._lock:
+            pending = [
+                TrialRecord(r.trial_id, r.config, list(r.results), r.status)
+                for r in (self.records[t] for t in sorted(self.unwritten))
+            ]
+            self.unwritten.difference_update(r.trial_id for r in pending)
+        for i, record in enumerate(pending):
+            try:
+                self.tracker.write(record)
+            except Exception as err:  # any failure of the store: keep the records, retry later
+                with self._lock:
+                    self.unwritten.update(r.trial_id for r in pending[i:])
+                if not self._warned:
+                    self.console.print(
+                        f"[yellow]MLflow unavailable ({type(err).__name__}); results are kept and written when it is back[/]"
+                    )
+                    self._warned = True
+                return False
+        if self._warned:
+            self.console.print("[green]MLflow is back; results written[/]")
             self._warned = False
         return True
+
+    def drain(self, attempts: int = 2) -> bool:
+        """Stop the thread after it has written what it can; True when MLflow holds everything."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for _ in range(attempts):  # the last tries, in this thread
+            if not self.unwritten or self._write_pending():
+                break
+        return not self.unwritten
 
 
 class Progress(Callback):

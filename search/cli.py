@@ -176,6 +176,13 @@ def search(
     time_budget: Annotated[
         float | None, typer.Option(help="stop starting trials after this many seconds")
     ] = None,
+    max_failures: Annotated[
+        int, typer.Option(help="retries of a trial whose worker or node died")
+    ] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="epochs between checkpoints")] = 1,
+    checkpoint_interval: Annotated[
+        float, typer.Option(help="at most one checkpoint per this many seconds (0: every time)")
+    ] = 20.0,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
     from search.tracking import TrackingUnavailable, default_tracking_uri
@@ -187,8 +194,10 @@ def search(
         options = SearchOptions(
             samples=samples, concurrency=concurrency, address=address,
             tracking_uri=tracking_uri or default_tracking_uri(), storage=storage, name=name, resume=resume,
-            scheduler=scheduler, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
-            time_budget_s=time_budget,
+            scheduler=scheduler,  # type: ignore[arg-type]  # validated by SearchOptions
+            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
+            time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
+            checkpoint_interval_s=checkpoint_interval,
         )  # fmt: skip
     except SpaceError as err:
         fail(str(err))
@@ -277,6 +286,10 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         console.print(
             f"[yellow]{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:[/]\n"
             f"  flatbasin sync {outcome.experiment_path} --tracking-uri {tracking_uri}"
+        )
+    if outcome.seconds:
+        console.print(
+            "Time:         " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items())
         )
     console.print(f"Tune results: {outcome.experiment_path}")
     console.print(f"Browse:       mlflow ui --backend-store-uri {tracking_uri}")

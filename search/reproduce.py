@@ -57,15 +57,15 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
         ("score", recorded["score"], result.score),
         ("test_acc", recorded["test_acc"], result.test_acc),
     ]
-    for old, new in zip(recorded["history"], result.history, strict=False):
+    for was, now in zip(recorded["history"], result.history, strict=False):
         rows += [
-            (f"epoch {old['epoch']} {key}", old[key], getattr(new, key))
+            (f"epoch {was['epoch']} {key}", was[key], getattr(now, key))
             for key in ("train_loss", "val_acc", "score")
         ]
-    for old, new in zip(recorded["curve"], result.curve, strict=False):
+    for was, now in zip(recorded["curve"], result.curve, strict=False):
         rows += [
-            (f"curve {old['count']} val_acc", old["val_acc"], new.val_acc),
-            (f"curve {old['count']} test_acc", old["test_acc"], new.test_acc),
+            (f"curve {was['count']} val_acc", was["val_acc"], now.val_acc),
+            (f"curve {was['count']} test_acc", was["test_acc"], now.test_acc),
         ]
     exact = (
         all(a == b for _, a, b in rows)
@@ -81,15 +81,16 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     console.print(table)
 
     original = client.get_run(run_id)
-    new = client.create_run(
+    reproduction = client.create_run(
         original.info.experiment_id,
         run_name=f"reproduce-{original.info.run_name}",
         tags={ROLE: "reproduction", "flatbasin.reproduces": run_id, "flatbasin.exact_match": str(exact).lower(),
               "flatbasin.variant": config.variant, **base_tags()},
     )  # fmt: skip
+    new_run_id = reproduction.info.run_id
     params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
     for start in range(0, len(params), 100):
-        client.log_batch(new.info.run_id, params=params[start : start + 100])
+        client.log_batch(new_run_id, params=params[start : start + 100])
     metrics = [
         Metric(k, float(v), 0, m.epoch)
         for m in result.history
@@ -100,11 +101,11 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     metrics += [Metric("curve/test_acc", p.test_acc, 0, p.count) for p in result.curve]
     if result.test_acc is not None:
         metrics.append(Metric("test_acc", result.test_acc, 0, 0))
-    client.log_batch(new.info.run_id, metrics=metrics)
-    client.log_dict(new.info.run_id, result.to_json(), "reproduction.json")
-    client.set_terminated(new.info.run_id)
+    client.log_batch(new_run_id, metrics=metrics)
+    client.log_dict(new_run_id, result.to_json(), "reproduction.json")
+    client.set_terminated(new_run_id)
     verdict = "[green]exact match[/]" if exact else "[red]numbers differ[/]"
-    console.print(f"{verdict}; logged as run {new.info.run_id}")
+    console.print(f"{verdict}; logged as run {new_run_id}")
     return exact
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ class SearchOptions(BaseModel):
     time_budget_s: float | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    checkpoint_interval_s: float = Field(20.0, ge=0)  # at most one checkpoint per this many seconds
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Outcome:
     best: list[dict[str, Any]]  # best trial per variant, best first
     parent_run_id: str
     unwritten: int  # trials whose MLflow writes are still pending (server away at the end)
+    seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
 
 
 def _init_ray(address: str | None, threads: int) -> None:
@@ -70,6 +73,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     from trainables import ray_entry
 
+    started = time.perf_counter()
     name = options.name or space.name
     storage = options.storage.expanduser().resolve()
     experiment_path = storage / name
@@ -128,7 +132,10 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={"checkpoint_every": options.checkpoint_every},
+            param_space={
+                "checkpoint_every": options.checkpoint_every,
+                "checkpoint_interval_s": options.checkpoint_interval_s,
+            },
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrency),
                 scheduler=scheduler,
@@ -138,14 +145,21 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             ),
             run_config=run_config,
         )
+    fit_started = time.perf_counter()
     grid = tuner.fit()
+    fit_ended = time.perf_counter()
 
     _fill_from_grid(writer, grid)
     best = _best_per_variant(writer)
-    written = writer.flush_all()
+    written = writer.drain()
     if written:
         _finish_parent(tracker, parent, best, grid)
-    return Outcome(name, experiment_path, best, parent, len(writer.unwritten))
+    seconds = {
+        "start-up": fit_started - started,
+        "trials": fit_ended - fit_started,
+        "finish": time.perf_counter() - fit_ended,
+    }
+    return Outcome(name, experiment_path, best, parent, len(writer.unwritten), seconds)
 
 
 def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
@@ -164,8 +178,7 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
         if result.metrics.get("done"):
             record.results[-1:] = [{k: v for k, v in result.metrics.items() if k in KEPT}]
         record.status = "FAILED" if result.error else "FINISHED"
-        writer.records[trial_id] = record
-        writer.unwritten.add(trial_id)
+        writer.add(record)
 
 
 def _best_per_variant(writer: MlflowWriter) -> list[dict[str, Any]]:
@@ -255,6 +268,6 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     writer = MlflowWriter(tracker, console)
     _fill_from_grid(writer, grid)
     best = _best_per_variant(writer)
-    if writer.flush_all():
+    if writer.drain():
         _finish_parent(tracker, parent, best, grid)
     return Outcome(experiment_path.name, experiment_path, best, parent, len(writer.unwritten))

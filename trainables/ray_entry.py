@@ -1,13 +1,15 @@
 """The Ray Tune adapter: the only file under trainables/ that imports Ray.
 
 Turns the sampled Tune config into a TrialConfig, runs the one loop, reports every epoch through
-`tune.report` (with a checkpoint every `checkpoint_every` epochs and at the end) and resumes from
-`tune.get_checkpoint()` when Tune restarts the trial on another worker.
+`tune.report` (with a checkpoint every `checkpoint_every` epochs, at most one per
+`checkpoint_interval_s`, and always at the end) and resumes from `tune.get_checkpoint()` when Tune
+restarts the trial on another worker.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,9 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
 
 def trainable(config: dict[str, Any]) -> None:
     trial = trial_config(config)
-    every = int(config.get("checkpoint_every", 1))
+    policy = CheckpointPolicy(
+        int(config.get("checkpoint_every", 1)), float(config.get("checkpoint_interval_s", 0.0))
+    )
     data = load_data(
         trial.data_spec, str(resolve_device(trial.device))
     )  # cached per worker process
@@ -67,12 +71,12 @@ def trainable(config: dict[str, Any]) -> None:
     def on_epoch(metrics: EpochMetrics, save: Any) -> None:
         # Report one epoch late, so that the last epoch goes out with the final results in one report.
         if pending:
-            _report(*pending.pop(), rungs, every)
+            _report(*pending.pop(), rungs, policy)
         pending.append((metrics, save))
 
     result = train(trial, data=data, resume=resume, on_epoch=on_epoch)
     if pending and pending[-1][0].epoch != result.history[-1].epoch:  # diverged: no callback for it
-        _report(*pending.pop(), rungs, every)
+        _report(*pending.pop(), rungs, policy)
     save = pending[-1][1] if pending else None
     with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
         checkpoint = None
@@ -82,8 +86,23 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report(final_metrics(result, rungs), checkpoint=checkpoint)
 
 
-def _report(metrics: EpochMetrics, save: Any, rungs: list[int], every: int) -> None:
-    if metrics.epoch % every:
+class CheckpointPolicy:
+    """Every `every` epochs, but no sooner than `interval_s` after the last one: a lost node then costs
+    at most that much work, and short trials do not spend their time writing checkpoints."""
+
+    def __init__(self, every: int, interval_s: float):
+        self.every, self.interval_s = every, interval_s
+        self.last = time.monotonic()
+
+    def due(self, epoch: int) -> bool:
+        if epoch % self.every or time.monotonic() - self.last < self.interval_s:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
+def _report(metrics: EpochMetrics, save: Any, rungs: list[int], policy: CheckpointPolicy) -> None:
+    if not policy.due(metrics.epoch):
         tune.report(epoch_metrics(metrics, rungs))
         return
     with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:

@@ -1,0 +1,74 @@
+"""What a search costs beyond its trials: N short digits trials run serially in this process, then the
+same trials through `flatbasin search` with 2 CPUs (local Ray, MLflow on SQLite), side by side.
+
+    python benchmarks/search_overhead.py [--trials 16] [--epochs 4]
+
+Prints the search's time divided by the ideal (serial time / 2 CPUs), twice: for the trial phase
+(Tuner.fit, where trials, checkpoints and MLflow writes happen) and for the whole search, which adds Ray's
+start-up and the end: summary, comparison figure and the best model logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from search.tuner import SearchOptions, run_search
+from spaces import load_space
+from trainables.config import make_config
+from trainables.data import DataSpec, load_data
+from trainables.loop import train
+
+SPACE = """
+name: overhead
+samples: {trials}
+epochs: {epochs}
+variants:
+  sgd:
+    lr: {{loguniform: [0.02, 0.1]}}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)  # one CPU per trial, as in the search
+    data = load_data(DataSpec(), "cpu")
+    train(make_config("sgd", {"epochs": 1, "threads": 1}), data=data)  # warm-up
+    tick = time.perf_counter()
+    for i in range(args.trials):
+        train(make_config("sgd", {"epochs": args.epochs, "threads": 1, "seed": i}), data=data)
+    serial = time.perf_counter() - tick
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "overhead.yaml"
+        path.write_text(SPACE.format(trials=args.trials, epochs=args.epochs))
+        options = SearchOptions(
+            concurrency=2, tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage=Path(tmp) / "runs"
+        )
+        tick = time.perf_counter()
+        outcome = run_search(load_space(path), options, Console(quiet=True))
+        search = time.perf_counter() - tick
+    ideal = serial / 2
+    trials = outcome.seconds["trials"]
+    print(
+        f"{args.trials} sgd trials of {args.epochs} epochs on digits ({serial / args.trials:.2f} s each serially)"
+    )
+    print(f"serial {serial:.1f} s; ideal on 2 CPUs {ideal:.1f} s")
+    print("search phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items()))
+    print(f"trial phase (Tuner.fit) / ideal = {trials / ideal:.2f}")
+    print(
+        f"whole search (Ray start-up, MLflow summary and model included) / ideal = {search / ideal:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
