@@ -62,10 +62,10 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
             (f"epoch {was['epoch']} {key}", was[key], getattr(now, key))
             for key in ("train_loss", "val_acc", "score")
         ]
-    for was, now in zip(recorded["curve"], result.curve, strict=False):
+    for was, point in zip(recorded["curve"], result.curve, strict=False):
         rows += [
-            (f"curve {was['count']} val_acc", was["val_acc"], now.val_acc),
-            (f"curve {was['count']} test_acc", was["test_acc"], now.test_acc),
+            (f"curve {was['count']} val_acc", was["val_acc"], point.val_acc),
+            (f"curve {was['count']} test_acc", was["test_acc"], point.test_acc),
         ]
     exact = (
         all(a == b for _, a, b in rows)
