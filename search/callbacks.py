@@ -12,7 +12,7 @@ from rich.console import Console
 from search.tracking import EPOCH_METRICS, Tracker, TrialRecord
 
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
-KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "done", "test_acc", "curve", "extra_curves",
+KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
         "trial_config", "data_fingerprint", "plan", "threads", "seconds_total"}  # fmt: skip
 
 
@@ -162,7 +162,7 @@ class Progress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        if result.get("done"):
+        if result.get("final"):
             self.diverged += bool(result.get("diverged"))
             if not result.get("diverged") and (self.best is None or result["score"] > self.best[0]):
                 self.best = (result["score"], trial.config["variant"])

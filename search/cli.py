@@ -145,8 +145,12 @@ def train(
 @app.command()
 def search(
     space_file: Annotated[
-        Path, typer.Argument(metavar="SPACE.yaml", help="a search space, e.g. spaces/compare.yaml")
-    ],
+        str,
+        typer.Argument(
+            metavar="[SPACE]",
+            help="a space file, or a bundled space by name (compare, sgd, swa, cyclic_average, snapshot, sgdr, fge, ema)",
+        ),
+    ] = "compare",
     samples: Annotated[
         int | None, typer.Option(help="trials (default: the space's samples)")
     ] = None,

@@ -69,7 +69,7 @@ class TrialRecord:
 
     @property
     def final(self) -> dict[str, Any] | None:
-        return self.results[-1] if self.results and self.results[-1].get("done") else None
+        return self.results[-1] if self.results and self.results[-1].get("final") else None
 
 
 class Tracker:

@@ -58,15 +58,24 @@ def _init_ray(address: str | None, threads: int) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Two checkpoints kept per trial force a state snapshot now and then; that is intended, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # local: this machine only, nothing listening beyond loopback
         ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
+def trial_name(trial: Any) -> str:
+    """'swa_3f2a1b00' rather than Tune's default of every parameter in the folder name."""
+    return f"{trial.config['variant']}_{trial.trial_id}"
+
+
 def run_search(space: Space, options: SearchOptions, console: Console) -> Outcome:
     import optuna
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -74,6 +83,8 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     from trainables import ray_entry
 
     started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     name = options.name or space.name
     storage = options.storage.expanduser().resolve()
     experiment_path = storage / name
@@ -99,7 +110,9 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage),
-        callbacks=[writer, progress],
+        # result.json and progress.csv are what `flatbasin sync` and a restored search read back;
+        # TensorBoard files are left out (curves are lists, which TensorBoard cannot take).
+        callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
@@ -142,6 +155,8 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
                 num_samples=samples,
                 reuse_actors=True,
                 time_budget_s=options.time_budget_s,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
             ),
             run_config=run_config,
         )
@@ -175,7 +190,7 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
         if frame is not None:
             for row in frame.to_dict("records"):
                 record.results.append({k: v for k, v in row.items() if k in KEPT})
-        if result.metrics.get("done"):
+        if result.metrics.get("final"):
             record.results[-1:] = [{k: v for k, v in result.metrics.items() if k in KEPT}]
         record.status = "FAILED" if result.error else "FINISHED"
         writer.add(record)
@@ -243,7 +258,7 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
             # Explicit requirements: inferring them re-imports the model in a subprocess (seconds each).
             mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__}", f"flatbasin=={trainables.__version__}"],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"flatbasin=={trainables.__version__}"],
             )  # fmt: skip
         tracker.client.set_tag(row["run_id"], MODEL_LOGGED, "true")
     tracker.client.set_terminated(parent, "FINISHED")

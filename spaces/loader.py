@@ -125,10 +125,23 @@ def _parse_dist(where: str, value: Any) -> Dist | None:
     return Dist(kind, (low, high))
 
 
-def load_space(path: str | Path) -> Space:
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"{path}: no such space file")
+BUNDLED = Path(__file__).resolve().parent
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A space file's path, or the name of a bundled space ('compare', 'swa', ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED / f"{name_or_path}.yaml"
+    if path.suffix == "" and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.yaml")))
+    raise SpaceError(f"{path}: no such space file (bundled spaces: {names})")
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    path = resolve(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

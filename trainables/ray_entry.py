@@ -39,7 +39,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "score": result.score,
         "test_acc": result.test_acc,
         "diverged": result.diverged,
-        "done": True,
+        "final": True,  # not "done": Tune fills that key itself
         "curve": [vars(p) for p in result.curve],
         "extra_curves": {k: [vars(p) for p in v] for k, v in result.extra_curves.items()},
         "trial_config": result.config.model_dump(mode="json"),
