@@ -10,6 +10,12 @@ start-up and the end: summary, comparison figure and the best model logged to ML
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault(
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"
+)  # local Ray on loopback, before Ray is imported
+
 import argparse
 import tempfile
 import time

@@ -189,15 +189,19 @@ def search(
     ] = 20.0,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
-    from search.tracking import TrackingUnavailable, default_tracking_uri
-    from search.tuner import SearchOptions, run_search
+    from search.cluster import ClusterError, local_ray_on_loopback
+
+    if address is None:
+        local_ray_on_loopback()  # before anything imports Ray
+    from search.tracking import TrackingUnavailable, absolute_uri, default_tracking_uri
+    from search.tuner import NothingToResume, SearchOptions, run_search
     from spaces import SpaceError, load_space
 
     try:
         space = load_space(space_file)
         options = SearchOptions(
             samples=samples, concurrency=concurrency, address=address,
-            tracking_uri=tracking_uri or default_tracking_uri(), storage=storage, name=name, resume=resume,
+            tracking_uri=absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri(), storage=storage, name=name, resume=resume,
             scheduler=scheduler,  # type: ignore[arg-type]  # validated by SearchOptions
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
             time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
@@ -212,9 +216,43 @@ def search(
         outcome = run_search(space, options, console)
     except TrackingUnavailable as err:
         fail(f"{err}\nStart the server or pass --tracking-uri; nothing was started.")
-    except FileNotFoundError as err:
+    except (NothingToResume, ClusterError) as err:
         fail(str(err))
     print_summary(outcome, options.tracking_uri)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    space_file: Annotated[
+        str, typer.Argument(metavar="[SPACE]", help="a space file or a bundled space's name")
+    ] = "compare",
+    address: Annotated[
+        str, typer.Option(help="the cluster's dashboard, e.g. http://HEAD:8265")
+    ] = "http://127.0.0.1:8265",
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
+) -> None:
+    """Submit a search to a Ray cluster (Jobs API); every other option is passed to `flatbasin search`."""
+    import click
+
+    from search.submit import submit as run_submit
+    from spaces import SpaceError, load_space
+
+    try:
+        load_space(space_file)  # a bad space fails here, not on the cluster
+        search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
+        search_command.make_context(
+            "search", [space_file, *ctx.args]
+        )  # the same options, checked here
+    except SpaceError as err:
+        fail(str(err))
+    except click.UsageError as err:
+        fail(f"{err.format_message()} (options after SPACE go to `flatbasin search`)")
+    try:
+        code = run_submit(space_file, address, list(ctx.args), wait=not no_wait, console=console)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        fail(f"cannot submit to {address}: {err}")
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -229,13 +267,14 @@ def sync(
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
     from search.tracking import TrackingUnavailable, default_tracking_uri
+    from search.tuner import NothingToResume
     from search.tuner import sync as run_sync
 
     _quiet_mlflow_retries()
     uri = tracking_uri or default_tracking_uri()
     try:
         outcome = run_sync(experiment, uri, console)
-    except (TrackingUnavailable, FileNotFoundError) as err:
+    except (TrackingUnavailable, NothingToResume) as err:
         fail(str(err))
     print_summary(outcome, uri)
 

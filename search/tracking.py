@@ -37,7 +37,16 @@ class TrackingUnavailable(RuntimeError):
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return absolute_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+def absolute_uri(uri: str) -> str:
+    """sqlite:///relative.db and plain paths made absolute, so they survive a change of directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri and not uri.startswith("sqlite:"):
+        return str(Path(uri).resolve())
+    return uri
 
 
 @functools.cache

@@ -14,10 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from search.callbacks import MlflowWriter, Progress
+from search.cluster import check_cluster
 from search.tracking import Tracker, TrialRecord, curve_figure
 from spaces import Space
 
 MODEL_LOGGED = "flatbasin.model_logged"
+
+
+class NothingToResume(FileNotFoundError):
+    """--resume or sync pointed at a folder that holds no Tune experiment."""
 
 
 class SearchOptions(BaseModel):
@@ -50,21 +55,26 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
 
 
-def _init_ray(address: str | None, threads: int) -> None:
+def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Two checkpoints kept per trial force a state snapshot now and then; that is intended, not a problem.
+    # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault(
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"
+    )  # our summary names the runs
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # local: this machine only, nothing listening beyond loopback
-        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(
+            include_dashboard=False, log_to_driver=False
+        )  # loopback: see local_ray_on_loopback
 
 
 def trial_name(trial: Any) -> str:
@@ -90,6 +100,13 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     experiment_path = storage / name
     tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
     tracker.check()
+    if options.address:
+        # A job's working directory is Ray's to clean up (it can vanish under a long search); every
+        # path is absolute by now, so work from the storage folder, which outlives the search.
+        storage.mkdir(parents=True, exist_ok=True)
+        os.chdir(storage)
+    _init_ray(options.address)
+    check_cluster(options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial)
     samples = options.samples or space.samples
     threads = max(1, int(options.cpus_per_trial))  # torch threads match the CPUs a trial holds
     device = "cuda" if options.gpus_per_trial > 0 else "cpu"
@@ -101,7 +118,6 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         space_file=space.path,
     )  # fmt: skip
 
-    _init_ray(options.address, threads)
     trainable = tune.with_resources(
         ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     )
@@ -114,12 +130,14 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         # TensorBoard files are left out (curves are lists, which TensorBoard cannot take).
         callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # One checkpoint per trial, and every new one forces a snapshot of Tune's own state: a driver
+        # killed at any moment resumes with each trial at its latest checkpoint, a finished trial at its end.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )
     if options.resume:
         if not tune.Tuner.can_restore(str(experiment_path)):
-            raise FileNotFoundError(f"no search to resume at {experiment_path}")
+            raise NothingToResume(f"no search to resume at {experiment_path}")
         # Tune restores its own (pickled) copies of the callbacks; trials that finished before the
         # interruption are read back from the result grid below, so `writer` needs no special care.
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
@@ -275,7 +293,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
 
     experiment_path = experiment_path.expanduser().resolve()
     if not tune.Tuner.can_restore(str(experiment_path)):
-        raise FileNotFoundError(f"no Tune experiment at {experiment_path}")
+        raise NothingToResume(f"no Tune experiment at {experiment_path}")
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()

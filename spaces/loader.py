@@ -132,7 +132,7 @@ def resolve(name_or_path: str | Path) -> Path:
     """A space file's path, or the name of a bundled space ('compare', 'swa', ...)."""
     path = Path(name_or_path)
     if path.is_file():
-        return path
+        return path.resolve()  # absolute: Ray may change the working directory later
     bundled = BUNDLED / f"{name_or_path}.yaml"
     if path.suffix == "" and bundled.is_file():
         return bundled

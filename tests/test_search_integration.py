@@ -164,43 +164,6 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path):
         assert "test_acc" in run.data.metrics
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback (SQLite backend, served artifacts); restartable."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
-    procs: list[subprocess.Popen] = []
-
-    def start() -> None:
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True))  # fmt: skip
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop() -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    start()
-    yield uri, start, stop
-    stop()
-
-
 def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
     uri, start, stop = mlflow_server
     space = write_space(tmp_path, "outage", samples=4)
@@ -246,3 +209,48 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
         assert "test_acc" in run.data.metrics
         assert "trial_config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
+    """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = write_space(tmp_path, "killed", samples=6)
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), "--seed", "2",
+            "--checkpoint-interval", "0"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "2/6 done" in line:
+            break
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait(timeout=60)
+
+    experiment = tmp_path / "runs" / "killed"
+    before = {
+        path.parent.name: path.read_text().count("\n") for path in experiment.glob("*/result.json")
+    }
+    finished_before = {
+        name for name in before
+        if json.loads((experiment / name / "result.json").read_text().splitlines()[-1]).get("final")
+    }  # fmt: skip
+    assert len(finished_before) >= 2
+
+    done = flatbasin(*args, "--resume", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in (
+        finished_before
+    ):  # a finished trial reports at most its final result once more, never trains
+        rows = [
+            json.loads(line)
+            for line in (experiment / name / "result.json").read_text().splitlines()
+        ]
+        epochs = [r["epoch"] for r in rows]
+        assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (name, epochs)
+    client = MlflowClient(uri)
+    parents, trials = trial_runs(client, "killed")
+    assert len(parents) == 1 and len(trials) == 6
+    assert len({t.data.tags["flatbasin.trial_id"] for t in trials}) == 6
+    for run in trials:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
+        assert "test_acc" in run.data.metrics

@@ -29,7 +29,14 @@ def epoch_metrics(m: EpochMetrics, rung_epochs: list[int]) -> dict[str, Any]:
         max((b for b in rung_epochs if b <= m.epoch), default=0) if rung_epochs else m.epoch
     )
     metrics["diverged"] = False
+    metrics["node_id"] = _node_id()  # where the epoch ran: a trial moved after a node loss shows it
     return metrics
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]:

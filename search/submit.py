@@ -1,0 +1,52 @@
+"""`flatbasin submit`: send a search to a Ray cluster through the Jobs API and follow its logs.
+
+The job runs `flatbasin search SPACE --address auto [options]` on the cluster (flatbasin is installed in
+the cluster's image); the space file travels as the job's working directory. Tracking URI and storage
+path go as options, never secrets: credentials for MLflow belong in the cluster's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from spaces.loader import BUNDLED, resolve
+
+
+def submit(
+    space: str, address: str, search_args: list[str], *, wait: bool, console: Console
+) -> int:
+    """Submit; return the job's exit status when waiting (0 when not)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    path = resolve(space)
+    client = JobSubmissionClient(address)
+    with tempfile.TemporaryDirectory(prefix="flatbasin-job-") as folder:
+        if path.parent == BUNDLED and Path(space).suffix == "":
+            target = path.stem  # a bundled space: the cluster's install has it
+        else:
+            shutil.copy(path, Path(folder) / path.name)
+            target = path.name
+        entrypoint = shlex.join(["flatbasin", "search", target, "--address", "auto", *search_args])
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": folder})
+    console.print(f"submitted job {job_id} to {address}: {entrypoint}")
+    if not wait:
+        console.print(f"follow it with: ray job logs --address {address} --follow {job_id}")
+        return 0
+
+    async def follow() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            console.out(lines, end="", highlight=False)
+
+    asyncio.run(follow())
+    info = client.get_job_info(job_id)
+    console.print(f"job {job_id}: {info.status}")
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and code > 0 else 1
