@@ -227,26 +227,23 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
     proc.wait(timeout=60)
 
     experiment = tmp_path / "runs" / "killed"
-    before = {
-        path.parent.name: path.read_text().count("\n") for path in experiment.glob("*/result.json")
-    }
-    finished_before = {
-        name for name in before
-        if json.loads((experiment / name / "result.json").read_text().splitlines()[-1]).get("final")
-    }  # fmt: skip
+
+    def rows(trial_dir: Path) -> list[dict]:
+        text = (trial_dir / "result.json").read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    finished_before = [
+        d for d in experiment.iterdir() if d.is_dir() and (r := rows(d)) and r[-1].get("final")
+    ]
     assert len(finished_before) >= 2
 
     done = flatbasin(*args, "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    for name in (
-        finished_before
-    ):  # a finished trial reports at most its final result once more, never trains
-        rows = [
-            json.loads(line)
-            for line in (experiment / name / "result.json").read_text().splitlines()
-        ]
-        epochs = [r["epoch"] for r in rows]
-        assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (name, epochs)
+    for (
+        trial_dir
+    ) in finished_before:  # it may report its final result once more, but never trains again
+        epochs = [r["epoch"] for r in rows(trial_dir)]
+        assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (trial_dir.name, epochs)
     client = MlflowClient(uri)
     parents, trials = trial_runs(client, "killed")
     assert len(parents) == 1 and len(trials) == 6
