@@ -20,6 +20,19 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
+# MLflow's tracking URI: explicit, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute).
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+]
+
+
+def tracking_uri_or_default(value: str | None) -> str:
+    from search.tracking import absolute_uri, default_tracking_uri
+
+    return absolute_uri(value) if value else default_tracking_uri()
+
+
 @app.callback()
 def flatbasin() -> None:
     """Hyperparameter search for flat-minimum training methods on Ray Tune, Optuna and MLflow."""
@@ -158,12 +171,7 @@ def search(
     address: Annotated[
         str | None, typer.Option(help="join a running Ray cluster (default: local Ray)")
     ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
     storage: Annotated[
         Path, typer.Option(help="Tune storage: checkpoints and result files")
     ] = Path("runs"),
@@ -193,7 +201,7 @@ def search(
 
     if address is None:
         local_ray_on_loopback()  # before anything imports Ray
-    from search.tracking import TrackingUnavailable, absolute_uri, default_tracking_uri
+    from search.tracking import TrackingUnavailable
     from search.tuner import NothingToResume, SearchOptions, run_search
     from spaces import SpaceError, load_space
 
@@ -201,7 +209,7 @@ def search(
         space = load_space(space_file)
         options = SearchOptions(
             samples=samples, concurrency=concurrency, address=address,
-            tracking_uri=absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri(), storage=storage, name=name, resume=resume,
+            tracking_uri=tracking_uri_or_default(tracking_uri), storage=storage, name=name, resume=resume,
             scheduler=scheduler,  # type: ignore[arg-type]  # validated by SearchOptions
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
             time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
@@ -258,20 +266,15 @@ def submit(
 @app.command()
 def sync(
     experiment: Annotated[Path, typer.Argument(help="a search's Tune folder, e.g. runs/compare")],
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
-    from search.tracking import TrackingUnavailable, default_tracking_uri
+    from search.tracking import TrackingUnavailable
     from search.tuner import NothingToResume
     from search.tuner import sync as run_sync
 
     _quiet_mlflow_retries()
-    uri = tracking_uri or default_tracking_uri()
+    uri = tracking_uri_or_default(tracking_uri)
     try:
         outcome = run_sync(experiment, uri, console)
     except (TrackingUnavailable, NothingToResume) as err:
@@ -282,20 +285,14 @@ def sync(
 @app.command()
 def reproduce(
     run_id: Annotated[str, typer.Argument(help="an MLflow trial run id (see the search summary)")],
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
     from search.reproduce import reproduce as run_reproduce
-    from search.tracking import default_tracking_uri
 
     _quiet_mlflow_retries()
     try:
-        exact = run_reproduce(run_id, tracking_uri or default_tracking_uri(), console)
+        exact = run_reproduce(run_id, tracking_uri_or_default(tracking_uri), console)
     except UsageError as err:
         fail(str(err))
     raise typer.Exit(0 if exact else 1)

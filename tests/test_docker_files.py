@@ -11,7 +11,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DOCS = (ROOT / "docs" / "cluster.md").read_text()
-SECRETS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+SECRETS = (
+    "RAY_AUTH_TOKEN",
+    "POSTGRES_PASSWORD",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+)
 
 
 def compose() -> dict:
@@ -42,14 +47,24 @@ def test_published_ports_bind_loopback_only():
 
 def test_images_are_built_from_the_dockerfiles_with_the_tested_install():
     services = compose()["services"]
-    builds = {svc["image"]: svc["build"]["dockerfile"] for svc in services.values() if "build" in svc}
-    assert builds == {"flatbasin-cpu:latest": "docker/Dockerfile.cpu", "flatbasin-gpu:latest": "docker/Dockerfile.gpu"}
+    builds = {
+        svc["image"]: svc["build"]["dockerfile"] for svc in services.values() if "build" in svc
+    }
+    assert builds == {
+        "flatbasin-cpu:latest": "docker/Dockerfile.cpu",
+        "flatbasin-gpu:latest": "docker/Dockerfile.gpu",
+    }
     for dockerfile in builds.values():
         text = (ROOT / dockerfile).read_text()
-        assert re.search(r'RUN pip install \. "torch==\$\{TORCH_VERSION\}" "torchvision==\$\{TORCHVISION_VERSION\}"', text)
+        assert re.search(
+            r'RUN pip install \. "torch==\$\{TORCH_VERSION\}" "torchvision==\$\{TORCHVISION_VERSION\}"',
+            text,
+        )
         assert "USER flatbasin" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"ray[tune,default]' in pyproject and '"torch' in pyproject and '"torchvision' in pyproject
+    assert (
+        '"ray[tune,default]' in pyproject and '"torch' in pyproject and '"torchvision' in pyproject
+    )
 
 
 def test_secrets_come_from_the_environment_and_are_documented():

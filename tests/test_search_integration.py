@@ -219,29 +219,35 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
             "--checkpoint-interval", "0"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    experiment = tmp_path / "runs" / "killed"
+
+    def rows(trial_dir: Path) -> list[dict]:
+        text = (
+            (trial_dir / "result.json").read_text() if (trial_dir / "result.json").exists() else ""
+        )
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def finished() -> list[Path]:
+        dirs = [d for d in experiment.iterdir() if d.is_dir()] if experiment.exists() else []
+        return [d for d in dirs if (r := rows(d)) and r[-1].get("final")]
+
     assert proc.stdout is not None
     for line in proc.stdout:
         if "2/6 done" in line:
             break
+    deadline = time.monotonic() + 30
+    while len(finished()) < 2 and time.monotonic() < deadline:  # their final rows on disk
+        time.sleep(0.1)
     proc.kill()  # SIGKILL: no chance to save anything
     proc.wait(timeout=60)
 
-    experiment = tmp_path / "runs" / "killed"
-
-    def rows(trial_dir: Path) -> list[dict]:
-        text = (trial_dir / "result.json").read_text()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-    finished_before = [
-        d for d in experiment.iterdir() if d.is_dir() and (r := rows(d)) and r[-1].get("final")
-    ]
+    finished_before = finished()
     assert len(finished_before) >= 2
 
     done = flatbasin(*args, "--resume", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    for (
-        trial_dir
-    ) in finished_before:  # it may report its final result once more, but never trains again
+    # A finished trial may report its final result once more, but never trains again.
+    for trial_dir in finished_before:
         epochs = [r["epoch"] for r in rows(trial_dir)]
         assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (trial_dir.name, epochs)
     client = MlflowClient(uri)
