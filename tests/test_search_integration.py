@@ -211,6 +211,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
         assert "trial_config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.flaky(reruns=1)  # the SIGKILL lands at a moment found by polling
 def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
     """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
