@@ -115,7 +115,9 @@ def trial_runs(client: MlflowClient, experiment: str) -> list:
     ]
 
 
-@pytest.mark.flaky(reruns=1)  # Ray places the trials; both nodes are used unless one is slow to start
+@pytest.mark.flaky(
+    reruns=1
+)  # Ray places the trials; both nodes are used unless one is slow to start
 def test_submit_runs_trials_on_both_nodes(tmp_path, cluster, mlflow_server):
     dashboard, env, _ = cluster
     uri, _, _ = mlflow_server

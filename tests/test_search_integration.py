@@ -42,6 +42,20 @@ def flatbasin(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Complet
     )  # fmt: skip
 
 
+def search_args(space: Path, uri: str, tmp: Path, seed: int, *extra: str) -> list[str]:
+    return [
+        "search",
+        str(space),
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp / "runs"),
+        "--seed",
+        str(seed),
+        *extra,
+    ]
+
+
 def write_space(tmp: Path, name: str, samples: int) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(SPACE.format(name=name, samples=samples))
@@ -126,16 +140,7 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
 def test_interrupted_search_resumes_without_duplicates(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "resumed", samples=6)
-    args = [
-        "search",
-        str(space),
-        "--tracking-uri",
-        uri,
-        "--storage",
-        str(tmp_path / "runs"),
-        "--seed",
-        "1",
-    ]
+    args = search_args(space, uri, tmp_path, seed=1)
     proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     seen = []
@@ -173,16 +178,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
     }
-    args = [
-        "search",
-        str(space),
-        "--tracking-uri",
-        uri,
-        "--storage",
-        str(tmp_path / "runs"),
-        "--seed",
-        "3",
-    ]
+    args = search_args(space, uri, tmp_path, seed=3)
     proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     out = []
@@ -216,8 +212,7 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
     """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "killed", samples=6)
-    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"), "--seed", "2",
-            "--checkpoint-interval", "0"]  # fmt: skip
+    args = search_args(space, uri, tmp_path, 2, "--checkpoint-interval", "0")
     proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     experiment = tmp_path / "runs" / "killed"
