@@ -60,7 +60,6 @@ def _init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).

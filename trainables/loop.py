@@ -21,7 +21,7 @@ from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import TrialConfig
 from trainables.curve import Curve, CurvePoint, accuracy
 from trainables.data import Data, load_data
-from trainables.models import build_model, resolve_name
+from trainables.models import build_model
 from trainables.optim import build_optimizer
 
 
@@ -110,7 +110,7 @@ def assemble(config: TrialConfig, data: Data, device: torch.device) -> Parts:
     """Model, optimiser, averager, curve and batch-order RNG, seeded and in their initial state."""
     torch.manual_seed(config.seed)  # model initialisation, then dropout
     model = build_model(
-        resolve_name(config.model, data.shape[1]), data.shape, data.num_classes,
+        config.model, data.shape, data.num_classes,
         dropout=config.dropout, init=config.init,
     ).to(device)  # fmt: skip
     optimizer = build_optimizer(
