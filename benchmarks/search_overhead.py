@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from search.tuner import SearchOptions, run_search
-from spaces import load_space
-from trainables.config import make_config
-from trainables.data import DataSpec, load_data
-from trainables.loop import train
+from flatbasin.search.tuner import SearchOptions, run_search
+from flatbasin.spaces import load_space
+from flatbasin.trainables.config import make_config
+from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.loop import train
 
 SPACE = """
 name: overhead

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from trainables.config import make_config
-from trainables.data import Data, DataSpec, load_data
-from trainables.loop import train
-from trainables.models import SmallCNN
+from flatbasin.trainables.config import make_config
+from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.loop import train
+from flatbasin.trainables.models import SmallCNN
 
 
 def bare(data: Data, epochs: int, swa_start: int | None, seed: int = 0) -> float:

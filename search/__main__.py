@@ -1,3 +1,3 @@
-from search.cli import main
+from flatbasin.search.cli import main
 
 main()

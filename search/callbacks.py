@@ -9,7 +9,7 @@ from typing import Any
 from ray.tune import Callback
 from rich.console import Console
 
-from search.tracking import EPOCH_METRICS, Tracker, TrialRecord
+from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord
 
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",

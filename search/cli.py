@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from search.errors import UsageError, describe, fail
+from flatbasin.search.errors import UsageError, describe, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 # Wide enough for the summary table when the output is a log file rather than a terminal.
@@ -28,13 +28,26 @@ TrackingUri = Annotated[
 
 
 def tracking_uri_or_default(value: str | None) -> str:
-    from search.tracking import absolute_uri, default_tracking_uri
+    from flatbasin.search.tracking import absolute_uri, default_tracking_uri
 
     return absolute_uri(value) if value else default_tracking_uri()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import flatbasin
+
+        print(f"flatbasin {flatbasin.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def flatbasin() -> None:
+def flatbasin(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
     """Hyperparameter search for flat-minimum training methods on Ray Tune, Optuna and MLflow."""
 
 
@@ -53,7 +66,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def build_config(variant: str, settings: dict[str, Any]):
-    from trainables.config import make_config
+    from flatbasin.trainables.config import make_config
 
     try:
         return make_config(variant, settings)
@@ -127,8 +140,8 @@ def train(
     except UsageError as err:
         fail(str(err))
 
-    from trainables.data import DataError
-    from trainables.loop import train as run_trial
+    from flatbasin.trainables.data import DataError
+    from flatbasin.trainables.loop import train as run_trial
 
     def on_epoch(metrics: Any, save: Any) -> None:
         print_epoch(metrics, config.epochs)
@@ -197,13 +210,13 @@ def search(
     ] = 20.0,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
-    from search.cluster import ClusterError, local_ray_on_loopback
+    from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
 
     if address is None:
         local_ray_on_loopback()  # before anything imports Ray
-    from search.tracking import TrackingUnavailable
-    from search.tuner import NothingToResume, SearchOptions, run_search
-    from spaces import SpaceError, load_space
+    from flatbasin.search.tracking import TrackingUnavailable
+    from flatbasin.search.tuner import NothingToResume, SearchOptions, run_search
+    from flatbasin.spaces import SpaceError, load_space
 
     try:
         space = load_space(space_file)
@@ -243,8 +256,8 @@ def submit(
     """Submit a search to a Ray cluster (Jobs API); every other option is passed to `flatbasin search`."""
     import click
 
-    from search.submit import submit as run_submit
-    from spaces import SpaceError, load_space
+    from flatbasin.search.submit import submit as run_submit
+    from flatbasin.spaces import SpaceError, load_space
 
     try:
         load_space(space_file)  # a bad space fails here, not on the cluster
@@ -269,9 +282,9 @@ def sync(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
-    from search.tracking import TrackingUnavailable
-    from search.tuner import NothingToResume
-    from search.tuner import sync as run_sync
+    from flatbasin.search.tracking import TrackingUnavailable
+    from flatbasin.search.tuner import NothingToResume
+    from flatbasin.search.tuner import sync as run_sync
 
     _quiet_mlflow_retries()
     uri = tracking_uri_or_default(tracking_uri)
@@ -288,7 +301,7 @@ def reproduce(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
-    from search.reproduce import reproduce as run_reproduce
+    from flatbasin.search.reproduce import reproduce as run_reproduce
 
     _quiet_mlflow_retries()
     try:

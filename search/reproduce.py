@@ -18,10 +18,10 @@ from mlflow.entities import Metric, Param
 from rich.console import Console
 from rich.table import Table
 
-from search.errors import UsageError
-from search.tracking import EPOCH_METRICS, ROLE, base_tags
-from trainables.config import TrialConfig
-from trainables.loop import train
+from flatbasin.search.errors import UsageError
+from flatbasin.search.tracking import EPOCH_METRICS, ROLE, base_tags
+from flatbasin.trainables.config import TrialConfig
+from flatbasin.trainables.loop import train
 
 
 def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:

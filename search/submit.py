@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spaces.loader import BUNDLED, resolve
+from flatbasin.spaces.loader import BUNDLED, resolve
 
 
 def submit(

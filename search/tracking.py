@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-import trainables
-from trainables.config import trial_config
+import flatbasin
+from flatbasin.trainables.config import trial_config
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members")
 ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
@@ -60,7 +60,7 @@ def git_commit() -> str | None:
 
 
 def base_tags() -> dict[str, str]:
-    tags = {"flatbasin.version": trainables.__version__}
+    tags = {"flatbasin.version": flatbasin.__version__}
     commit = git_commit()
     if commit:
         tags["flatbasin.git_commit"] = commit
@@ -247,7 +247,7 @@ def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
         "seed": final["trial_config"]["seed"],
         "threads": final["threads"],
         "data_fingerprint": final["data_fingerprint"],
-        "flatbasin_version": trainables.__version__,
+        "flatbasin_version": flatbasin.__version__,
         "git_commit": git_commit(),
         "trial_id": record.trial_id,
         "recorded": {

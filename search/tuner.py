@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from search.callbacks import MlflowWriter, Progress
-from search.cluster import check_cluster
-from search.tracking import Tracker, TrialRecord, curve_figure
-from spaces import Space
+from flatbasin.search.callbacks import MlflowWriter, Progress
+from flatbasin.search.cluster import check_cluster
+from flatbasin.search.tracking import Tracker, TrialRecord, curve_figure
+from flatbasin.spaces import Space
 
 MODEL_LOGGED = "flatbasin.model_logged"
 
@@ -89,7 +89,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from trainables import ray_entry
+    from flatbasin.trainables import ray_entry
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -196,7 +196,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
 def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
     """Trials finished before a restore never pass through this process's callbacks: read them back."""
-    from search.callbacks import KEPT
+    from flatbasin.search.callbacks import KEPT
 
     for result in grid:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
@@ -238,10 +238,10 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
     import mlflow.pytorch
     import torch
 
-    import trainables
-    from trainables.config import TrialConfig
-    from trainables.loop import load_deployed
-    from trainables.ray_entry import CHECKPOINT_FILE
+    import flatbasin.trainables
+    from flatbasin.trainables.config import TrialConfig
+    from flatbasin.trainables.loop import load_deployed
+    from flatbasin.trainables.ray_entry import CHECKPOINT_FILE
 
     for row in best:
         row["run_id"] = tracker.run_id(row["trial_id"])
@@ -275,7 +275,7 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
             # Explicit requirements: inferring them re-imports the model in a subprocess (seconds each).
             mlflow.pytorch.log_model(
                 model, name="model", serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"flatbasin=={trainables.__version__}"],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"flatbasin=={flatbasin.__version__}"],
             )  # fmt: skip
         tracker.client.set_tag(row["run_id"], MODEL_LOGGED, "true")
     tracker.client.set_terminated(parent, "FINISHED")
@@ -288,7 +288,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     """
     from ray import tune
 
-    from trainables import ray_entry
+    from flatbasin.trainables import ray_entry
 
     experiment_path = experiment_path.expanduser().resolve()
     if not tune.Tuner.can_restore(str(experiment_path)):

@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainables.config import config_keys, make_config
-from trainables.variants import REGISTRY
+from flatbasin.trainables.config import config_keys, make_config
+from flatbasin.trainables.variants import REGISTRY
 
 MAX_CORNERS = 4096
 

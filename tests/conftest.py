@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, DataSpec, load_data
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from trainables.averagers import EMA, EqualAverage, Snapshots, SoftmaxEnsemble
+from flatbasin.trainables.averagers import EMA, EqualAverage, Snapshots, SoftmaxEnsemble
 
 
 def net() -> nn.Module:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from search.cli import app
+from flatbasin.search.cli import app
 
 runner = CliRunner()
 

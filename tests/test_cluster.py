@@ -89,7 +89,7 @@ def submit(
 ):
     space = tmp_path / f"{name}.yaml"
     space.write_text(SPACE.format(name=name, samples=samples, epochs=epochs))
-    cmd = [sys.executable, "-m", "search", "submit", str(space), "--address", dashboard, "--tracking-uri", uri,
+    cmd = [sys.executable, "-m", "flatbasin", "submit", str(space), "--address", dashboard, "--tracking-uri", uri,
            "--storage", str(tmp_path / "shared"), "--concurrency", "2", "--seed", "3", *extra]  # fmt: skip
     return subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

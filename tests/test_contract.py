@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
-from trainables.config import make_config
-from trainables.loop import train
-from trainables.variants import REGISTRY
+from flatbasin.trainables.config import make_config
+from flatbasin.trainables.loop import train
+from flatbasin.trainables.variants import REGISTRY
 
 METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"}
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from trainables.data import DataError, DataSpec, flip_and_crop, load_data
+from flatbasin.trainables.data import DataError, DataSpec, flip_and_crop, load_data
 
 
 def md5(path: Path) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from trainables.config import trial_config
-from trainables.loop import EpochMetrics
-from trainables.ray_entry import CheckpointPolicy, epoch_metrics
+from flatbasin.trainables.config import trial_config
+from flatbasin.trainables.loop import EpochMetrics
+from flatbasin.trainables.ray_entry import CheckpointPolicy, epoch_metrics
 
 
 def metrics(epoch: int) -> EpochMetrics:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainables import schedules as s
+from flatbasin.trainables import schedules as s
 
 
 def torch_lrs(make_scheduler, steps: int, lr: float) -> list[float]:

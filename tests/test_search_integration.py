@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import DataSpec, load_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,7 +37,7 @@ variants:
 
 def flatbasin(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "search", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "flatbasin", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
 
@@ -141,7 +141,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "resumed", samples=6)
     args = search_args(space, uri, tmp_path, seed=1)
-    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     seen = []
     deadline = time.monotonic() + 300
@@ -179,7 +179,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
     }
     args = search_args(space, uri, tmp_path, seed=3)
-    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
     out = []
     assert proc.stdout is not None
@@ -213,7 +213,7 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "killed", samples=6)
     args = search_args(space, uri, tmp_path, 2, "--checkpoint-interval", "0")
-    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     experiment = tmp_path / "runs" / "killed"
 

@@ -9,10 +9,10 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from search.cli import app
-from spaces import SpaceError, load_space
-from trainables.config import trial_config
-from trainables.variants import REGISTRY
+from flatbasin.search.cli import app
+from flatbasin.spaces import SpaceError, load_space
+from flatbasin.trainables.config import trial_config
+from flatbasin.trainables.variants import REGISTRY
 
 SHIPPED = sorted((Path(__file__).parent.parent / "spaces").glob("*.yaml"))
 

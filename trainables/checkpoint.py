@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from trainables.averagers import Averager
-    from trainables.curve import Curve
-    from trainables.loop import EpochMetrics
+    from flatbasin.trainables.averagers import Averager
+    from flatbasin.trainables.curve import Curve
+    from flatbasin.trainables.loop import EpochMetrics
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def load_checkpoint(
     curve: Curve,
     order: torch.Generator,
 ) -> Resumed:
-    from trainables.loop import EpochMetrics
+    from flatbasin.trainables.loop import EpochMetrics
 
     device = next(model.parameters()).device
     state = torch.load(path, map_location=device, weights_only=True)

@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, model_validator
 
-from trainables.data import DataSpec
-from trainables.models import Init, ModelName
-from trainables.variants import REGISTRY, Variant, VariantParams
+from flatbasin.trainables.data import DataSpec
+from flatbasin.trainables.models import Init, ModelName
+from flatbasin.trainables.variants import REGISTRY, Variant, VariantParams
 
 OptimizerName = Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainables.averagers import CurveKind
+from flatbasin.trainables.averagers import CurveKind
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.averagers import Averager
-from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.config import TrialConfig
-from trainables.curve import Curve, CurvePoint, accuracy
-from trainables.data import Data, load_data
-from trainables.models import build_model
-from trainables.optim import build_optimizer
+from flatbasin.trainables.averagers import Averager
+from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
+from flatbasin.trainables.config import TrialConfig
+from flatbasin.trainables.curve import Curve, CurvePoint, accuracy
+from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.models import build_model
+from flatbasin.trainables.optim import build_optimizer
 
 
 @dataclass(frozen=True)

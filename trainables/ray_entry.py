@@ -15,9 +15,9 @@ from typing import Any
 
 from ray import tune
 
-from trainables.config import trial_config
-from trainables.data import load_data
-from trainables.loop import EpochMetrics, TrialResult, resolve_device, train
+from flatbasin.trainables.config import trial_config
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.loop import EpochMetrics, TrialResult, resolve_device, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from trainables import schedules
-from trainables.averagers import Averager, BatchSource
+from flatbasin.trainables import schedules
+from flatbasin.trainables.averagers import Averager, BatchSource
 
 
 class VariantParams(BaseModel):

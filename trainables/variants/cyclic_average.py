@@ -11,9 +11,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from trainables import schedules
-from trainables.averagers import Averager, BatchSource, EqualAverage
-from trainables.variants.base import Variant, VariantParams, cycle_split
+from flatbasin.trainables import schedules
+from flatbasin.trainables.averagers import Averager, BatchSource, EqualAverage
+from flatbasin.trainables.variants.base import Variant, VariantParams, cycle_split
 
 
 class CyclicAverageParams(VariantParams):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from trainables.averagers import EMA, Averager, BatchSource
-from trainables.schedules import Schedule
-from trainables.variants.base import BaseScheduleParams, Variant, base_schedule
+from flatbasin.trainables.averagers import EMA, Averager, BatchSource
+from flatbasin.trainables.schedules import Schedule
+from flatbasin.trainables.variants.base import BaseScheduleParams, Variant, base_schedule
 
 
 class EMAParams(BaseScheduleParams):

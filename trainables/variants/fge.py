@@ -9,9 +9,9 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from torch import nn
 
-from trainables import schedules
-from trainables.averagers import Averager, BatchSource, Snapshots
-from trainables.variants.base import Variant, VariantParams, cycle_split
+from flatbasin.trainables import schedules
+from flatbasin.trainables.averagers import Averager, BatchSource, Snapshots
+from flatbasin.trainables.variants.base import Variant, VariantParams, cycle_split
 
 
 class FGEParams(VariantParams):

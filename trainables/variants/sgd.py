@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainables.averagers import Averager, BatchSource, Live
-from trainables.schedules import Schedule
-from trainables.variants.base import BaseScheduleParams, Variant, base_schedule
+from flatbasin.trainables.averagers import Averager, BatchSource, Live
+from flatbasin.trainables.schedules import Schedule
+from flatbasin.trainables.variants.base import BaseScheduleParams, Variant, base_schedule
 
 
 class SGD(Variant[BaseScheduleParams]):

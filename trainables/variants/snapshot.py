@@ -10,9 +10,9 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from trainables import schedules
-from trainables.averagers import Averager, BatchSource, Snapshots
-from trainables.variants.base import BudgetError, Variant, VariantParams
+from flatbasin.trainables import schedules
+from flatbasin.trainables.averagers import Averager, BatchSource, Snapshots
+from flatbasin.trainables.variants.base import BudgetError, Variant, VariantParams
 
 
 class SnapshotParams(VariantParams):

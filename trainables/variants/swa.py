@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from trainables import schedules
-from trainables.averagers import Averager, BatchSource, EqualAverage
-from trainables.variants.base import BudgetError, Variant, VariantParams
+from flatbasin.trainables import schedules
+from flatbasin.trainables.averagers import Averager, BatchSource, EqualAverage
+from flatbasin.trainables.variants.base import BudgetError, Variant, VariantParams
 
 
 class SWAParams(VariantParams):
