@@ -1,19 +1,53 @@
-"""Tune callbacks on the driver: the MLflow writer (with a retry queue) and the live progress line."""
+"""Tune callbacks on the driver: the MLflow writer (with a retry queue), the live progress line, and the
+stopper that ends a search at the first permanent trial error."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from ray import tune
 from ray.tune import Callback
 from rich.console import Console
 
+from flatbasin.search.errors import plain_console
 from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord
 
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
-        "trial_config", "data_fingerprint", "plan", "threads", "seconds_total"}  # fmt: skip
+        "trial_config", "data_fingerprint", "plan", "threads", "seconds_total", "permanent_error"}  # fmt: skip
+
+# The callbacks of the search running in this process. Tune pickles its callbacks with the experiment
+# state and a restored Tuner unpickles them: through this table a restored search gets this process's
+# live objects back (the ones the driver reads after `fit`), not detached copies.
+_LIVE: dict[str, Any] = {}
+
+
+def make_live(*callbacks: Any) -> None:
+    _LIVE.clear()
+    _LIVE.update({type(c).__name__: c for c in callbacks})
+
+
+def _revive(cls: type, state: dict[str, Any]) -> Any:
+    live = _LIVE.get(cls.__name__)
+    return live if live is not None else cls.from_state(state)
+
+
+def read_results(trial_dir: Path) -> list[dict[str, Any]]:
+    """Every result Tune wrote for a trial (its result.json), in order; [] when there is none yet."""
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a file whose writer was killed mid-line
+    return rows
 
 
 class MlflowWriter(Callback):
@@ -34,16 +68,16 @@ class MlflowWriter(Callback):
         self.unwritten: set[str] = set()
         self._lock = threading.Lock()  # guards records and unwritten
         self._wake = threading.Condition(self._lock)
-        self._busy = False
         self._closed = False
         self._warned = False
         self._thread: threading.Thread | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with its state
-        return {"tracker": self.tracker}
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _revive, (MlflowWriter, {"tracker": self.tracker})
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracker"], Console(highlight=False, soft_wrap=True))  # type: ignore[misc]
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> MlflowWriter:
+        return cls(state["tracker"], plain_console())
 
     # ---------------------------------------------------------------- Tune events (control loop)
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -61,18 +95,22 @@ class MlflowWriter(Callback):
         self._touch(trial, status="FAILED")
 
     def add(self, record: TrialRecord) -> None:
-        """A record built elsewhere (read back from Tune's result files)."""
+        """A record read back from Tune's result files: it replaces what the events told us."""
         with self._lock:
             self.records[record.trial_id] = record
             self.unwritten.add(record.trial_id)
 
     def _touch(self, trial: Any, result: dict | None = None, status: str | None = None) -> None:
         with self._lock:
-            record = self.records.setdefault(
-                trial.trial_id, TrialRecord(trial.trial_id, dict(trial.config))
-            )
+            record = self.records.get(trial.trial_id)
+            if record is None:
+                # A restored trial: what it reported before the interruption is in its result file.
+                record = TrialRecord(trial.trial_id, dict(trial.config))
+                for row in read_results(Path(trial.local_path or trial.path or ".")):
+                    record.add({k: v for k, v in row.items() if k in KEPT})
+                self.records[trial.trial_id] = record
             if result is not None:
-                record.results.append({k: v for k, v in result.items() if k in KEPT})
+                record.add({k: v for k, v in result.items() if k in KEPT})
             if status is not None:
                 record.status = status
             self.unwritten.add(trial.trial_id)
@@ -82,6 +120,7 @@ class MlflowWriter(Callback):
     # ---------------------------------------------------------------- the writer thread
     def _start(self) -> None:
         if self._thread is None:
+            self._closed = False
             self._thread = threading.Thread(target=self._run, name="flatbasin-mlflow", daemon=True)
             self._thread.start()
 
@@ -92,11 +131,8 @@ class MlflowWriter(Callback):
                     self._wake.wait()
                 if self._closed and not self.unwritten:
                     return
-                self._busy = True
             failed = not self._write_pending()
             with self._lock:
-                self._busy = False
-                self._wake.notify_all()
                 if failed and not self._closed:
                     self._wake.wait(self.retry_s)  # the server is away: retry after a pause
                 elif failed:
@@ -105,10 +141,7 @@ class MlflowWriter(Callback):
     def _write_pending(self) -> bool:
         """Write every unwritten trial once; False at the first failure (the rest stay queued)."""
         with self._lock:
-            pending = [
-                TrialRecord(r.trial_id, r.config, list(r.results), r.status)
-                for r in (self.records[t] for t in sorted(self.unwritten))
-            ]
+            pending = [self.records[t].copy() for t in sorted(self.unwritten)]
             self.unwritten.difference_update(r.trial_id for r in pending)
         for i, record in enumerate(pending):
             try:
@@ -118,12 +151,13 @@ class MlflowWriter(Callback):
                     self.unwritten.update(r.trial_id for r in pending[i:])
                 if not self._warned:
                     self.console.print(
-                        f"[yellow]MLflow unavailable ({type(err).__name__}); results are kept and written when it is back[/]"
+                        f"MLflow unavailable ({type(err).__name__}); results are kept and written when it is back",
+                        style="yellow",
                     )
                     self._warned = True
                 return False
         if self._warned:
-            self.console.print("[green]MLflow is back; results written[/]")
+            self.console.print("MLflow is back; results written", style="green")
             self._warned = False
         return True
 
@@ -153,11 +187,12 @@ class Progress(Callback):
         self.ended: set[str] = set()
         self.best: tuple[float, str] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"total": self.total, "every_s": self.every_s}
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _revive, (Progress, {"total": self.total, "every_s": self.every_s})
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["total"], Console(highlight=False, soft_wrap=True), state["every_s"])  # type: ignore[misc]
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(state["total"], plain_console(), state["every_s"])
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -182,7 +217,11 @@ class Progress(Callback):
     def _line(self, trials: list) -> None:
         self.last_print = time.monotonic()
         elapsed = self.last_print - self.started
-        running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
+        # With reused actors the next trial waits as PENDING for a moment between two others: it holds
+        # its slot all the same, so it counts as running.
+        running = sum(
+            t.status in ("RUNNING", "PENDING") and t.trial_id not in self.ended for t in trials
+        )
         finished = self.done + self.failed
         eta = (
             f"~{_clock(elapsed / finished * (self.total - finished))} left"
@@ -194,6 +233,23 @@ class Progress(Callback):
             f"[{_clock(elapsed)}] {self.done}/{self.total} done · {running} running · {self.failed} failed · "
             f"{self.diverged} diverged · {best} · {eta}"
         )
+
+
+class StopOnPermanentError(tune.Stopper):
+    """A trial that reports a permanent error (its data or model cannot work) ends the search: every
+    other trial would hit the same wall, and retrying it would only repeat the error."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("permanent_error"):
+            self.error = self.error or str(result["permanent_error"])
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        return self.error is not None
 
 
 def _clock(seconds: float) -> str:

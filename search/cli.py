@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from flatbasin.search.errors import UsageError, describe, fail
+from flatbasin.search.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    UsageError,
+    describe,
+    fail,
+    plain_console,
+    stderr,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-# Wide enough for the summary table when the output is a log file rather than a terminal.
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+console = plain_console()
 
 
 # MLflow's tracking URI: explicit, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute).
@@ -154,7 +159,7 @@ def train(
         fail(str(err))
     if result.diverged:
         console.print(
-            f"[yellow]diverged[/] at epoch {result.history[-1].epoch}: the loss is not finite"
+            f"diverged at epoch {result.history[-1].epoch}: the loss is not finite", style="yellow"
         )
     else:
         print_curve(result)
@@ -210,16 +215,21 @@ def search(
     ] = 20.0,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
+    import os
+
     from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
 
-    if address is None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
-    from flatbasin.search.tracking import TrackingUnavailable
-    from flatbasin.search.tuner import NothingToResume, SearchOptions, run_search
+    from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
+    from flatbasin.search.tuner import SearchOptions, resume_command, run_search
     from flatbasin.spaces import SpaceError, load_space
+    from flatbasin.spaces.loader import check_name
 
     try:
         space = load_space(space_file)
+        if name is not None:
+            check_name(name, "--name")
         options = SearchOptions(
             samples=samples, concurrency=concurrency, address=address,
             tracking_uri=tracking_uri_or_default(tracking_uri), storage=storage, name=name, resume=resume,
@@ -235,11 +245,34 @@ def search(
     _quiet_mlflow_retries()
     try:
         outcome = run_search(space, options, console)
+    except TrackingRefused as err:
+        fail(f"{err}\nNothing was started.")
     except TrackingUnavailable as err:
         fail(f"{err}\nStart the server or pass --tracking-uri; nothing was started.")
-    except (NothingToResume, ClusterError) as err:
+    except (UsageError, ClusterError) as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        stderr.print(
+            "interrupted before the search could save its state; what Tune saved resumes with:\n  "
+            + resume_command(space, options),
+            style="yellow",
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(outcome, options.tracking_uri)
+    if outcome.interrupted:
+        console.print(
+            "The search was interrupted; finished trials are kept. Continue it with:",
+            style="yellow",
+        )
+        console.print(f"  {outcome.resume_command}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if outcome.errors:
+        more = f" ({len(outcome.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
+        fail(
+            f"the search failed: {len(outcome.errors)} trial(s) failed; first, {outcome.errors[0]}"
+            + (more if len(outcome.errors) > 1 else ""),
+            code=EXIT_FAILED,
+        )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -283,14 +316,13 @@ def sync(
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
     from flatbasin.search.tracking import TrackingUnavailable
-    from flatbasin.search.tuner import NothingToResume
     from flatbasin.search.tuner import sync as run_sync
 
     _quiet_mlflow_retries()
     uri = tracking_uri_or_default(tracking_uri)
     try:
         outcome = run_sync(experiment, uri, console)
-    except (TrackingUnavailable, NothingToResume) as err:
+    except (TrackingUnavailable, UsageError) as err:
         fail(str(err))
     print_summary(outcome, uri)
 
@@ -320,6 +352,8 @@ def _quiet_mlflow_retries() -> None:
 
 
 def print_summary(outcome: Any, tracking_uri: str) -> None:
+    from flatbasin.search.tracking import browse_hint
+
     table = Table(title=f"search '{outcome.name}': best trial per variant")
     for column in ("variant", "score (val)", "test_acc", "params", "MLflow run"):
         table.add_column(column, overflow="fold")
@@ -337,15 +371,16 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
     console.print(table)
     if outcome.unwritten:
         console.print(
-            f"[yellow]{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:[/]\n"
-            f"  flatbasin sync {outcome.experiment_path} --tracking-uri {tracking_uri}"
+            f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
+            style="yellow",
         )
+        console.print(f"  flatbasin sync {outcome.experiment_path} --tracking-uri {tracking_uri}")
     if outcome.seconds:
         console.print(
             "Time:         " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items())
         )
     console.print(f"Tune results: {outcome.experiment_path}")
-    console.print(f"Browse:       mlflow ui --backend-store-uri {tracking_uri}")
+    console.print(f"Browse:       {browse_hint(tracking_uri)}")
     if outcome.best and outcome.best[0].get("run_id"):
         console.print(
             f"Reproduce:    flatbasin reproduce {outcome.best[0]['run_id']} --tracking-uri {tracking_uri}"

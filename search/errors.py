@@ -1,14 +1,34 @@
-"""Turning bad input into one clear paragraph and exit status 2 (failures are 1)."""
+"""Output that treats text as data, and bad input turned into one paragraph with exit status 2.
+
+Every console here has Rich markup and emoji codes switched off: paths, names and messages may hold
+`[/...]` or `:name:` and must print exactly as given. Colour comes from `style=`, never from markup.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
-stderr = Console(stderr=True, highlight=False)
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+def plain_console(*, stderr: bool = False) -> Console:
+    """A console that prints text as given: no markup, no emoji codes, no highlighting."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(
+        stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True,
+        width=None if stream.isatty() else 160,  # wide enough for tables in a log file
+    )  # fmt: skip
+
+
+stderr = plain_console(stderr=True)
 
 
 class UsageError(Exception):
@@ -27,6 +47,6 @@ def describe(err: ValidationError, where: str = "") -> str:
     return "\n".join(lines)
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {message}")
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    stderr.print(Text("error: ", style="bold red") + Text(message))
     raise typer.Exit(code)

@@ -8,6 +8,7 @@ original's id. On the CPU the numbers match exactly.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flatbasin.search.errors import UsageError
 from flatbasin.search.tracking import EPOCH_METRICS, ROLE, base_tags
@@ -49,7 +52,8 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     result = train(config)
     if result.data_fingerprint != record["data_fingerprint"]:
         console.print(
-            f"[yellow]data differs from the original: fingerprint {result.data_fingerprint} vs {record['data_fingerprint']}[/]"
+            f"data differs from the original: fingerprint {result.data_fingerprint} vs {record['data_fingerprint']}",
+            style="yellow",
         )
 
     recorded = record["recorded"]
@@ -68,7 +72,7 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
             (f"curve {was['count']} test_acc", was["test_acc"], point.test_acc),
         ]
     exact = (
-        all(a == b for _, a, b in rows)
+        all(same(a, b) for _, a, b in rows)
         and len(recorded["curve"]) == len(result.curve)
         and len(recorded["history"]) == len(result.history)
     )
@@ -77,14 +81,16 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     for column in ("metric", "recorded", "reproduced", ""):
         table.add_column(column)
     for name, a, b in rows:
-        table.add_row(name, _fmt(a), _fmt(b), "=" if a == b else "[red]differs[/]")
+        table.add_row(name, _fmt(a), _fmt(b), "=" if same(a, b) else Text("differs", style="red"))
     console.print(table)
 
     original = client.get_run(run_id)
     reproduction = client.create_run(
         original.info.experiment_id,
         run_name=f"reproduce-{original.info.run_name}",
-        tags={ROLE: "reproduction", "flatbasin.reproduces": run_id, "flatbasin.exact_match": str(exact).lower(),
+        tags={ROLE: "reproduction", "flatbasin.reproduces": run_id,
+              # beside the trial it reproduces, under the same search run, in the MLflow UI
+              **({MLFLOW_PARENT_RUN_ID: parent} if (parent := original.data.tags.get(MLFLOW_PARENT_RUN_ID)) else {}), "flatbasin.exact_match": str(exact).lower(),
               "flatbasin.variant": config.variant, **base_tags()},
     )  # fmt: skip
     new_run_id = reproduction.info.run_id
@@ -104,9 +110,16 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     client.log_batch(new_run_id, metrics=metrics)
     client.log_dict(new_run_id, result.to_json(), "reproduction.json")
     client.set_terminated(new_run_id)
-    verdict = "[green]exact match[/]" if exact else "[red]numbers differ[/]"
-    console.print(f"{verdict}; logged as run {new_run_id}")
+    verdict = Text("exact match", style="green") if exact else Text("numbers differ", style="red")
+    console.print(verdict + Text(f"; logged as run {new_run_id}"))
     return exact
+
+
+def same(recorded: Any, reproduced: Any) -> bool:
+    """Equal, with NaN equal to NaN: a diverged trial's loss history is NaN in both runs."""
+    if isinstance(recorded, float) and isinstance(reproduced, float):
+        return recorded == reproduced or (math.isnan(recorded) and math.isnan(reproduced))
+    return bool(recorded == reproduced)
 
 
 def _fmt(value: Any) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import read_mlflow_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
@@ -30,10 +32,45 @@ ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
     "flatbasin.search",
 )
 FINAL = "flatbasin.final_logged"
+STATE = "flatbasin.state"  # of a search: running, finished, failed, interrupted
+ERROR = "flatbasin.error"  # of a trial that reported a permanent error
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached or refuses to work."""
+
+
+class TrackingRefused(TrackingUnavailable):
+    """The tracking server answered and refused the request (HTTP 401 or 403): credentials are
+    missing or wrong, or the user may not read there. Starting the server again would not help."""
+
+
+def refusal_message(uri: str, status: int) -> str:
+    """What to do about a 401/403, naming the variables MLflow reads the credentials from."""
+    user = read_mlflow_creds().username  # from the environment, else ~/.mlflow/credentials
+    where = f"MLflow tracking server at {uri} refused the request (HTTP {status})"
+    if status == 403:
+        return (
+            f"{where}: user '{user}' has no permission to read experiments there. Ask the server's "
+            "admin for access, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to "
+            "another account."
+        )
+    if user is None:
+        return (
+            f"{where}: it requires credentials and none were given. Set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD in the environment (they are never logged)."
+        )
+    return (
+        f"{where}: the credentials of user '{user}' are wrong. Check MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD."
+    )
+
+
+def browse_hint(uri: str) -> str:
+    """How to look at the runs: a server has its own UI; a local store is opened with `mlflow ui`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def default_tracking_uri() -> str:
@@ -80,6 +117,24 @@ class TrialRecord:
     def final(self) -> dict[str, Any] | None:
         return self.results[-1] if self.results and self.results[-1].get("final") else None
 
+    @property
+    def error(self) -> str | None:
+        """The permanent error the trial reported (its data or model cannot work), if any."""
+        last = self.results[-1] if self.results else {}
+        return last.get("permanent_error") or None
+
+    def add(self, result: dict[str, Any]) -> None:
+        """One result per epoch: a result for an epoch already held replaces it (a trial restored from
+        a checkpoint reports that epoch again; a finished trial may repeat its final result)."""
+        epoch = result.get("epoch")
+        if epoch is not None:
+            self.results = [r for r in self.results if r.get("epoch") != epoch]
+        self.results.append(result)
+        self.results.sort(key=lambda r: (r.get("epoch") is None, r.get("epoch") or 0))
+
+    def copy(self) -> TrialRecord:
+        return TrialRecord(self.trial_id, self.config, list(self.results), self.status)
+
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, search_key: str):
@@ -88,7 +143,7 @@ class Tracker:
         self._experiment_id: str | None = None
         self._parent: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
-        self._logged_epoch: dict[str, int] = {}  # run id -> last epoch already in MLflow
+        self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
         self._finalised: set[str] = set()
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
@@ -99,9 +154,16 @@ class Tracker:
 
     # ------------------------------------------------------------------ search level
     def check(self) -> None:
-        """Fail fast, before any trial starts, when the tracking store is unreachable."""
+        """Fail fast, before any trial starts, when the tracking store is unreachable or refuses us."""
         try:
             self.client.search_experiments(max_results=1)
+        except MlflowException as err:
+            status = err.get_http_status_code()
+            if status in (401, 403):
+                raise TrackingRefused(refusal_message(self.uri, status)) from err
+            raise TrackingUnavailable(
+                f"MLflow tracking server at {self.uri} is not reachable: {err}"
+            ) from err
         except Exception as err:
             raise TrackingUnavailable(
                 f"MLflow tracking server at {self.uri} is not reachable: {err}"
@@ -116,21 +178,36 @@ class Tracker:
             )
         return self._experiment_id
 
+    def find_parent(self) -> str | None:
+        """The run of an earlier search with this storage key, if there is one; creates nothing."""
+        found_experiment = self.client.get_experiment_by_name(self.experiment)
+        if found_experiment is None:
+            return None
+        found = self.client.search_runs(
+            [found_experiment.experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{_quoted(self.search_key)}'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
     def parent(self, params: dict[str, Any] | None = None, space_file: Path | None = None) -> str:
         """The search's run: found again by its storage key when a search is restored."""
         if self._parent is None:
-            found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{self.search_key}'",
-                max_results=1,
-            )
+            found = self.find_parent()
             if found:
-                self._parent = found[0].info.run_id
+                self._parent = found
+                self.client.update_run(found, status="RUNNING")  # resumed: running again
+                self.client.set_tag(found, STATE, "running")
             else:
                 run = self.client.create_run(
                     self.experiment_id,
                     run_name=self.experiment,
-                    tags={ROLE: "search", SEARCH_KEY: self.search_key, **base_tags()},
+                    tags={
+                        ROLE: "search",
+                        SEARCH_KEY: self.search_key,
+                        STATE: "running",
+                        **base_tags(),
+                    },
                 )
                 self._parent = run.info.run_id
                 if params:
@@ -141,6 +218,14 @@ class Tracker:
                     self.client.log_artifact(self._parent, str(space_file))
         return self._parent
 
+    def end_parent(self, state: str) -> None:
+        """Mark the search's run: 'finished', 'failed' (a trial failed) or 'interrupted' (resumable)."""
+        if self._parent is None:
+            return
+        status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[state]
+        self.client.set_tag(self._parent, STATE, state)
+        self.client.set_terminated(self._parent, status)
+
     # ------------------------------------------------------------------ trial level
     def run_for(self, record: TrialRecord) -> str:
         if record.trial_id in self._runs:
@@ -148,28 +233,35 @@ class Tracker:
         parent = self.parent()
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID}` = '{record.trial_id}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'",
+            filter_string=f"tags.`{TRIAL_ID}` = '{_quoted(record.trial_id)}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'",
             max_results=1,
         )
         if found:
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "score")
-            self._logged_epoch[run_id] = max((m.step for m in history), default=0)
+            self._logged[run_id] = {m.step for m in history}
             if found[0].data.tags.get(FINAL) == "true":
                 self._finalised.add(run_id)
         else:
-            config = trial_config(record.config)
+            try:
+                config = trial_config(record.config)
+                variant, dataset, flat = config.variant, config.dataset, config.flat()
+            except ValueError:  # a config the trial itself rejected: record what was sampled
+                variant = str(record.config.get("variant"))
+                settings = record.config.get("settings", {})
+                dataset = str(settings.get("dataset"))
+                flat = {**settings, **record.config.get(variant, {}), "variant": variant}
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"{config.variant}-{record.trial_id}",
-                tags={MLFLOW_PARENT_RUN_ID: parent, ROLE: "trial", VARIANT: config.variant,
-                      TRIAL_ID: record.trial_id, "flatbasin.dataset": config.dataset, **base_tags()},
+                run_name=f"{variant}-{record.trial_id}",
+                tags={MLFLOW_PARENT_RUN_ID: parent, ROLE: "trial", VARIANT: variant,
+                      TRIAL_ID: record.trial_id, "flatbasin.dataset": dataset, **base_tags()},
             )  # fmt: skip
             run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
+            params = [Param(k, str(v)) for k, v in sorted(flat.items())]
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start : start + 100])
-            self._logged_epoch[run_id] = 0
+            self._logged[run_id] = set()
         self._runs[record.trial_id] = run_id
         return run_id
 
@@ -177,19 +269,27 @@ class Tracker:
         """Bring the trial's run up to date with the record; safe to call again and again."""
         run_id = self.run_for(record)
         now = int(time.time() * 1000)
+        # Every epoch Tune holds and MLflow does not, whatever order they arrive in: after a restore,
+        # an epoch reported just before the driver died arrives after later ones.
+        new = [
+            r
+            for r in record.results
+            if r.get("epoch") is not None and int(r["epoch"]) not in self._logged[run_id]
+        ]
         metrics = [
             Metric(key, float(r[key]), now, int(r["epoch"]))
-            for r in record.results
-            if int(r["epoch"]) > self._logged_epoch[run_id]
+            for r in new
             for key in EPOCH_METRICS
             if r.get(key) is not None
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        if record.results:
-            self._logged_epoch[run_id] = max(
-                self._logged_epoch[run_id], max(int(r["epoch"]) for r in record.results)
-            )
+        self._logged[run_id].update(int(r["epoch"]) for r in new)
+        if record.error is not None and run_id not in self._finalised:
+            self.client.log_batch(run_id, tags=[RunTag(ERROR, record.error[:5000])])
+            self.client.set_terminated(run_id, "FAILED")
+            self._finalised.add(run_id)
+            return
         final = record.final
         if final is not None and run_id not in self._finalised:
             self._write_final(run_id, record, final, now)
@@ -238,6 +338,11 @@ class Tracker:
 
     def run_id(self, trial_id: str) -> str | None:
         return self._runs.get(trial_id)
+
+
+def _quoted(value: str) -> str:
+    """A value inside a single-quoted MLflow filter string."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:

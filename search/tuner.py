@@ -3,8 +3,11 @@ resources per trial, reused actors, checkpoints and retries, MLflow through the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,16 +16,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from flatbasin.search.callbacks import MlflowWriter, Progress
+from flatbasin.search import preflight
+from flatbasin.search.callbacks import (
+    KEPT,
+    MlflowWriter,
+    Progress,
+    StopOnPermanentError,
+    make_live,
+    read_results,
+)
 from flatbasin.search.cluster import check_cluster
+from flatbasin.search.errors import UsageError
 from flatbasin.search.tracking import Tracker, TrialRecord, curve_figure
 from flatbasin.spaces import Space
+from flatbasin.spaces.loader import NAME
 
 MODEL_LOGGED = "flatbasin.model_logged"
-
-
-class NothingToResume(FileNotFoundError):
-    """--resume or sync pointed at a folder that holds no Tune experiment."""
 
 
 class SearchOptions(BaseModel):
@@ -30,10 +39,10 @@ class SearchOptions(BaseModel):
 
     samples: int | None = Field(None, ge=1)  # None: the space file's `samples`
     concurrency: int = Field(2, ge=1)
-    address: str | None = None  # None: a local Ray on this machine
+    address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray on this machine
     tracking_uri: str
     storage: Path
-    name: str | None = None  # None: the space's name
+    name: str | None = Field(None, pattern=NAME.pattern)  # None: the space's name
     resume: bool = False
     scheduler: Literal["asha", "fifo"] = "fifo"
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -53,6 +62,13 @@ class Outcome:
     parent_run_id: str
     unwritten: int  # trials whose MLflow writes are still pending (server away at the end)
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
+    interrupted: bool = False  # Ctrl-C: trials left unfinished, resumable
+    errors: list[str] = field(default_factory=list)  # one line per failed trial, first first
+    resume_command: str = ""
+
+    @property
+    def state(self) -> str:
+        return "interrupted" if self.interrupted else "failed" if self.errors else "finished"
 
 
 def _init_ray(address: str | None) -> None:
@@ -69,11 +85,13 @@ def _init_ray(address: str | None) -> None:
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"
     )  # our summary names the runs
     if address:
+        os.environ["RAY_ADDRESS"] = address  # Ray lets $RAY_ADDRESS override the argument: agree
         ray.init(address=address, log_to_driver=False)
-    else:  # local: this machine only, nothing listening beyond loopback
-        ray.init(
-            include_dashboard=False, log_to_driver=False
-        )  # loopback: see local_ray_on_loopback
+    else:
+        # A new Ray on this machine, always: never one that $RAY_ADDRESS or Ray's current-cluster
+        # file names (a stale file made a search hang for minutes). Loopback: local_ray_on_loopback.
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def trial_name(trial: Any) -> str:
@@ -81,7 +99,107 @@ def trial_name(trial: Any) -> str:
     return f"{trial.config['variant']}_{trial.trial_id}"
 
 
+def runtime_settings(space: Space, options: SearchOptions) -> Space:
+    """Threads match the CPUs a trial holds; the device follows --gpus-per-trial unless the space names
+    one, and a space that asks for CUDA without GPUs per trial is refused rather than run on the CPU."""
+    threads = max(1, int(options.cpus_per_trial))
+    asked = space.settings.get("device", "auto")
+    if asked == "cuda" and options.gpus_per_trial == 0:
+        raise UsageError(f"{space.path}: device: cuda needs --gpus-per-trial above 0")
+    if asked == "cpu" and options.gpus_per_trial > 0:
+        raise UsageError(
+            f"{space.path}: device: cpu, but --gpus-per-trial {options.gpus_per_trial:g}"
+        )
+    device = "cuda" if options.gpus_per_trial > 0 else "cpu"
+    return space.with_settings(threads=threads, device=device)
+
+
+def check_new_or_resumable(tracker: Tracker, experiment_path: Path, resume: bool) -> None:
+    """--resume needs a search to resume; without it, a search of the same name is never merged into."""
+    from ray import tune
+
+    restorable = tune.Tuner.can_restore(str(experiment_path))
+    earlier = tracker.find_parent()
+    if resume and not restorable:
+        hint = (
+            f" (MLflow has its run {earlier}, but Tune's folder is gone)"
+            if earlier
+            else "; run without --resume to start it"
+        )
+        raise UsageError(f"--resume: no search to resume at {experiment_path}{hint}")
+    if not resume and (restorable or earlier):
+        where = f"{experiment_path}" + (f", MLflow run {earlier}" if earlier else "")
+        raise UsageError(
+            f"a search named '{experiment_path.name}' already exists ({where}); continue it with "
+            f"--resume, or start a new one with --name NEW_NAME"
+        )
+
+
+def resume_command(space: Space, options: SearchOptions) -> str:
+    """The exact command that continues this search."""
+    storage = options.storage.expanduser().resolve()
+    args = ["flatbasin", "search", str(space.path), "--name", options.name or space.name,
+            "--storage", str(storage), "--tracking-uri", options.tracking_uri]  # fmt: skip
+    if options.address:
+        args += ["--address", options.address]
+    return shlex.join([*args, "--resume"])
+
+
 def run_search(space: Space, options: SearchOptions, console: Console) -> Outcome:
+    """Check everything the driver can know, then run the search; Ray starts only once all is well."""
+    import optuna
+
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    name = options.name or space.name
+    storage = options.storage.expanduser().resolve()
+    experiment_path = storage / name
+
+    preflight.check_storage(storage)
+    target = preflight.ray_target(options.address)
+    local = target.address is None
+    if local:
+        preflight.check_local_resources(options.cpus_per_trial, options.gpus_per_trial)
+    space = runtime_settings(space, options)
+    tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
+    tracker.check()
+    check_new_or_resumable(tracker, experiment_path, options.resume)
+    preflight.check_trials(space, local=local)
+
+    if not local:
+        # A job's working directory is Ray's to clean up (it can vanish under a long search); every
+        # path is absolute by now, so work from the storage folder, which outlives the search.
+        storage.mkdir(parents=True, exist_ok=True)
+        os.chdir(storage)
+    _init_ray(target.address)
+    check_cluster(options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial)
+    samples = options.samples or space.samples
+    parent = tracker.parent(
+        params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
+                "scheduler": options.scheduler, "concurrency": options.concurrency,
+                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial},
+        space_file=space.path,
+    )  # fmt: skip
+    try:
+        return _run(space, options, console, tracker, parent, experiment_path, samples, started)
+    except BaseException:
+        # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
+        # its run must not say RUNNING forever. What Tune saved stays resumable.
+        tracker.end_parent("interrupted")
+        raise
+
+
+def _run(
+    space: Space,
+    options: SearchOptions,
+    console: Console,
+    tracker: Tracker,
+    parent: str,
+    experiment_path: Path,
+    samples: int,
+    started: float,
+) -> Outcome:
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -91,37 +209,14 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     from flatbasin.trainables import ray_entry
 
-    started = time.perf_counter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    name = options.name or space.name
-    storage = options.storage.expanduser().resolve()
-    experiment_path = storage / name
-    tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
-    tracker.check()
-    if options.address:
-        # A job's working directory is Ray's to clean up (it can vanish under a long search); every
-        # path is absolute by now, so work from the storage folder, which outlives the search.
-        storage.mkdir(parents=True, exist_ok=True)
-        os.chdir(storage)
-    _init_ray(options.address)
-    check_cluster(options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial)
-    samples = options.samples or space.samples
-    threads = max(1, int(options.cpus_per_trial))  # torch threads match the CPUs a trial holds
-    device = "cuda" if options.gpus_per_trial > 0 else "cpu"
-    space = space.with_settings(threads=threads, device=device)
-    parent = tracker.parent(
-        params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
-                "scheduler": options.scheduler, "concurrency": options.concurrency,
-                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial},
-        space_file=space.path,
-    )  # fmt: skip
-
+    name, storage = experiment_path.name, experiment_path.parent
     trainable = tune.with_resources(
         ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     )
     writer = MlflowWriter(tracker, console)
     progress = Progress(samples, console)
+    make_live(writer, progress)  # a restored Tuner gets these objects back, not copies
+    stopper = StopOnPermanentError()
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage),
@@ -132,13 +227,11 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         # One checkpoint per trial, and every new one forces a snapshot of Tune's own state: a driver
         # killed at any moment resumes with each trial at its latest checkpoint, a finished trial at its end.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        stop=stopper,
         verbose=0,
     )
     if options.resume:
-        if not tune.Tuner.can_restore(str(experiment_path)):
-            raise NothingToResume(f"no search to resume at {experiment_path}")
-        # Tune restores its own (pickled) copies of the callbacks; trials that finished before the
-        # interruption are read back from the result grid below, so `writer` needs no special care.
+        # Tune restores its own pickled run config; its callbacks come back as `writer` and `progress`.
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
     else:
         epochs = int(space.settings["epochs"])
@@ -183,53 +276,103 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     _fill_from_grid(writer, grid)
     best = _best_per_variant(writer)
-    written = writer.drain()
-    if written:
+    errors = _errors(writer, grid)
+    interrupted = bool(_unfinished(grid)) and not errors
+    state = "interrupted" if interrupted else "failed" if errors else "finished"
+    if writer.drain():
         _finish_parent(tracker, parent, best, grid)
+        tracker.end_parent(state)
     seconds = {
         "start-up": fit_started - started,
         "trials": fit_ended - fit_started,
         "finish": time.perf_counter() - fit_ended,
     }
-    return Outcome(name, experiment_path, best, parent, len(writer.unwritten), seconds)
+    return Outcome(
+        name, experiment_path, best, parent, len(writer.unwritten), seconds,
+        interrupted=interrupted, errors=errors,
+        resume_command=resume_command(space, options),
+    )  # fmt: skip
 
 
 def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
-    """Trials finished before a restore never pass through this process's callbacks: read them back."""
-    from flatbasin.search.callbacks import KEPT
+    """Make the records exactly what Tune's result files hold, every epoch of every trial once.
 
+    A restored search never sees, through its callbacks, the trials that finished before the
+    interruption, nor an epoch reported just before the driver died: the files have them all.
+    """
     for result in grid:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
-        if trial_id is None or trial_id in writer.records:
+        if trial_id is None:
             continue
         record = TrialRecord(trial_id, dict(result.config))
-        frame = result.metrics_dataframe
-        if frame is not None:
-            for row in frame.to_dict("records"):
-                record.results.append({k: v for k, v in row.items() if k in KEPT})
-        if result.metrics.get("final"):
-            record.results[-1:] = [{k: v for k, v in result.metrics.items() if k in KEPT}]
-        record.status = "FAILED" if result.error else "FINISHED"
+        rows = read_results(Path(result.path)) if result.path else []
+        if not rows and result.metrics_dataframe is not None:
+            rows = result.metrics_dataframe.to_dict("records")
+        for row in rows:
+            record.add({k: v for k, v in row.items() if k in KEPT})
+        if result.metrics.get("final") or result.metrics.get("permanent_error"):
+            record.add({k: v for k, v in result.metrics.items() if k in KEPT})
+        seen = writer.records.get(trial_id)
+        record.status = "FAILED" if result.error else seen.status if seen else "FINISHED"
+        if record.status == "RUNNING":  # the experiment ended with this trial unfinished
+            record.status = "INTERRUPTED"
         writer.add(record)
 
 
+def _unfinished(grid: Any) -> list[str]:
+    """Trials still pending or running when the experiment ended: Ctrl-C, or a driver that died.
+
+    Trials stopped by ASHA or a time budget count as finished (Tune marks them TERMINATED).
+    """
+    trials = grid._experiment_analysis.trials  # Result has no status; the analysis' trials do
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def _errors(writer: MlflowWriter, grid: Any) -> list[str]:
+    """One line per failed trial: permanent errors (data, model) first, then trials that raised."""
+    lines = [
+        f"trial {r.trial_id}: {r.error}"
+        for r in sorted(writer.records.values(), key=lambda r: r.trial_id)
+        if r.error is not None
+    ]
+    for result in grid:
+        if result.error is not None:
+            trial_id = result.metrics.get("trial_id", "?") if result.metrics else "?"
+            where = f" (log: {Path(result.path) / 'error.txt'})" if result.path else ""
+            lines.append(f"trial {trial_id}: {_last_line(result.error)}{where}")
+    return lines
+
+
+def _last_line(error: BaseException) -> str:
+    """'ValueError: ...' from a remote traceback: its last non-empty line says what went wrong."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return text[-1] if text else type(error).__name__
+
+
 def _best_per_variant(writer: MlflowWriter) -> list[dict[str, Any]]:
-    best: dict[str, dict[str, Any]] = {}
+    """Each variant's best finished, non-diverged trial, best first. Ties go to the lower validation
+    loss, then to the smaller trial id, so the answer is the same on every resume and every sync."""
+    best: dict[str, tuple[tuple[float, float, str], dict[str, Any]]] = {}
     for record in writer.records.values():
         final = record.final
         if final is None or final["diverged"]:
             continue
         variant = record.config["variant"]
-        if variant not in best or final["score"] > best[variant]["score"]:
-            best[variant] = {
-                "variant": variant,
-                "trial_id": record.trial_id,
-                "score": final["score"],
-                "test_acc": final["test_acc"],
-                "params": dict(record.config.get(variant, {})),
-                "final": final,
-            }
-    return sorted(best.values(), key=lambda row: -row["score"])
+        val_loss = final.get("val_loss")
+        rank = (-final["score"], val_loss if val_loss is not None else math.inf, record.trial_id)
+        if variant not in best or rank < best[variant][0]:
+            best[variant] = (
+                rank,
+                {
+                    "variant": variant,
+                    "trial_id": record.trial_id,
+                    "score": final["score"],
+                    "test_acc": final["test_acc"],
+                    "params": dict(record.config.get(variant, {})),
+                    "final": final,
+                },
+            )
+    return [row for _, row in sorted(best.values(), key=lambda item: item[0])]
 
 
 def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], grid: Any) -> None:
@@ -278,7 +421,6 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"flatbasin=={flatbasin.__version__}"],
             )  # fmt: skip
         tracker.client.set_tag(row["run_id"], MODEL_LOGGED, "true")
-    tracker.client.set_terminated(parent, "FINISHED")
 
 
 def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
@@ -292,7 +434,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
 
     experiment_path = experiment_path.expanduser().resolve()
     if not tune.Tuner.can_restore(str(experiment_path)):
-        raise NothingToResume(f"no Tune experiment at {experiment_path}")
+        raise UsageError(f"no search at {experiment_path} (a Tune folder such as runs/NAME)")
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()
@@ -300,6 +442,12 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     writer = MlflowWriter(tracker, console)
     _fill_from_grid(writer, grid)
     best = _best_per_variant(writer)
+    errors = _errors(writer, grid)
+    outcome = Outcome(
+        experiment_path.name, experiment_path, best, parent, 0,
+        interrupted=bool(_unfinished(grid)) and not errors, errors=errors,
+    )  # fmt: skip
     if writer.drain():
         _finish_parent(tracker, parent, best, grid)
-    return Outcome(experiment_path.name, experiment_path, best, parent, len(writer.unwritten))
+        tracker.end_parent(outcome.state)
+    return dataclasses.replace(outcome, unwritten=len(writer.unwritten))

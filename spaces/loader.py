@@ -22,6 +22,9 @@ validators, so a range that can produce an impossible trial is rejected before R
 from __future__ import annotations
 
 import itertools
+import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flatbasin.trainables.config import config_keys, make_config
+from flatbasin.trainables.config import TrialConfig, config_keys, make_config
 from flatbasin.trainables.variants import REGISTRY
 
 MAX_CORNERS = 4096
+# A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class SpaceError(ValueError):
@@ -93,6 +98,12 @@ class Space:
             self.path, self.name, self.samples, {**self.settings, **settings}, self.variants
         )
 
+    def corner_configs(self) -> Iterator[TrialConfig]:
+        """The trial configs at every corner of every variant's ranges (what preflight checks run on)."""
+        for variant, (searched, fixed) in self.variants.items():
+            for values in _corners(searched):
+                yield make_config(variant, {**self.settings, **fixed, **values})
+
 
 def _parse_dist(where: str, value: Any) -> Dist | None:
     """A distribution, or None for a plain fixed value."""
@@ -116,6 +127,8 @@ def _parse_dist(where: str, value: Any) -> Dist | None:
     ):
         raise SpaceError(f"{where}: {kind} takes two numbers [low, high], got {args}")
     low, high = args
+    if not all(math.isfinite(a) for a in args):
+        raise SpaceError(f"{where}: {kind} takes finite numbers, got {args}")
     if low > high:
         raise SpaceError(f"{where}: low ({low}) is above high ({high})")
     if kind == "loguniform" and low <= 0:
@@ -140,10 +153,47 @@ def resolve(name_or_path: str | Path) -> Path:
     raise SpaceError(f"{path}: no such space file (bundled spaces: {names})")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, got {key!r}", key_node.start_mark
+                )
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_name(name: str, where: str) -> str:
+    if not NAME.fullmatch(name):
+        raise SpaceError(
+            f"{where}: the search name {name!r} must be 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it names a folder and an MLflow experiment)"
+        )
+    return name
+
+
 def load_space(name_or_path: str | Path) -> Space:
     path = resolve(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpaceError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save the space file as UTF-8"
+        ) from err
+    except OSError as err:
+        raise SpaceError(f"{path}: cannot read the space file: {err.strerror or err}") from err
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as err:
         raise SpaceError(f"{path}: YAML syntax error: {err}") from err
     if not isinstance(raw, dict):
@@ -182,7 +232,15 @@ def load_space(name_or_path: str | Path) -> Space:
                 searched[key] = dist
         _check_corners(path, variant, settings, searched, fixed)
         variants[variant] = (searched, fixed)
-    return Space(path, spec.name or path.stem, spec.samples, settings, variants)
+    name = check_name(spec.name or path.stem, f"{path}: name")
+    return Space(path, name, spec.samples, settings, variants)
+
+
+def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:
+    """Every combination of range ends and choices (at most MAX_CORNERS); [{}] when nothing is searched."""
+    keys = list(searched)
+    combos = itertools.islice(itertools.product(*(searched[k].corners for k in keys)), MAX_CORNERS)
+    return [dict(zip(keys, combo, strict=True)) for combo in combos] or [{}]
 
 
 def _check_corners(
@@ -193,12 +251,7 @@ def _check_corners(
     fixed: dict[str, Any],
 ) -> None:
     """Every combination of range ends (and choices) must make a valid trial, budget included."""
-    keys = list(searched)
-    corners = list(
-        itertools.islice(itertools.product(*(searched[k].corners for k in keys)), MAX_CORNERS)
-    )
-    for combo in corners or [()]:
-        values = dict(zip(keys, combo, strict=True))
+    for values in _corners(searched):
         try:
             make_config(variant, {**settings, **fixed, **values})
         except ValidationError as err:

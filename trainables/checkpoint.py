@@ -2,6 +2,8 @@
 weights, optimiser, averager (n_averaged, snapshot members), curve so far, counters, every RNG state.
 
 Written with torch.save and read with weights_only=True: only tensors and plain containers, no pickled code.
+Each checkpoint carries its format version and the trial config that wrote it: resuming with another
+variant or other settings would silently mix two trials, so it is refused with the differing keys named.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ if TYPE_CHECKING:
     from flatbasin.trainables.averagers import Averager
     from flatbasin.trainables.curve import Curve
     from flatbasin.trainables.loop import EpochMetrics
+
+
+FORMAT = 1
+# Settings that may differ between the run that wrote a checkpoint and the one that resumes it.
+RUNTIME_KEYS = frozenset({"threads", "device", "data_dir", "download"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that another trial configuration wrote."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +49,13 @@ def save_checkpoint(
     epoch: int,
     step: int,
     history: list[EpochMetrics],
+    config: dict[str, Any],
 ) -> None:
     from dataclasses import asdict
 
     state: dict[str, Any] = {
+        "format": FORMAT,
+        "config": config,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "averager": averager.state_dict(),
@@ -67,18 +81,63 @@ def load_checkpoint(
     averager: Averager,
     curve: Curve,
     order: torch.Generator,
+    *,
+    config: dict[str, Any],
 ) -> Resumed:
     from flatbasin.trainables.loop import EpochMetrics
 
     device = next(model.parameters()).device
-    state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    averager.load_state_dict(state["averager"])
-    curve.load_state_dict(state["curve"])
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {path} does not exist") from err
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint): "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
+        )
+    differing = _differences(state["config"], config)
+    if differing:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another trial configuration; it differs in "
+            + ", ".join(differing)
+            + ". Resume with the settings that wrote it, or start without --resume"
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        averager.load_state_dict(state["averager"])
+        curve.load_state_dict(state["curve"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this trial: {_first_line(err)}") from err
     order.set_state(state["order_rng"].cpu())
     torch.set_rng_state(state["torch_rng"].cpu())
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     history = [EpochMetrics(**m) for m in state["history"]]
     return Resumed(epoch=state["epoch"], step=state["step"], history=history)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key (checkpoint X, now Y)' for every setting that changes the trial, variant parameters included."""
+
+    def flat(config: dict[str, Any]) -> dict[str, Any]:
+        params = config.get("params") or {}
+        return {**{k: v for k, v in config.items() if k != "params"}, **params}
+
+    was, now = flat(saved), flat(current)
+    return [
+        f"{key} (checkpoint {was.get(key)!r}, now {now.get(key)!r})"
+        for key in sorted(set(was) | set(now))
+        if key not in RUNTIME_KEYS and was.get(key) != now.get(key)
+    ]

@@ -21,8 +21,8 @@ from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, accuracy
 from flatbasin.trainables.data import Data, load_data
-from flatbasin.trainables.models import build_model
 from flatbasin.trainables.optim import build_optimizer
+from flatbasin.trainables.sanity import build, check_data, check_model
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class TrialResult:
         }
 
 
+# The score of a diverged trial: the worst an accuracy can be, so that no ranking (ours, TPE's, ASHA's)
+# can put a diverged trial above a real one, however badly the real one did.
+DIVERGED_SCORE = 0.0
+
 # Called after every epoch with the metrics and a function that writes a checkpoint to a path.
 EpochCallback = Callable[[EpochMetrics, Callable[[Path], None]], None]
 
@@ -109,10 +113,7 @@ class Parts(NamedTuple):
 def assemble(config: TrialConfig, data: Data, device: torch.device) -> Parts:
     """Model, optimiser, averager, curve and batch-order RNG, seeded and in their initial state."""
     torch.manual_seed(config.seed)  # model initialisation, then dropout
-    model = build_model(
-        config.model, data.shape, data.num_classes,
-        dropout=config.dropout, init=config.init,
-    ).to(device)  # fmt: skip
+    model = build(config, data).to(device)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(),
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -128,7 +129,7 @@ def load_deployed(config: TrialConfig, checkpoint: Path, data: Data | None = Non
     device = resolve_device(config.device)
     data = data if data is not None else load_data(config.data_spec, str(device))
     parts = assemble(config, data, device)
-    load_checkpoint(checkpoint, *parts)
+    load_checkpoint(checkpoint, *parts, config=config.model_dump(mode="json"))
     return parts.averager.deployed(parts.model).eval()
 
 
@@ -147,12 +148,16 @@ def train(
     variant = config.build_variant()
     steps_per_epoch = data.steps_per_epoch(config.batch_size)
 
+    check_data(config, data)  # a TrialError before the first step, not a traceback mid-epoch
     model, optimizer, averager, curve, order = assemble(config, data, device)
+    check_model(config, data, model)
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, averager, curve, order)
+        state = load_checkpoint(
+            resume, model, optimizer, averager, curve, order, config=config.model_dump(mode="json")
+        )
         step, first_epoch, history = state.step, state.epoch, state.history
 
     seconds = {"averaging": 0.0, "eval": 0.0}
@@ -207,7 +212,7 @@ def train(
             val_loss=nll(val_probs, data.y_val),
             val_acc=val_acc,
             lr=lr_at(step - 1),
-            score=1.0 / data.num_classes if diverged else score,
+            score=DIVERGED_SCORE if diverged else score,
             members=averager.count,
         )
         history.append(metrics)
@@ -218,14 +223,13 @@ def train(
             save = functools.partial(
                 save_checkpoint,
                 model=model, optimizer=optimizer, averager=averager, curve=curve, order=order,
-                epoch=epoch + 1, step=step, history=list(history),
+                epoch=epoch + 1, step=step, history=list(history), config=config.model_dump(mode="json"),
             )  # fmt: skip
             on_epoch(metrics, save)
 
-    chance = 1.0 / data.num_classes
     test_acc: float | None = None
     points: list[CurvePoint] = []
-    score = chance
+    score = DIVERGED_SCORE
     if not diverged:
         deployed = averager.deployed(model)
         score = accuracy(predict(deployed, data.inputs("val")), data.y_val)

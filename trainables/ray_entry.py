@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ray import tune
 
+from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import trial_config
-from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data import DataError, load_data
 from flatbasin.trainables.loop import EpochMetrics, TrialResult, resolve_device, train
+from flatbasin.trainables.sanity import TrialError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -57,7 +60,20 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
     }
 
 
+# Errors that say this trial can never run as configured (its data, model or checkpoint): retrying the
+# trial, as Tune does for a lost worker, would only repeat them.
+PERMANENT = (DataError, TrialError, CheckpointError, ValidationError)
+
+
 def trainable(config: dict[str, Any]) -> None:
+    try:
+        _run(config)
+    except PERMANENT as err:
+        # Reported, not raised: the trial ends without a retry, and the driver stops the search.
+        tune.report({"permanent_error": f"{type(err).__name__}: {err}", "node_id": _node_id()})
+
+
+def _run(config: dict[str, Any]) -> None:
     trial = trial_config(config)
     policy = CheckpointPolicy(
         int(config.get("checkpoint_every", 1)), float(config.get("checkpoint_interval_s", 0.0))

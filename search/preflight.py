@@ -1,0 +1,161 @@
+"""What the driver checks before Ray starts: where results go, which Ray to use, what a trial asks of
+the machine, and that every trial the space can produce can run on its data and model.
+
+Each check raises UsageError with the option, file or setting named, so a bad input costs seconds and
+leaves nothing behind: no Ray, no MLflow run, no folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flatbasin.search.errors import UsageError
+from flatbasin.spaces import Space
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def check_storage(storage: Path) -> None:
+    """--storage must be a folder we can create or write into (not a file, not read-only)."""
+    probe = storage
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe == storage and not storage.is_dir():
+        raise UsageError(
+            f"--storage {storage}: is a file, not a folder; give a folder for Tune's results"
+        )
+    if probe != storage and not probe.is_dir():
+        raise UsageError(f"--storage {storage}: {probe} is a file, so the folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage {storage}: {probe} is not writable")
+
+
+def check_local_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """A local search runs on this machine: a trial may not ask for more than it has."""
+    cpus = os.cpu_count() or 1
+    if cpus_per_trial > cpus:
+        raise UsageError(
+            f"--cpus-per-trial {cpus_per_trial:g}: this machine has {cpus} CPU(s); "
+            "a trial asking for more would wait forever"
+        )
+    if gpus_per_trial > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus_per_trial > gpus:
+            raise UsageError(
+                f"--gpus-per-trial {gpus_per_trial:g}: this machine has {gpus} CUDA GPU(s)"
+                + ("; run without --gpus-per-trial to train on the CPU" if gpus == 0 else "")
+            )
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Which Ray the search runs on: a new local one (address None) or a cluster, and who said so."""
+
+    address: str | None
+    source: str  # "--address", "$RAY_ADDRESS" or "local"
+
+
+def ray_target(address: str | None) -> RayTarget:
+    """--address wins; else $RAY_ADDRESS, as Ray users expect; else a new local Ray, never a cluster
+    that Ray's current-cluster file happens to name. A cluster address must answer within seconds."""
+    if address:
+        target = RayTarget(address, "--address")
+    elif os.environ.get("RAY_ADDRESS"):
+        target = RayTarget(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS")
+    else:
+        return RayTarget(None, "local")
+    if target.address == "local":
+        return RayTarget(None, target.source)
+    bootstrap = target.address
+    if bootstrap == "auto":
+        bootstrap = _current_cluster()
+        if bootstrap is None:
+            raise UsageError(
+                f"{target.source} auto: no Ray cluster was started on this machine (no current-cluster "
+                "file); start one with `ray start --head`, or leave out the address for a local search"
+            )
+    if bootstrap.startswith(("http://", "https://")):
+        raise UsageError(
+            f"{target.source} {target.address}: that is a dashboard (Jobs API) address, which "
+            "`flatbasin submit` takes; a search joins a cluster at its GCS address HOST:6379 or auto"
+        )
+    host, port = _host_port(bootstrap, target)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as err:
+        came_from = f" (found through auto: {bootstrap})" if target.address == "auto" else ""
+        raise UsageError(
+            f"{target.source} {target.address}{came_from}: no Ray cluster answers at {host}:{port} "
+            f"({err.strerror or type(err).__name__}); start the cluster, correct the address, "
+            "or unset it for a local search"
+        ) from err
+    return RayTarget(bootstrap if target.address == "auto" else target.address, target.source)
+
+
+def _current_cluster() -> str | None:
+    """The address `ray start` last wrote on this machine (what `auto` means to Ray)."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        return read_ray_address() or None
+    except (ImportError, OSError):
+        return None
+
+
+def _host_port(address: str, target: RayTarget) -> tuple[str, int]:
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise UsageError(
+            f"{target.source} {target.address}: expected HOST:PORT (the GCS address, e.g. "
+            "127.0.0.1:6379), ray://HOST:PORT or auto"
+        )
+    return parts.hostname, port
+
+
+def check_trials(space: Space, *, local: bool) -> None:
+    """Load the data and build the model of every distinct trial setting at the corners of the space,
+    and check each trial can run on them (classes, batch size, input shape).
+
+    On a cluster a data_dir this machine does not have is left to the nodes: the trial checks it where
+    it runs and reports a permanent error, which is not retried.
+    """
+    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.sanity import TrialError, check_trial
+
+    seen: set[tuple[object, ...]] = set()
+    try:
+        for config in space.corner_configs():
+            spec = config.data_spec
+            key = (spec, config.model, config.batch_size, config.dropout, config.init)
+            if key in seen:
+                continue
+            seen.add(key)
+            if config.device == "cuda" and local:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise UsageError(
+                        f"{space.path}: device: cuda, but this machine has no CUDA device"
+                    )
+            if not local and spec.data_dir is not None and not spec.data_dir.expanduser().exists():
+                continue
+            try:
+                data = load_data(spec, "cpu")
+                check_trial(config, data)
+            except (DataError, TrialError) as err:
+                raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
+    finally:
+        load_data.cache_clear()  # the workers load their own copy; the driver keeps none
