@@ -9,6 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from flatbasin.trainables.config import make_config
+from flatbasin.trainables.data import DataSpec, load_data
 from flatbasin.trainables.loop import DIVERGED_SCORE, train
 from flatbasin.trainables.variants import REGISTRY
 
@@ -75,3 +76,22 @@ def test_divergence_is_a_result_not_a_crash(name, small):
     assert result.score == DIVERGED_SCORE == 0.0  # never above a real trial, however bad
     assert result.history[-1].score == DIVERGED_SCORE
     assert result.test_acc is None and result.curve == []
+
+
+@pytest.fixture(scope="module")
+def small_mnist1d():
+    """640 training signals of MNIST-1D (N, 1, 40): the 1-D path, with auto resolving to cnn1d."""
+    data = load_data(DataSpec(dataset="mnist1d"), "cpu")
+    return dataclasses.replace(
+        data, name="mnist1d-small", x_train=data.x_train[:640], y_train=data.y_train[:640]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_variant_trains_on_1d_signals(name, small_mnist1d):
+    result = train(smoke_config(name, dataset="mnist1d"), data=small_mnist1d)
+    assert not result.diverged and result.test_acc is not None
+    assert all(
+        math.isfinite(v) for m in result.history for k, v in asdict(m).items() if k in METRICS
+    )
+    assert result.score > 0.2, "two epochs on MNIST-1D should be above chance (0.1)"

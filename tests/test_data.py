@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from flatbasin.trainables.data import DataError, DataSpec, flip_and_crop, load_data
+from flatbasin.trainables.data import (
+    MNIST1D_SEED,
+    DataError,
+    DataSpec,
+    flip_and_crop,
+    load_data,
+    random_shift,
+)
+from flatbasin.trainables.models import CNN1d, build_model
 
 
 def md5(path: Path) -> str:
@@ -135,3 +143,74 @@ def test_flip_and_crop_keeps_shape_and_content_range():
     out = flip_and_crop(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     assert set(out.unique().tolist()) <= set(x.unique().tolist())
+
+
+# --- MNIST-1D: generated locally by the mnist1d package, 1-D signals (N, 1, 40) ----------------------
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    load_data.cache_clear()
+    return load_data(DataSpec(dataset="mnist1d"), "cpu")
+
+
+def test_mnist1d_has_the_standard_shapes_splits_and_classes(mnist1d):
+    assert mnist1d.shape == (1, 40) and mnist1d.num_classes == 10
+    assert len(mnist1d.x_train) == 3600 and len(mnist1d.x_val) == 400  # val_frac 0.1 of 4,000
+    assert len(mnist1d.x_test) == 1000  # the official test split, untouched
+    assert set(mnist1d.y_train.unique().tolist()) == set(range(10))
+    # normalised over every dim but the channels, with training statistics
+    assert mnist1d.x_train.mean().abs() < 1e-4 and (mnist1d.x_train.std() - 1).abs() < 1e-3
+
+
+def test_mnist1d_fingerprint_follows_the_generation_parameters(mnist1d):
+    state = np.random.get_state()[1].copy()
+    other = load_data(DataSpec(dataset="mnist1d", data_seed=MNIST1D_SEED + 1), "cpu")
+    assert np.array_equal(np.random.get_state()[1], state)  # the generator's global seeding undone
+    assert other.fingerprint != mnist1d.fingerprint
+    assert not torch.equal(other.x_test, mnist1d.x_test)
+    load_data.cache_clear()
+    again = load_data(DataSpec(dataset="mnist1d"), "cpu")
+    assert again.fingerprint == mnist1d.fingerprint
+    assert torch.allclose(again.x_test, mnist1d.x_test)  # bits differ with torch's thread count
+    resplit = load_data(DataSpec(dataset="mnist1d", split_seed=1), "cpu")
+    assert resplit.fingerprint == mnist1d.fingerprint  # same draw, another validation split
+    assert not torch.equal(resplit.y_val, mnist1d.y_val)
+
+
+def test_data_seed_is_refused_for_fixed_data():
+    with pytest.raises(ValueError, match="data_seed applies only to mnist1d"):
+        DataSpec(dataset="digits", data_seed=7)
+
+
+def test_cnn1d_is_auto_for_signals_and_takes_them(mnist1d):
+    model = build_model("auto", mnist1d.shape, mnist1d.num_classes)
+    assert isinstance(model, CNN1d)
+    assert model(mnist1d.x_train[:8]).shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_image_model_on_signals_is_refused_by_name(name):
+    with pytest.raises(ValueError, match=rf"model '{name}' needs 2-D images.*\(1, 40\)"):
+        build_model(name, (1, 40), 10)
+
+
+def test_cnn1d_on_images_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"model 'cnn1d' needs 1-D signals.*\(1, 8, 8\)"):
+        build_model("cnn1d", (1, 8, 8), 10)
+
+
+def test_random_shift_keeps_shape_rolls_each_signal_and_is_seeded():
+    x = torch.randn(16, 1, 40)
+    out = random_shift(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for row, shifted in zip(x[:, 0], out[:, 0], strict=True):
+        assert any(torch.equal(row.roll(k), shifted) for k in range(-3, 4))
+    assert torch.equal(out, random_shift(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, random_shift(x, torch.Generator().manual_seed(1)))
+
+
+def test_augmented_signal_batches_keep_their_shape(mnist1d):
+    batches = mnist1d.train_batches(64, torch.Generator().manual_seed(0), augment=True)
+    x, y = next(iter(batches))
+    assert x.shape == (64, 1, 40) and y.shape == (64,)

@@ -1,7 +1,8 @@
 """Data sets as tensors on the trial's device, split deterministically into train / validation / test.
 
-Small image sets fit in memory, so batches are index slices of one tensor: no DataLoader workers,
-no per-batch host-to-device copies (the airbench way). Loading happens once per worker process.
+Images are (N, C, H, W), 1-D signals (MNIST-1D) are (N, C, L). Small sets fit in memory, so batches
+are index slices of one tensor: no DataLoader workers, no per-batch host-to-device copies (the airbench
+way). Loading happens once per worker process.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +19,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 DatasetName = Literal[
-    "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"
+    "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"
 ]
+MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
 
 
 class DataError(ValueError):
@@ -40,6 +44,16 @@ class DataSpec(BaseModel):
     val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
     test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
     split_seed: int = 0  # fixed across a search so that every trial sees the same split
+    data_seed: int = Field(MNIST1D_SEED, ge=0)  # mnist1d only: which draw the generator makes
+
+    @model_validator(mode="after")
+    def _data_seed_only_for_generated_data(self) -> DataSpec:
+        if self.data_seed != MNIST1D_SEED and self.dataset != "mnist1d":
+            raise ValueError(
+                f"data_seed applies only to mnist1d (generated data); '{self.dataset}' is fixed data, "
+                f"so leave data_seed at {MNIST1D_SEED}"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,9 @@ class Data:
     y_test: Tensor
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x_train.shape[1:]
-        return c, h, w
+    def shape(self) -> tuple[int, ...]:
+        """One example's shape: (channels, height, width) for images, (channels, length) for signals."""
+        return tuple(self.x_train.shape[1:])
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(len(self.x_train) // batch_size, 1)
@@ -72,7 +86,7 @@ class Data:
             idx = order[k * batch_size : (k + 1) * batch_size]
             x = self.x_train[idx]
             if augment:
-                x = flip_and_crop(x, generator)
+                x = flip_and_crop(x, generator) if x.dim() == 4 else random_shift(x, generator)
             yield x, self.y_train[idx]
 
     def inputs(
@@ -105,10 +119,50 @@ def flip_and_crop(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor
     return padded[batch, chan, rows, cols]
 
 
+def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 3) -> Tensor:
+    """Roll each 1-D signal by a random -max_shift..max_shift samples. Circular, as MNIST-1D's own
+    generator translates its digits; no flip, since a reversed signal is a different digit."""
+    n, _, length = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n,), generator=generator).to(x.device)
+    index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length
+    return x.gather(2, index[:, None, :].expand_as(x))
+
+
 # ---------------------------------------------------------------------------------------------------
-# Raw loaders: each returns (train images NCHW uint8 or float, train labels, test images, test labels),
-# test arrays None when the set has no official test split.
+# Raw loaders: each returns (train examples NCHW or NCL, uint8 or float; train labels; test examples;
+# test labels), test arrays None when the set has no official test split.
 Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def mnist1d_args(spec: DataSpec) -> dict[str, object]:
+    """The mnist1d package's standard generation arguments (5,000 signals of length 40, 4,000 train /
+    1,000 test) with the spec's seed. Part of the fingerprint: another draw is another data set."""
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args(as_dict=True)
+    del args["url"]  # where the published pickle lives; never fetched here
+    return {**args, "seed": spec.data_seed}
+
+
+def _mnist1d(spec: DataSpec) -> Raw:
+    """MNIST-1D (Greydanus 2020), generated locally in about a second. make_dataset seeds numpy's and
+    Python's global generators, so their states are put back afterwards."""
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        generated = make_dataset(ObjectView(mnist1d_args(spec)))
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    signals = lambda a: a[:, None, :].astype(np.float32)  # noqa: E731  (N, L) -> (N, 1, L)
+    return (
+        signals(generated["x"]),
+        generated["y"].astype(np.int64),
+        signals(generated["x_test"]),
+        generated["y_test"].astype(np.int64),
+    )
 
 
 def _digits(spec: DataSpec) -> Raw:
@@ -200,6 +254,7 @@ def _image_folder(spec: DataSpec) -> Raw:
 
 
 _LOADERS = {
+    "mnist1d": _mnist1d,
     "digits": _digits,
     "image_folder": _image_folder,
     "cifar10": _torchvision,
@@ -210,8 +265,15 @@ _LOADERS = {
 }
 
 
-def _fingerprint(*arrays: np.ndarray | None) -> str:
-    digest = hashlib.sha256()
+def _recipe(spec: DataSpec) -> bytes:
+    """How a generated set was made (empty for sets read from files: their bytes say it all)."""
+    if spec.dataset == "mnist1d":
+        return json.dumps(mnist1d_args(spec), sort_keys=True).encode()
+    return b""
+
+
+def _fingerprint(recipe: bytes, *arrays: np.ndarray | None) -> str:
+    digest = hashlib.sha256(recipe)
     for a in arrays:
         if a is not None:
             digest.update(np.ascontiguousarray(a).data)
@@ -234,18 +296,20 @@ def load_data(spec: DataSpec, device: str = "cpu") -> Data:
     x, y, x_test, y_test = load_raw(spec)
     if len(x) == 0:
         raise DataError(f"data set '{spec.dataset}' is empty")
-    fingerprint = _fingerprint(x, y, x_test, y_test)
+    fingerprint = _fingerprint(_recipe(spec), x, y, x_test, y_test)
     if x_test is None or y_test is None:
         keep, test = _split(len(x), spec.test_frac, spec.split_seed)
         x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
     train, val = _split(len(x), spec.val_frac, spec.split_seed + 1)
 
     def tensor(a: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+        t = torch.from_numpy(np.ascontiguousarray(a)).float()
+        return t.div_(255.0) if a.dtype == np.uint8 else t
 
     x_train = tensor(x[train])
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    per_channel = [d for d in range(x_train.dim()) if d != 1]  # every dim but the channels
+    mean = x_train.mean(dim=per_channel, keepdim=True)
+    std = x_train.std(dim=per_channel, keepdim=True).clamp_min(1e-6)
     norm = lambda t: ((t - mean) / std).contiguous()  # noqa: E731
     num_classes = int(max(y.max(), y_test.max())) + 1
     data = Data(

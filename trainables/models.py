@@ -1,4 +1,5 @@
-"""Image classifiers: a small CNN for 8x8 and 28x28 inputs, and the CIFAR nets of the SWA paper's tables.
+"""Classifiers: MNIST-1D's 1-D CNN, a small CNN for 8x8 and 28x28 images, and the CIFAR nets of the
+SWA paper's tables.
 
 torchvision's ResNet-18 and VGG16-BN with CIFAR heads; compact PreResNet-110/164 and WRN-28-10 after
 the SWA reference code (timgaripov/swa/models), which torchvision does not have.
@@ -12,9 +13,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ModelName = Literal[
-    "auto", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"
+    "auto", "cnn1d", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"
 ]
 Init = Literal["default", "kaiming", "xavier"]
+
+
+class CNN1d(nn.Module):
+    """The MNIST-1D paper's CNN (Greydanus 2020, ConvBase): three stride-2 convolutions of 25 channels
+    (kernels 5, 3, 3; padding 1) and a linear head on the flattened features, here with batch norm
+    after each convolution (what the averaging methods' BN pass is for). 40 samples -> 25 x 5 -> 10."""
+
+    def __init__(
+        self, in_channels: int, length: int, num_classes: int, dropout: float = 0.0, width: int = 25
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for kernel in (5, 3, 3):
+            layers += [
+                nn.Conv1d(c_in, width, kernel, stride=2, padding=1, bias=False),
+                nn.BatchNorm1d(width),
+                nn.ReLU(inplace=True),
+            ]
+            c_in, length = width, (length + 2 - kernel) // 2 + 1
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width * length, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
 class SmallCNN(nn.Module):
@@ -186,28 +212,49 @@ def _vgg16_bn(in_channels: int, num_classes: int, dropout: float) -> nn.Module:
     return model
 
 
-def resolve_name(name: ModelName, image_size: int) -> ModelName:
+def resolve_name(name: ModelName, shape: tuple[int, ...]) -> ModelName:
+    """`auto`: cnn1d for 1-D signals (channels, length), small_cnn below 32x32 images, else resnet18."""
     if name != "auto":
         return name
-    return "small_cnn" if image_size < 32 else "resnet18"
+    if len(shape) == 2:
+        return "cnn1d"
+    return "small_cnn" if shape[1] < 32 else "resnet18"
+
+
+def _check_fits(name: ModelName, shape: tuple[int, ...]) -> None:
+    signal = len(shape) == 2
+    if name == "cnn1d" and not signal:
+        raise ValueError(
+            f"model 'cnn1d' needs 1-D signals (channels, length); this data set is images of shape "
+            f"{shape} (use small_cnn, or auto)"
+        )
+    if name != "cnn1d" and signal:
+        raise ValueError(
+            f"model '{name}' needs 2-D images (channels, height, width); this data set is 1-D signals "
+            f"of shape {shape} (use cnn1d, or auto)"
+        )
+    if name not in ("cnn1d", "small_cnn") and shape[1] < 32:
+        raise ValueError(
+            f"model '{name}' needs 32x32 inputs; this data set is {shape[1]}x{shape[2]} (use small_cnn)"
+        )
 
 
 def build_model(
     name: ModelName,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     num_classes: int,
     *,
     dropout: float = 0.0,
     init: Init = "default",
 ) -> nn.Module:
-    channels, height, _ = shape
-    name = resolve_name(name, height)
-    if name != "small_cnn" and height < 32:
-        raise ValueError(
-            f"model '{name}' needs 32x32 inputs; this data set is {height}x{height} (use small_cnn)"
-        )
+    """`shape` is one example's: (channels, height, width) for images, (channels, length) for signals."""
+    name = resolve_name(name, shape)
+    _check_fits(name, shape)
+    channels = shape[0]
     model: nn.Module
-    if name == "small_cnn":
+    if name == "cnn1d":
+        model = CNN1d(channels, shape[1], num_classes, dropout)
+    elif name == "small_cnn":
         model = SmallCNN(channels, num_classes, dropout)
     elif name == "resnet18":
         model = _resnet18(channels, num_classes)
@@ -227,7 +274,7 @@ def _initialise(model: nn.Module, init: Init) -> None:
     if init == "default":
         return
     for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
             if init == "kaiming":
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             else:
