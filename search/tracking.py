@@ -139,7 +139,7 @@ class TrialRecord:
 class Tracker:
     def __init__(self, uri: str, experiment: str, search_key: str):
         self.uri, self.experiment, self.search_key = uri, experiment, search_key
-        self.client = MlflowClient(tracking_uri=uri)
+        self._client: MlflowClient | None = None  # made on first use, inside check()'s handling
         self._experiment_id: str | None = None
         self._parent: str | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
@@ -151,6 +151,12 @@ class Tracker:
 
     def __setstate__(self, state: dict[str, str]) -> None:
         self.__init__(**state)  # type: ignore[misc]
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     # ------------------------------------------------------------------ search level
     def check(self) -> None:
@@ -165,8 +171,12 @@ class Tracker:
                 f"MLflow tracking server at {self.uri} is not reachable: {err}"
             ) from err
         except Exception as err:
+            if self.uri.startswith(("http://", "https://")):
+                raise TrackingUnavailable(
+                    f"MLflow tracking server at {self.uri} is not reachable: {err}"
+                ) from err
             raise TrackingUnavailable(
-                f"MLflow tracking server at {self.uri} is not reachable: {err}"
+                f"MLflow tracking URI {self.uri} cannot be used: {_first_line(err)}"
             ) from err
 
     @property
@@ -338,6 +348,11 @@ class Tracker:
 
     def run_id(self, trial_id: str) -> str | None:
         return self._runs.get(trial_id)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _quoted(value: str) -> str:

@@ -153,6 +153,12 @@ def resolve(name_or_path: str | Path) -> Path:
     raise SpaceError(f"{path}: no such space file (bundled spaces: {names})")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
 class _StrictLoader(yaml.SafeLoader):
     """YAML that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
 
@@ -160,16 +166,24 @@ class _StrictLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
             if isinstance(key, list | dict):
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain value, got {key!r}", key_node.start_mark
-                )
+                raise _DuplicateKey(f"a key must be a plain value, got {key!r}", line)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
-                )
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping", line)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 5: ...' from a YAML error, without the parser's echo of the source."""
+    if isinstance(err, _DuplicateKey):
+        return f"line {err.line}: {err.message}"
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        what = " ".join(p for p in (err.context, err.problem) if p)
+        return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return f"YAML syntax error: {err}"
 
 
 def check_name(name: str, where: str) -> str:
@@ -195,7 +209,7 @@ def load_space(name_or_path: str | Path) -> Space:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: YAML syntax error: {err}") from err
+        raise SpaceError(f"{path}: {_yaml_problem(err)}") from err
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping with at least 'variants'")
     try:
@@ -260,6 +274,9 @@ def _check_corners(
             key = f".{first['loc'][-1]}" if first["loc"] else ""
             at = f" (at {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
             message = first["msg"].removeprefix("Value error, ")
+            given = first.get("input")
+            if first["loc"] and not isinstance(given, dict) and given is not None:
+                message += f" (got {given!r})"
             raise SpaceError(f"{path}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{path}: variants.{variant}: {err}") from err

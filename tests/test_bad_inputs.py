@@ -1,0 +1,395 @@
+"""Bad input of every kind through the real CLI: one clear paragraph naming what is wrong, exit status 2,
+no traceback, no Ray started, no MLflow run created, no folder made.
+
+Table-driven: each case is a space file (or none), the command's arguments and a text the message must
+contain. Every case fails before Ray starts, so the whole table runs in seconds, in process.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flatbasin.search.cli import app
+
+runner = CliRunner()
+
+GOOD = """
+epochs: 2
+variants:
+  sgd: {lr: {loguniform: [0.02, 0.1]}}
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    space: str | bytes | None  # the space file's content; None: no file (args name the space)
+    args: tuple[str, ...]
+    needle: str  # the message must contain this (the offending file, key or option, and why)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def folder_space(kind: str, model: str = "small_cnn", batch: int = 2) -> str:
+    return (
+        f"epochs: 1\ndataset: image_folder\nmodel: {model}\n"
+        f"fixed: {{data_dir: '{{images}}/{kind}', image_size: 16, batch_size: {batch}, val_frac: 0.2}}\n"
+        "variants:\n  sgd: {}\n"
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SEARCH: dict[str, Case] = {
+    # ---- the space file itself
+    "not utf-8": Case(b"epochs: 2\nname: caf\xe9\nvariants: {sgd: {}}\n", (), "not UTF-8"),
+    "duplicate top-level key": Case(
+        "epochs: 2\nepochs: 3\nvariants: {sgd: {}}\n", (), "'epochs' appears twice"
+    ),
+    "duplicate variant key": Case(
+        "variants:\n  sgd: {lr: 0.1, lr: 0.2}\n", (), "'lr' appears twice"
+    ),
+    "yaml syntax": Case("variants: [sgd: {\n", (), "YAML syntax error"),
+    "empty file": Case("", (), "expected a mapping"),
+    "a list": Case("- sgd\n- swa\n", (), "expected a mapping"),
+    "unknown top-level key": Case("epoch: 2\nvariants: {sgd: {}}\n", (), "epoch"),
+    "no variants": Case("epochs: 2\nvariants: {}\n", (), "variants"),
+    "unknown variant": Case("variants: {adam_magic: {}}\n", (), "variants.adam_magic"),
+    "unknown parameter": Case(
+        "variants:\n  swa: {swa_lrr: {loguniform: [0.01, 0.1]}}\n", (), "variants.swa.swa_lrr"
+    ),
+    "low above high": Case(
+        "variants:\n  swa: {swa_lr: {uniform: [0.1, 0.01]}}\n", (), "low (0.1) is above high"
+    ),
+    "non-positive lr": Case(
+        "variants:\n  sgd: {lr: {uniform: [0.0, 0.1]}}\n", (), "variants.sgd.lr"
+    ),
+    "negative fixed lr": Case("variants:\n  sgd: {lr: -0.1}\n", (), "variants.sgd.lr"),
+    "zero cycles": Case("variants:\n  snapshot: {cycles: {int: [0, 3]}}\n", (), "cycles"),
+    "budget too short": Case(
+        "epochs: 4\nvariants:\n  snapshot: {cycles: {int: [2, 6]}}\n", (), "cycles=6 does not fit"
+    ),
+    "loguniform at zero": Case(
+        "variants:\n  sgd: {weight_decay: {loguniform: [0, 0.1]}}\n", (), "loguniform needs low > 0"
+    ),
+    "nan in a range": Case(
+        "variants:\n  sgd: {lr: {uniform: [.nan, 0.1]}}\n", (), "finite numbers"
+    ),
+    "int range of floats": Case(
+        "variants:\n  snapshot: {cycles: {int: [1.5, 3]}}\n", (), "int takes two integers"
+    ),
+    "empty choice": Case(
+        "variants:\n  sgd: {optimizer: {choice: []}}\n", (), "choice takes a list"
+    ),
+    "unknown choice": Case(
+        "variants:\n  sgd: {optimizer: {choice: [sgd, lbfgs]}}\n", (), "optimizer"
+    ),
+    "unknown distribution": Case(
+        "variants:\n  sgd: {lr: {normal: [0.1, 0.2]}}\n", (), "unknown distribution 'normal'"
+    ),
+    "samples zero": Case("samples: 0\nvariants: {sgd: {}}\n", (), "samples"),
+    "negative epochs": Case("epochs: -1\nvariants: {sgd: {}}\n", (), "epochs"),
+    "bad name in the file": Case("name: a/b\nvariants: {sgd: {}}\n", (), "'a/b'"),
+    "markup in a value": Case("variants:\n  sgd: {optimizer: '[/x] [bold]'}\n", (), "[/x] [bold]"),
+    "markup in an unknown key": Case("variants:\n  sgd: {'[/k]': 1}\n", (), "[/k]"),
+    "unknown dataset": Case("dataset: imagenet22k\nvariants: {sgd: {}}\n", (), "dataset"),
+    "unknown fixed setting": Case("fixed: {bogus: 1}\nvariants: {sgd: {}}\n", (), "fixed.bogus"),
+    "missing space file": Case(None, ("does-not-exist.yaml",), "does-not-exist.yaml"),
+    "space is a folder": Case(None, (".",), "no such space file"),
+    # ---- data and model, checked on the driver before Ray starts
+    "batch larger than the split": Case(
+        "fixed: {batch_size: 5000}\nvariants: {sgd: {}}\n", (), "batch_size 5000"
+    ),
+    "model too big for the input": Case("model: resnet18\nvariants: {sgd: {}}\n", (), "resnet18"),
+    "cifar without data_dir": Case("dataset: cifar10\nvariants: {sgd: {}}\n", (), "data_dir"),
+    "missing data directory": Case(
+        "dataset: cifar10\nfixed: {data_dir: /nonexistent/cifar-x}\nvariants: {sgd: {}}\n",
+        (),
+        "/nonexistent/cifar-x",
+    ),
+    "cifar folder without the files": Case(
+        "dataset: cifar10\nfixed: {data_dir: '{images}/empty'}\nvariants: {sgd: {}}\n",
+        (),
+        "cifar10",
+    ),
+    "truncated jpeg": Case(folder_space("truncated"), (), "broken.jpg"),
+    "text file named png": Case(folder_space("text_png"), (), "fake.png"),
+    "empty image folder": Case(folder_space("empty"), (), "empty"),
+    "empty class folders": Case(folder_space("empty_classes"), (), "empty_classes"),
+    "one class": Case(folder_space("one_class"), (), "1 class"),
+    "batch larger than an image folder": Case(folder_space("good", batch=64), (), "batch_size 64"),
+    "cuda without cuda": Case("fixed: {device: cuda}\nvariants: {sgd: {}}\n", (), "cuda"),
+    # ---- options
+    "storage is a file": Case(GOOD, ("--storage", "{space}"), "--storage"),
+    "storage under a file": Case(GOOD, ("--storage", "{space}/runs"), "is a file"),
+    "name with a slash": Case(GOOD, ("--name", "a/b"), "--name"),
+    "name with markup": Case(GOOD, ("--name", "[/x]"), "'[/x]'"),
+    "resume of nothing": Case(GOOD, ("--resume",), "no search to resume"),
+    "too many cpus": Case(GOOD, ("--cpus-per-trial", "4096"), "--cpus-per-trial 4096"),
+    "gpus without gpus": Case(GOOD, ("--gpus-per-trial", "1"), "--gpus-per-trial 1"),
+    "zero concurrency": Case(GOOD, ("--concurrency", "0"), "--concurrency"),
+    "unknown scheduler": Case(GOOD, ("--scheduler", "hyperband"), "--scheduler"),
+    "negative time budget": Case(GOOD, ("--time-budget", "-5"), "--time_budget_s"),
+    "zero samples": Case(GOOD, ("--samples", "0"), "--samples"),
+    "address nobody answers": Case(
+        GOOD, ("--address", "127.0.0.9:{port}"), "no Ray cluster answers at 127.0.0.9"
+    ),
+    "RAY_ADDRESS nobody answers": Case(
+        GOOD, (), "$RAY_ADDRESS 127.0.0.9", env={"RAY_ADDRESS": "127.0.0.9:{port}"}
+    ),
+    "address is a dashboard": Case(GOOD, ("--address", "http://127.0.0.1:8265"), "dashboard"),
+    "address without a port": Case(GOOD, ("--address", "127.0.0.9"), "HOST:PORT"),
+    "address auto without a cluster": Case(
+        GOOD, ("--address", "auto"), "no Ray cluster was started"
+    ),
+    "tracking server down": Case(
+        GOOD, ("--tracking-uri", "http://127.0.0.1:{port}"), "http://127.0.0.1:{port}"
+    ),
+    "tracking uri of no known scheme": Case(GOOD, ("--tracking-uri", "htp:/x"), "htp:/x"),
+    "sqlite in a missing folder": Case(
+        GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Image folders in the real on-disk formats, good and broken in every way the loader must catch."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+
+    def picture(path: Path, fmt: str = "PNG") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path, fmt)
+
+    for cls in ("cat", "dog"):
+        for i in range(5):
+            picture(root / "good" / cls / f"{i}.png")
+            picture(root / "truncated" / cls / f"{i}.png")
+            picture(root / "text_png" / cls / f"{i}.png")
+            picture(root / "one_class" / "only" / f"{cls}{i}.png")
+        (root / "empty_classes" / cls).mkdir(parents=True)
+    picture(root / "truncated" / "cat" / "broken.jpg", "JPEG")
+    whole = (root / "truncated" / "cat" / "broken.jpg").read_bytes()
+    (root / "truncated" / "cat" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "text_png" / "dog" / "fake.png").write_text("this is not an image\n")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture
+def ray_tmpdir():
+    with tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+def assert_nothing_started(tmp_path: Path, ray_tmpdir: Path, uri: str) -> None:
+    import ray
+    from mlflow import MlflowClient
+
+    assert not ray.is_initialized()
+    assert not list(ray_tmpdir.rglob("session_*")), "a Ray session was started"
+    assert not (tmp_path / "runs").exists(), "the storage folder was made"
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(uri)
+        experiments = client.search_experiments()
+        runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+        assert not runs, "an MLflow run was created"
+
+
+def fill(text: str, **values: object) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+@pytest.mark.parametrize("case", sorted(SEARCH), ids=str)
+def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir, monkeypatch):
+    spec = SEARCH[case]
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    port = closed_port()
+    values = {"images": images, "space": space, "port": port}
+    if isinstance(spec.space, bytes):
+        space.write_bytes(spec.space)
+    elif spec.space is not None:
+        space.write_text(fill(spec.space, **values))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [fill(a, **values) for a in spec.args]
+    if not any(a == "--tracking-uri" for a in args):
+        args += ["--tracking-uri", uri]
+    if not any(a == "--storage" for a in args):
+        args += ["--storage", str(tmp_path / "runs")]
+    target = [str(space)] if spec.space is not None else []
+    env = {
+        "RAY_TMPDIR": str(ray_tmpdir),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        **{k: fill(v, **values) for k, v in spec.env.items()},
+    }
+    result = runner.invoke(app, ["search", *target, *args], env=env)
+    output = result.output
+    assert result.exit_code == 2, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in output
+    assert fill(spec.needle, **values) in " ".join(output.split()), output
+    assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
+    assert_nothing_started(tmp_path, ray_tmpdir, uri)
+
+
+# ---- `flatbasin train`: checkpoints and settings
+def train_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["train", "--variant", "sgd", "--epochs", "2", "--set", "threads=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint of a 1-epoch sgd trial (lr 0.05)."""
+    path = tmp_path_factory.mktemp("ckpt") / "sgd.pt"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--variant",
+            "sgd",
+            "--epochs",
+            "1",
+            "--set",
+            "threads=1",
+            "--checkpoint",
+            str(path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return path
+
+
+TRAIN: dict[str, tuple[list[str], str]] = {
+    "markup in a --set value": (["--set", "optimizer=a[/x]"], "a[/x]"),
+    "markup in a --set key": (["--set", "[/k]=1"], "[/k]"),
+    "--set without =": (["--set", "lr"], "expected key=value"),
+    "unreadable --set value": (["--set", "lr=[1,"], "cannot read the value"),
+    "resume without a checkpoint file": (["--resume"], "--resume needs an existing --checkpoint"),
+    "cuda without cuda": (["--set", "device=cuda"], "cuda"),
+    "batch larger than digits": (["--set", "batch_size=4000"], "batch_size 4000"),
+    "resnet on 8x8": (["--set", "model=resnet18"], "resnet18"),
+    "missing data_dir": (
+        ["--dataset", "image_folder", "--data-dir", "/nonexistent/fb-images"],
+        "/nonexistent/fb-images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN), ids=str)
+def test_bad_train_input_exits_2(case, tmp_path):
+    args, needle = TRAIN[case]
+    result = runner.invoke(app, train_args(tmp_path, *args))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert needle in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "needle"),
+    [
+        ("another variant", ["--variant", "ema"], "variant (checkpoint 'sgd', now 'ema')"),
+        ("another learning rate", ["--set", "lr=0.1"], "lr (checkpoint 0.05, now 0.1)"),
+        ("another budget", ["--epochs", "3"], "epochs (checkpoint 1, now 3)"),
+    ],
+)
+def test_resume_from_another_config_is_refused(checkpoint, tmp_path, case, extra, needle):
+    copy = tmp_path / "c.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    args = ["train", "--variant", "sgd", "--epochs", "1", "--set", "threads=1"]
+    args = [*args, *extra, "--checkpoint", str(copy), "--resume"]
+    if "--variant" in extra:
+        args = [
+            "train",
+            *extra,
+            "--epochs",
+            "1",
+            "--set",
+            "threads=1",
+            "--checkpoint",
+            str(copy),
+            "--resume",
+        ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert needle in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
+def test_resume_from_a_corrupt_checkpoint_is_refused(checkpoint, tmp_path, damage):
+    bad = tmp_path / "bad.pt"
+    whole = checkpoint.read_bytes()
+    bad.write_bytes(
+        {"truncated": whole[: len(whole) // 3], "text": b"not a checkpoint", "empty": b""}[damage]
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--variant",
+            "sgd",
+            "--epochs",
+            "2",
+            "--set",
+            "threads=1",
+            "--checkpoint",
+            str(bad),
+            "--resume",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "cannot be read" in result.output and "bad.pt" in result.output
+
+
+# ---- the other commands
+def test_reproduce_of_an_unknown_run_exits_2(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["reproduce", "0123456789abcdef", "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "0123456789abcdef" in result.output
+
+
+def test_sync_of_a_folder_that_is_no_search_exits_2(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["sync", str(tmp_path), "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "no search at" in result.output
+
+
+def test_the_installed_entry_point_says_the_same(tmp_path):
+    """Through a real process, as a user runs it: the message, exit status 2, no traceback."""
+    space = tmp_path / "bad.yaml"
+    space.write_text("variants:\n  sgd: {lr: '[/red] not a number'}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "flatbasin", "search", str(space), "--storage", str(tmp_path / "runs"),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "[/red] not a number" in done.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "flatbasin", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("flatbasin ")
