@@ -15,6 +15,7 @@ from rich.console import Console
 
 from flatbasin.search.errors import plain_console
 from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord
+from flatbasin.trainables.config import sampled
 
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
@@ -105,7 +106,7 @@ class MlflowWriter(Callback):
             record = self.records.get(trial.trial_id)
             if record is None:
                 # A restored trial: what it reported before the interruption is in its result file.
-                record = TrialRecord(trial.trial_id, dict(trial.config))
+                record = TrialRecord(trial.trial_id, sampled(dict(trial.config)))
                 for row in read_results(Path(trial.local_path or trial.path or ".")):
                     record.add({k: v for k, v in row.items() if k in KEPT})
                 self.records[trial.trial_id] = record
@@ -200,7 +201,7 @@ class Progress(Callback):
         if result.get("final"):
             self.diverged += bool(result.get("diverged"))
             if not result.get("diverged") and (self.best is None or result["score"] > self.best[0]):
-                self.best = (result["score"], trial.config["variant"])
+                self.best = (result["score"], sampled(trial.config)["variant"])
         if time.monotonic() - self.last_print > self.every_s:
             self._line(trials)
 

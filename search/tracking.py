@@ -22,6 +22,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
+from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import trial_config
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members")
@@ -34,6 +35,7 @@ ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
 FINAL = "flatbasin.final_logged"
 STATE = "flatbasin.state"  # of a search: running, finished, failed, interrupted
 ERROR = "flatbasin.error"  # of a trial that reported a permanent error
+CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
 
 
 class TrackingUnavailable(RuntimeError):
@@ -228,6 +230,15 @@ class Tracker:
                     self.client.log_artifact(self._parent, str(space_file))
         return self._parent
 
+    def trial_variants(self) -> list[str]:
+        """The variant of every search trial under the parent (confirmations not counted)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent()}' and tags.`{ROLE}` = 'trial'",
+            max_results=50_000,
+        )
+        return [r.data.tags.get(VARIANT, "?") for r in runs]
+
     def end_parent(self, state: str) -> None:
         """Mark the search's run: 'finished', 'failed' (a trial failed) or 'interrupted' (resumable)."""
         if self._parent is None:
@@ -261,10 +272,12 @@ class Tracker:
                 settings = record.config.get("settings", {})
                 dataset = str(settings.get("dataset"))
                 flat = {**settings, **record.config.get(variant, {}), "variant": variant}
+            confirms = record.config.get("confirm_of")
+            role = {ROLE: "confirm", CONFIRMS: str(confirms)} if confirms else {ROLE: "trial"}
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"{variant}-{record.trial_id}",
-                tags={MLFLOW_PARENT_RUN_ID: parent, ROLE: "trial", VARIANT: variant,
+                run_name=f"{variant}-{'confirm-' if confirms else ''}{record.trial_id}",
+                tags={MLFLOW_PARENT_RUN_ID: parent, **role, VARIANT: variant,
                       TRIAL_ID: record.trial_id, "flatbasin.dataset": dataset, **base_tags()},
             )  # fmt: skip
             run_id = run.info.run_id
@@ -343,7 +356,9 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
         if final["curve"]:
-            self.client.log_figure(run_id, curve_figure({record.trial_id: final}), "curve.png")
+            variant = final["trial_config"]["variant"]
+            figure = curve_figure({variant: final}, trial_id=record.trial_id)
+            self.client.log_figure(run_id, figure, "curve.png")
         self.client.set_tag(run_id, FINAL, "true")
 
     def run_id(self, trial_id: str) -> str | None:
@@ -378,32 +393,3 @@ def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
             "history": [{k: r[k] for k in ("epoch", *EPOCH_METRICS)} for r in record.results],
         },
     }
-
-
-def curve_figure(finals: dict[str, dict[str, Any]]):
-    """Validation (solid) and test (dashed) accuracy against models averaged, one line per trial.
-
-    Built on matplotlib's object API with fixed axes: no pyplot state, no layout pass. It is drawn on
-    the driver once per trial, where 60 ms instead of 200 ms matters to the trials sharing its cores.
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=80)
-    ax = fig.add_axes((0.12, 0.13, 0.84, 0.82))
-    for label, final in finals.items():
-        counts = [p["count"] for p in final["curve"]]
-        (line,) = ax.plot(
-            counts, [p["val_acc"] for p in final["curve"]], marker="o", label=f"{label} val"
-        )
-        ax.plot(
-            counts,
-            [p["test_acc"] for p in final["curve"]],
-            ls="--",
-            color=line.get_color(),
-            label=f"{label} test",
-        )
-    ax.set_xlabel("models averaged / ensembled")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig

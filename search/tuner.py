@@ -3,16 +3,21 @@ resources per trial, reused actors, checkpoints and retries, MLflow through the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shlex
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mlflow.entities import Metric
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
@@ -26,10 +31,13 @@ from flatbasin.search.callbacks import (
     read_results,
 )
 from flatbasin.search.cluster import check_cluster
+from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.errors import UsageError
+from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import Tracker, TrialRecord, curve_figure
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
+from flatbasin.trainables.config import sampled
 
 MODEL_LOGGED = "flatbasin.model_logged"
 
@@ -52,6 +60,7 @@ class SearchOptions(BaseModel):
     max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died
     checkpoint_every: int = Field(1, ge=1)  # epochs
     checkpoint_interval_s: float = Field(20.0, ge=0)  # at most one checkpoint per this many seconds
+    confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ class Outcome:
     interrupted: bool = False  # Ctrl-C: trials left unfinished, resumable
     errors: list[str] = field(default_factory=list)  # one line per failed trial, first first
     resume_command: str = ""
+    confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
+    trials_per_variant: dict[str, int] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -96,7 +107,7 @@ def _init_ray(address: str | None) -> None:
 
 def trial_name(trial: Any) -> str:
     """'swa_3f2a1b00' rather than Tune's default of every parameter in the folder name."""
-    return f"{trial.config['variant']}_{trial.trial_id}"
+    return f"{sampled(trial.config)['variant']}_{trial.trial_id}"
 
 
 def runtime_settings(space: Space, options: SearchOptions) -> Space:
@@ -203,7 +214,7 @@ def _run(
     import optuna
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -236,7 +247,7 @@ def _run(
     else:
         epochs = int(space.settings["epochs"])
         scheduler = (
-            ASHAScheduler(
+            PerVariantASHA(
                 time_attr="rung_epoch",
                 metric="score",
                 mode="max",
@@ -271,26 +282,38 @@ def _run(
             run_config=run_config,
         )
     fit_started = time.perf_counter()
-    grid = tuner.fit()
+    with _interrupt_watch() as interrupt:
+        grid = tuner.fit()
     fit_ended = time.perf_counter()
 
     _fill_from_grid(writer, grid)
     best = _best_per_variant(writer)
     errors = _errors(writer, grid)
-    interrupted = bool(_unfinished(grid)) and not errors
+    interrupted = interrupt.caught and not errors
+    written = writer.drain()
+    confirmed: list[dict[str, Any]] = []
+    seeds = options.confirm_seeds if options.confirm_seeds is not None else space.confirm_seeds
+    confirm_started = time.perf_counter()
+    if seeds and best and not interrupted and not errors:
+        confirmed, interrupted, errors = _confirm(
+            tracker, console, options, experiment_path, best, seeds
+        )
+    confirm_ended = time.perf_counter()
     state = "interrupted" if interrupted else "failed" if errors else "finished"
-    if writer.drain():
-        _finish_parent(tracker, parent, best, grid)
+    if written:
+        _finish_parent(tracker, parent, best, grid, confirmed)
         tracker.end_parent(state)
     seconds = {
         "start-up": fit_started - started,
         "trials": fit_ended - fit_started,
-        "finish": time.perf_counter() - fit_ended,
+        **({"confirmation": confirm_ended - confirm_started} if confirmed else {}),
+        "finish": time.perf_counter() - confirm_ended + (confirm_started - fit_ended),
     }
     return Outcome(
         name, experiment_path, best, parent, len(writer.unwritten), seconds,
         interrupted=interrupted, errors=errors,
-        resume_command=resume_command(space, options),
+        resume_command=resume_command(space, options), confirmed=confirmed,
+        trials_per_variant=_count_variants(writer),
     )  # fmt: skip
 
 
@@ -304,7 +327,7 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         if trial_id is None:
             continue
-        record = TrialRecord(trial_id, dict(result.config))
+        record = TrialRecord(trial_id, sampled(dict(result.config)))
         rows = read_results(Path(result.path)) if result.path else []
         if not rows and result.metrics_dataframe is not None:
             rows = result.metrics_dataframe.to_dict("records")
@@ -317,6 +340,33 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
         if record.status == "RUNNING":  # the experiment ended with this trial unfinished
             record.status = "INTERRUPTED"
         writer.add(record)
+
+
+def _second_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class _Interrupt:
+    caught: bool = False
+
+
+@contextlib.contextmanager
+def _interrupt_watch() -> Iterator[_Interrupt]:
+    """Tell whether Tune's fit ended on Ctrl-C. Tune catches the first SIGINT itself, saves its state,
+    stops the trials (they end TERMINATED, like finished ones) and returns normally; when it catches
+    one, it puts back the handler it found. So: install ours, and see afterwards whether it is back.
+    Ours makes a second Ctrl-C a KeyboardInterrupt, as Tune's message promises."""
+    interrupt = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt  # signals go to the main thread only; nothing to watch
+        return
+    previous = signal.signal(signal.SIGINT, _second_interrupt)
+    try:
+        yield interrupt
+        interrupt.caught = signal.getsignal(signal.SIGINT) is _second_interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _unfinished(grid: Any) -> list[str]:
@@ -370,12 +420,104 @@ def _best_per_variant(writer: MlflowWriter) -> list[dict[str, Any]]:
                     "test_acc": final["test_acc"],
                     "params": dict(record.config.get(variant, {})),
                     "final": final,
+                    "config": record.config,
                 },
             )
     return [row for _, row in sorted(best.values(), key=lambda item: item[0])]
 
 
-def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], grid: Any) -> None:
+def _count_variants(writer: MlflowWriter) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in writer.records.values():
+        counts[record.config["variant"]] = counts.get(record.config["variant"], 0) + 1
+    return counts
+
+
+def _trials_per_variant(tracker: Tracker) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for variant in tracker.trial_variants():
+        counts[variant] = counts.get(variant, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _confirm(
+    tracker: Tracker,
+    console: Console,
+    options: SearchOptions,
+    experiment_path: Path,
+    best: list[dict[str, Any]],
+    seeds: int,
+) -> tuple[list[dict[str, Any]], bool, list[str]]:
+    """Retrain each variant's best configuration with `seeds` fresh seeds, as Ray trials in parallel
+    (a Tune experiment of its own beside the search's, resumable the same way); their runs are tagged
+    flatbasin.role=confirm and never touch the search's own runs."""
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from flatbasin.trainables import ray_entry
+
+    path = experiment_path.with_name(f"{experiment_path.name}.confirm")
+    configs = [
+        {**row["config"], "settings": {**row["config"]["settings"], "seed": seed},
+         "confirm_of": row["trial_id"]}
+        for row in best
+        for seed in fresh_seeds(int(row["config"]["settings"].get("seed", 0)), seeds)
+    ]  # fmt: skip
+    console.print(
+        f"Confirming the best configuration of {len(best)} variant(s) over {seeds} fresh seeds: "
+        f"{len(configs)} trials"
+    )
+    writer = MlflowWriter(tracker, console)
+    progress = Progress(len(configs), console)
+    make_live(writer, progress)
+    trainable = tune.with_resources(
+        ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+    )
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "checkpoint_every": options.checkpoint_every,
+                "checkpoint_interval_s": options.checkpoint_interval_s,
+                "confirm": tune.grid_search(configs),
+            },
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=options.concurrency,
+                reuse_actors=True,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=path.name,
+                storage_path=str(path.parent),
+                callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
+                failure_config=tune.FailureConfig(max_failures=options.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                stop=StopOnPermanentError(),
+                verbose=0,
+            ),
+        )
+    with _interrupt_watch() as interrupt:
+        grid = tuner.fit()
+    _fill_from_grid(writer, grid)
+    errors = _errors(writer, grid)
+    writer.drain()
+    finals: dict[str, list[dict[str, Any]]] = {}
+    for record in writer.records.values():
+        if record.final is not None:
+            finals.setdefault(record.config["variant"], []).append(record.final)
+    return confirmation_stats(finals), interrupt.caught and not errors, errors
+
+
+def _finish_parent(
+    tracker: Tracker,
+    parent: str,
+    best: list[dict[str, Any]],
+    grid: Any,
+    confirmed: list[dict[str, Any]] | None = None,
+) -> None:
     """Summary, comparison figure and the deployed model of each variant's best trial."""
     import mlflow
     import mlflow.pytorch
@@ -388,8 +530,21 @@ def _finish_parent(tracker: Tracker, parent: str, best: list[dict[str, Any]], gr
 
     for row in best:
         row["run_id"] = tracker.run_id(row["trial_id"])
-    summary = [{k: v for k, v in row.items() if k != "final"} for row in best]
-    tracker.client.log_dict(parent, {"best_per_variant": summary}, "summary.json")
+    summary = [{k: v for k, v in row.items() if k not in ("final", "config")} for row in best]
+    counts = _trials_per_variant(tracker)
+    confirmed = confirmed or []
+    tracker.client.log_dict(
+        parent,
+        {"best_per_variant": summary, "trials_per_variant": counts, "confirmed": confirmed},
+        "summary.json",
+    )
+    if confirmed:
+        winner = confirmed[0]
+        tracker.client.set_tag(parent, "flatbasin.winner", winner["variant"])
+        tracker.client.log_batch(parent, metrics=[
+            Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
+            for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
+        ])  # fmt: skip
     if best:
         tracker.client.log_figure(
             parent, curve_figure({r["variant"]: r["final"] for r in best}), "comparison.png"
@@ -450,4 +605,6 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     if writer.drain():
         _finish_parent(tracker, parent, best, grid)
         tracker.end_parent(outcome.state)
-    return dataclasses.replace(outcome, unwritten=len(writer.unwritten))
+    return dataclasses.replace(
+        outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer)
+    )

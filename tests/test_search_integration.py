@@ -5,11 +5,14 @@ Assertions go through MlflowClient, as a user browsing the UI would see the runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +26,33 @@ from flatbasin.trainables.data import DataSpec, load_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+
+@pytest.fixture
+def spawn():
+    """Start `flatbasin` processes in their own process groups; kill the groups (the driver and the
+    local Ray it started) when the test ends, however it ends."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """Ray's own folder for this test (short: Ray's socket paths have a length limit)."""
+    with tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
 SPACE = """
 name: {name}
 samples: {samples}
@@ -35,11 +65,34 @@ variants:
 """
 
 
-def flatbasin(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def flatbasin(
+    *args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flatbasin", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )  # fmt: skip
+
+
+def tune_rows(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_mlflow_holds_tune_results(client: MlflowClient, experiment: Path, trials: list) -> None:
+    """Every epoch in Tune's result files is in MLflow once, with the same score, for every trial."""
+    by_id = {t.data.tags["flatbasin.trial_id"]: t for t in trials}
+    folders = [d for d in experiment.iterdir() if d.is_dir() and (d / "result.json").exists()]
+    assert len(folders) == len(by_id)
+    for folder in folders:
+        rows = tune_rows(folder)
+        tune_scores = {r["epoch"]: r["score"] for r in rows if "epoch" in r}
+        run = by_id[rows[0]["trial_id"]]
+        history = client.get_metric_history(run.info.run_id, "score")
+        steps = [m.step for m in history]
+        assert sorted(steps) == sorted(set(steps)) == sorted(tune_scores), (folder.name, steps)
+        assert {m.step: m.value for m in history} == pytest.approx(tune_scores), folder.name
 
 
 def search_args(space: Path, uri: str, tmp: Path, seed: int, *extra: str) -> list[str]:
@@ -88,6 +141,13 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "comparison.png", "it.yaml"} <= parent_files
     assert parent.data.params["seed"] == "4"
+    assert parent.info.status == "FINISHED" and parent.data.tags["flatbasin.state"] == "finished"
+
+    again = flatbasin("search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
+                      cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "already exists" in again.stderr and "--resume" in again.stderr
+    assert len(trial_runs(client, "it")[1]) == 5  # nothing merged into the first search
 
     for run in trials:
         rid, variant = run.info.run_id, run.data.tags["flatbasin.variant"]
@@ -137,39 +197,54 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
     assert len(repro) == 1 and repro[0].data.tags["flatbasin.reproduces"] == best
 
 
-def test_interrupted_search_resumes_without_duplicates(tmp_path):
+def test_interrupted_search_exits_130_then_resumes_to_the_end(tmp_path, ray_tmpdir, spawn):
+    """Ctrl-C: exit 130, the parent run says interrupted (not FINISHED), the exact --resume command is
+    printed, and it finishes the search with one run per trial. A stale current-cluster file from some
+    earlier `ray start` is lying around the whole time: a local search never goes near it."""
+    stale = ray_tmpdir / "ray" / "ray_current_cluster"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("127.0.0.2:6379")  # nothing listens there
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "resumed", samples=6)
     args = search_args(space, uri, tmp_path, seed=1)
-    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
+    proc = spawn(args, tmp_path, env)
     seen = []
-    deadline = time.monotonic() + 300
     assert proc.stdout is not None
     for line in proc.stdout:  # interrupt once two trials are done
         seen.append(line)
-        if "2/6 done" in line or time.monotonic() > deadline:
+        if "2/6 done" in line:
             break
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text
+    assert "Connecting to existing Ray cluster" not in text and "127.0.0.2" not in text
+    resume = [line.strip() for line in text.splitlines() if line.strip().endswith("--resume")]
+    assert resume and resume[0].startswith("flatbasin search ") and "--name resumed" in resume[0], (
+        text
+    )
 
     client = MlflowClient(uri)
-    _, before = trial_runs(client, "resumed")
-    assert 2 <= len(before) < 6, "".join(seen)
+    parents, before = trial_runs(client, "resumed")
+    assert 2 <= len(before) < 6, text
+    assert parents[0].info.status == "KILLED"
+    assert parents[0].data.tags["flatbasin.state"] == "interrupted"
 
-    done = flatbasin(*args, "--resume", cwd=tmp_path)
+    done = flatbasin(*shlex.split(resume[0])[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
     parents, trials = trial_runs(client, "resumed")
     assert len(parents) == 1
+    assert (
+        parents[0].info.status == "FINISHED"
+        and parents[0].data.tags["flatbasin.state"] == "finished"
+    )
     ids = [t.data.tags["flatbasin.trial_id"] for t in trials]
     assert len(ids) == len(set(ids)) == 6  # one run per trial, none duplicated
-    for run in trials:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "score")]
-        assert steps == [1, 2, 3], (run.info.run_id, steps)  # no epoch logged twice
-        assert "test_acc" in run.data.metrics
+    assert_mlflow_holds_tune_results(client, tmp_path / "runs" / "resumed", trials)
 
 
-def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
+def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server, spawn):
     uri, start, stop = mlflow_server
     space = write_space(tmp_path, "outage", samples=4)
     env = {
@@ -179,8 +254,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
     }
     args = search_args(space, uri, tmp_path, seed=3)
-    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    proc = spawn(args, tmp_path, env)
     out = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -208,24 +282,19 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server):
 
 
 @pytest.mark.flaky(reruns=1)  # the SIGKILL lands at a moment found by polling
-def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
+def test_driver_killed_then_resumed_reruns_nothing(tmp_path, ray_tmpdir, spawn):
     """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "killed", samples=6)
     args = search_args(space, uri, tmp_path, 2, "--checkpoint-interval", "0")
-    proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc = spawn(
+        args, tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
+    )
     experiment = tmp_path / "runs" / "killed"
-
-    def rows(trial_dir: Path) -> list[dict]:
-        text = (
-            (trial_dir / "result.json").read_text() if (trial_dir / "result.json").exists() else ""
-        )
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def finished() -> list[Path]:
         dirs = [d for d in experiment.iterdir() if d.is_dir()] if experiment.exists() else []
-        return [d for d in dirs if (r := rows(d)) and r[-1].get("final")]
+        return [d for d in dirs if (r := tune_rows(d)) and r[-1].get("final")]
 
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -234,22 +303,23 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path):
     deadline = time.monotonic() + 30
     while len(finished()) < 2 and time.monotonic() < deadline:  # their final rows on disk
         time.sleep(0.1)
-    proc.kill()  # SIGKILL: no chance to save anything
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray: no chance to save anything
     proc.wait(timeout=60)
 
     finished_before = finished()
     assert len(finished_before) >= 2
 
-    done = flatbasin(*args, "--resume", cwd=tmp_path)
+    done = flatbasin(*args, "--resume", cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
     # A finished trial may report its final result once more, but never trains again.
     for trial_dir in finished_before:
-        epochs = [r["epoch"] for r in rows(trial_dir)]
+        epochs = [r["epoch"] for r in tune_rows(trial_dir)]
         assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (trial_dir.name, epochs)
     client = MlflowClient(uri)
     parents, trials = trial_runs(client, "killed")
     assert len(parents) == 1 and len(trials) == 6
     assert len({t.data.tags["flatbasin.trial_id"] for t in trials}) == 6
+    assert_mlflow_holds_tune_results(client, experiment, trials)
     for run in trials:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
         assert "test_acc" in run.data.metrics

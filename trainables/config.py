@@ -96,9 +96,16 @@ def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
     return TrialConfig.model_validate({**trial, "variant": variant, "params": params})
 
 
+def sampled(search_config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's config as sampled: a confirmation trial (a grid over whole configs) carries it
+    under 'confirm'; a search trial has it at the top."""
+    return {**search_config, **search_config.get("confirm", {})}
+
+
 def trial_config(search_config: dict[str, Any]) -> TrialConfig:
     """A search's sampled config -> TrialConfig: the shared settings, then the variant's sampled values
     (nested under its name, as OptunaSearch unflattens the 'variant/key' names)."""
+    search_config = sampled(search_config)
     variant = search_config["variant"]
     return make_config(
         variant, {**search_config.get("settings", {}), **search_config.get(variant, {})}
