@@ -179,7 +179,7 @@ def test_mnist1d_fingerprint_follows_the_generation_parameters(mnist1d):
 
 
 def test_data_seed_is_refused_for_fixed_data():
-    with pytest.raises(ValueError, match="data_seed applies only to mnist1d"):
+    with pytest.raises(ValueError, match=r"data_seed\n.*applies only to mnist1d"):
         DataSpec(dataset="digits", data_seed=7)
 
 

@@ -22,7 +22,7 @@ class TrialConfig(DataSpec):
 
     variant: str
     params: SerializeAsAny[VariantParams] = Field(default_factory=VariantParams)
-    model: ModelName = "auto"  # small_cnn below 32x32 inputs, resnet18 at 32x32
+    model: ModelName = "auto"  # cnn1d for 1-D signals, small_cnn below 32x32 images, else resnet18
     epochs: int = Field(20, ge=1, le=10_000)  # the budget every variant spends in full
     batch_size: int = Field(64, ge=2, le=65_536)
     optimizer: OptimizerName = "sgd"  # "sgd" is heavy-ball momentum; "nesterov" adds the look-ahead
@@ -31,7 +31,7 @@ class TrialConfig(DataSpec):
     weight_decay: float = Field(5e-4, ge=0, lt=1)  # L2, applied by the optimiser
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Init = "default"
-    augment: bool = False  # random flip and 2-pixel translation of the training batches
+    augment: bool = False  # images: random flip, 2-pixel shift; signals: roll by up to 3 samples
     seed: int = Field(0, ge=0)  # model init, batch order, augmentation, dropout
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 DatasetName = Literal[
@@ -46,14 +46,16 @@ class DataSpec(BaseModel):
     split_seed: int = 0  # fixed across a search so that every trial sees the same split
     data_seed: int = Field(MNIST1D_SEED, ge=0)  # mnist1d only: which draw the generator makes
 
-    @model_validator(mode="after")
-    def _data_seed_only_for_generated_data(self) -> DataSpec:
-        if self.data_seed != MNIST1D_SEED and self.dataset != "mnist1d":
+    @field_validator("data_seed")
+    @classmethod
+    def _only_for_generated_data(cls, seed: int, info: ValidationInfo) -> int:
+        dataset = info.data.get("dataset")
+        if seed != MNIST1D_SEED and dataset is not None and dataset != "mnist1d":
             raise ValueError(
-                f"data_seed applies only to mnist1d (generated data); '{self.dataset}' is fixed data, "
+                f"applies only to mnist1d (generated data); '{dataset}' is fixed data, "
                 f"so leave data_seed at {MNIST1D_SEED}"
             )
-        return self
+        return seed
 
 
 @dataclass(frozen=True)
