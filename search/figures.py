@@ -142,8 +142,9 @@ def trial_figure(
         val, test = points[-1]["val_acc"], points[-1]["test_acc"]
         ax.axhline(val, color=color, lw=2.2)
         ax.axhline(test, color=color, lw=2.2, ls=(0, (6, 3)))
-        for y, text in ((val, f"validation {val:.1%}"), (test, f"test {test:.1%}")):
-            above = y >= (val + test) / 2
+        # The higher line's label above it, the lower one's below (validation above on a tie).
+        for y, text, above in ((val, f"validation {val:.1%}", val >= test),
+                               (test, f"test {test:.1%}", test > val)):  # fmt: skip
             ax.annotate(text, (0.02, y), xycoords=("axes fraction", "data"), fontsize=10,
                         xytext=(0, 5 if above else -5), textcoords="offset points",
                         va="bottom" if above else "top", color="#222222")  # fmt: skip

@@ -1,0 +1,765 @@
+"""`flatbasin report SEARCH`: a search's results read back from MLflow, written as PNG figures and one
+self-contained HTML page, and logged to the search's run under report/.
+
+Everything comes from MLflow (the parent run, its trial and confirmation runs, the space file it logged),
+so a report can be written anywhere the tracking store is reachable, long after the search ended.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+import flatbasin
+from flatbasin.search import figures
+from flatbasin.search.errors import UsageError
+from flatbasin.search.tracking import (
+    ERROR,
+    FINAL,
+    ROLE,
+    STATE,
+    TRIAL_ID,
+    VARIANT,
+    Tracker,
+    TrackingUnavailable,
+)
+from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
+NOISE_P = 0.05  # Welch's t-test: p at or above this is "within noise" of the best variant
+MIN_IMPORTANCE_TRIALS = 2
+ONLY_ONE = "the only searched parameter: its importance is 1 by definition"
+
+
+@dataclass
+class Trial:
+    run_id: str
+    trial_id: str
+    variant: str
+    status: str  # finished, diverged, stopped early, failed, unfinished
+    score: float | None  # validation accuracy of the deployed model
+    test_acc: float | None
+    val_loss: float | None
+    params: dict[str, str]
+    val_acc: float | None = None  # of the live weights, last epoch
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Finished with a final result, the diverged ones included (they score 0 on purpose)."""
+        return self.status in ("finished", "diverged")
+
+
+@dataclass
+class Confirmation:
+    variant: str
+    score: float  # a diverged seed counts with its score of 0: a setting that diverges is no winner
+    test_acc: float | None
+    diverged: bool = False
+
+
+@dataclass
+class Importances:
+    """One study's parameter importances, or why there are none."""
+
+    title: str
+    trials: int
+    values: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # set when values is empty
+
+
+@dataclass
+class Report:
+    name: str
+    uri: str
+    parent: Run
+    trials: list[Trial]
+    confirmations: list[Confirmation]
+    space: Space | None
+    space_problem: str
+    best: dict[str, Trial]  # variant -> best finished, non-diverged trial, best first
+    curves: dict[str, dict[str, Any]]  # variant -> {"curve": [...], "extra_curves": {...}}
+    val_size: int | None
+    importances: list[Importances]
+
+
+# ----------------------------------------------------------------------------- reading MLflow
+
+
+def write_report(search: str, uri: str, out: Path | None = None, log: bool = True) -> Path:
+    """Read the search from MLflow, write its figures and HTML page into `out` (default
+    ./reports/NAME), log them to the search's run under report/; returns the HTML page's path.
+
+    Raises UsageError for anything the user can fix: an unknown search, a store that is down, a search
+    without a finished trial.
+    """
+    client = _client(uri)
+    try:
+        parent = find_search(client, search, uri)
+        report = read_report(client, parent, uri)
+    except MlflowException as err:  # the store went away, or refuses one of the reads
+        raise UsageError(f"cannot read search '{search}' from {uri}: {_first_line(err)}") from err
+    folder = out if out is not None else Path("reports") / _folder_name(report)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = write_files(report, folder)
+    except OSError as err:
+        raise UsageError(f"cannot write the report into {folder}: {err.strerror or err}") from err
+    if log:
+        try:
+            for path in files:
+                client.log_artifact(parent.info.run_id, str(path), "report")
+        except MlflowException as err:
+            raise UsageError(
+                f"the report is in {folder}, but logging it to run {parent.info.run_id} failed: "
+                f"{_first_line(err)}"
+            ) from err
+    return files[-1].resolve()
+
+
+def _client(uri: str) -> MlflowClient:
+    """A client for a store that exists and answers; a missing SQLite file is never created."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise UsageError(f"no MLflow store at {path} (from --tracking-uri {uri})")
+    tracker = Tracker(uri, experiment="", search_key="")
+    try:
+        tracker.check()
+    except TrackingUnavailable as err:
+        raise UsageError(str(err)) from err
+    return tracker.client
+
+
+def find_search(client: MlflowClient, search: str, uri: str) -> Run:
+    """The search's parent run, from the search's name (its experiment) or the run's id."""
+    experiment = client.get_experiment_by_name(search)
+    if experiment is not None:
+        parents = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'search'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if not parents:
+            raise UsageError(f"experiment '{search}' in {uri} holds no flatbasin search")
+        return parents[0]  # the latest search of that name; an older one by its run id
+    if RUN_ID.fullmatch(search):
+        try:
+            run = client.get_run(search)
+        except MlflowException:
+            run = None
+        if run is not None:
+            role = run.data.tags.get(ROLE)
+            if role == "search":
+                return run
+            owner = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+            hint = f"; its search's run is {owner}" if owner else ""
+            raise UsageError(f"run {search} is not a search's run (role: {role or 'none'}){hint}")
+    names = sorted(
+        e.name
+        for e in client.search_experiments(max_results=200)
+        if e.name != "Default" and e.lifecycle_stage == "active"
+    )
+    known = f"searches there: {', '.join(names[:20])}" if names else "there are no searches there"
+    raise UsageError(f"no search named or with run id '{search}' in {uri} ({known})")
+
+
+def _children(client: MlflowClient, parent: Run) -> Iterator[Run]:
+    token = None
+    while True:
+        page = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _trial(run: Run) -> Trial:
+    tags, metrics = run.data.tags, run.data.metrics
+    if tags.get(ERROR):
+        status = "failed"
+    elif tags.get(FINAL) == "true" or "final_score" in metrics:
+        status = "diverged" if tags.get("flatbasin.diverged") == "true" else "finished"
+    elif tags.get("flatbasin.stopped_early") == "true":
+        status = "stopped early"
+    elif run.info.status == "FAILED":
+        status = "failed"
+    else:
+        status = "unfinished"
+    score = metrics.get("final_score", metrics.get("score"))
+    return Trial(
+        run_id=run.info.run_id,
+        trial_id=tags.get(TRIAL_ID, run.info.run_id[:8]),
+        variant=tags.get(VARIANT) or run.data.params.get("variant", "?"),
+        status=status,
+        score=score,
+        test_acc=metrics.get("test_acc"),
+        val_loss=metrics.get("val_loss"),
+        val_acc=metrics.get("val_acc"),
+        params=dict(run.data.params),
+        error=tags.get(ERROR),
+    )
+
+
+def best_per_variant(trials: list[Trial]) -> dict[str, Trial]:
+    """Each variant's best finished, non-diverged trial, best first; ties as the search breaks them
+    (lower validation loss, then the smaller trial id)."""
+    best: dict[str, tuple[tuple[float, float, str], Trial]] = {}
+    for t in trials:
+        if t.status != "finished" or t.score is None:
+            continue
+        rank = (-t.score, t.val_loss if t.val_loss is not None else math.inf, t.trial_id)
+        if t.variant not in best or rank < best[t.variant][0]:
+            best[t.variant] = (rank, t)
+    return {v: t for v, (_, t) in sorted(best.items(), key=lambda item: item[1][0])}
+
+
+def _curve(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """A trial's curves as its final result held them, from the metric histories (step = count)."""
+
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    def points(prefix: str) -> list[dict[str, float]]:
+        val, test = history(f"{prefix}/val_acc"), history(f"{prefix}/test_acc")
+        return [
+            {"count": n, "val_acc": val[n], "test_acc": test.get(n, math.nan)} for n in sorted(val)
+        ]
+
+    extras = sorted(
+        k.removeprefix("curve/").removesuffix("/val_acc")
+        for k in metrics
+        if k.startswith("curve/") and k.endswith("/val_acc") and k != "curve/val_acc"
+    )
+    return {"curve": points("curve"), "extra_curves": {n: points(f"curve/{n}") for n in extras}}
+
+
+def _space(client: MlflowClient, parent: Run) -> tuple[Space | None, str]:
+    """The space file the search logged (its distributions rebuild the Optuna study), or why not."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
+    logged = parent.data.params.get("space")
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id) if not a.is_dir]
+    name = Path(logged).name if logged else None
+    candidates = [name] if name in artifacts else [a for a in artifacts if a.endswith(".yaml")]
+    if not candidates:
+        return None, "the search's run holds no space file, so its distributions are unknown"
+    with tempfile.TemporaryDirectory(prefix="flatbasin-report-") as folder:
+        try:
+            path = client.download_artifacts(parent.info.run_id, candidates[0], folder)
+            return load_space(path), ""
+        except SpaceError as err:
+            return None, f"the logged space file cannot be read: {err}"
+        except MlflowException as err:
+            return None, f"the logged space file cannot be downloaded: {_first_line(err)}"
+
+
+def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = client.get_experiment(parent.info.experiment_id).name
+    trials, confirmations = [], []
+    for run in _children(client, parent):
+        role = run.data.tags.get(ROLE)
+        if role == "trial":
+            trials.append(_trial(run))
+        elif role == CONFIRM:
+            metrics = run.data.metrics
+            score = metrics.get("final_score", metrics.get("score"))
+            if score is not None and (
+                run.data.tags.get(FINAL) == "true" or "final_score" in metrics
+            ):
+                confirmations.append(
+                    Confirmation(
+                        run.data.tags.get(VARIANT, "?"),
+                        score,
+                        metrics.get("test_acc"),
+                        run.data.tags.get("flatbasin.diverged") == "true",
+                    )
+                )
+    if not any(t.done for t in trials):
+        counts = _counts(trials)
+        held = f" ({counts})" if counts else ""
+        raise UsageError(
+            f"search '{name}' (run {parent.info.run_id}) has no finished trials yet: "
+            f"{len(trials)} trial run(s){held}; a report needs at least one"
+        )
+    best = best_per_variant(trials)
+    order = {variant: i for i, variant in enumerate(best)}  # variants without a best go last
+    trials.sort(key=lambda t: (order.get(t.variant, len(order)), t.variant, -(t.score or 0.0), t.trial_id))  # fmt: skip
+    curves = {}
+    # Every accuracy measured on the validation set is correct/N: enough of them name N.
+    measured = [t.score for t in trials if t.score] + [t.val_acc for t in trials if t.val_acc]
+    for variant, trial in best.items():
+        metrics = client.get_run(trial.run_id).data.metrics
+        curves[variant] = _curve(client, trial.run_id, metrics)
+        measured += [p["val_acc"] for p in curves[variant]["curve"]]
+        for key in ("val_acc", "score"):
+            measured += [m.value for m in client.get_metric_history(trial.run_id, key)]
+    space, problem = _space(client, parent)
+    return Report(
+        name=name,
+        uri=uri,
+        parent=parent,
+        trials=trials,
+        confirmations=confirmations,
+        space=space,
+        space_problem=problem,
+        best=best,
+        curves=curves,
+        val_size=figures.infer_val_size(measured),
+        importances=importances(trials, space, problem),
+    )
+
+
+def _counts(trials: list[Trial]) -> str:
+    order = ("finished", "diverged", "stopped early", "failed", "unfinished")
+    counts = {s: sum(t.status == s for t in trials) for s in order}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+
+# ----------------------------------------------------------------------------- importances
+
+
+def _distribution(dist: Dist) -> Any:
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    if dist.kind == "loguniform":
+        return FloatDistribution(float(dist.values[0]), float(dist.values[1]), log=True)
+    if dist.kind == "uniform":
+        return FloatDistribution(float(dist.values[0]), float(dist.values[1]))
+    if dist.kind == "int":
+        return IntDistribution(int(dist.values[0]), int(dist.values[1]))
+    return CategoricalDistribution(list(dist.values))
+
+
+def _value(dist: Dist, text: str) -> Any:
+    """A param as MLflow holds it (a string) back in its distribution's type."""
+    if dist.kind in ("loguniform", "uniform"):
+        return float(text)
+    if dist.kind == "int":
+        return int(float(text))
+    for choice in dist.values:
+        if str(choice) == text:
+            return choice
+    raise ValueError(f"{text!r} is not one of {list(dist.values)}")
+
+
+def _inside(dist: Dist, value: Any) -> bool:
+    return dist.kind == "choice" or dist.values[0] <= value <= dist.values[1]
+
+
+def _study_importances(
+    title: str, rows: list[tuple[dict[str, Any], dict[str, Any], float]]
+) -> Importances:
+    import optuna
+
+    result = Importances(title, len(rows))
+    if len(rows) < MIN_IMPORTANCE_TRIALS:
+        result.reason = f"not enough trials ({len(rows)}; importances need at least {MIN_IMPORTANCE_TRIALS})"  # fmt: skip
+        return result
+    if len({value for _, _, value in rows}) == 1:  # fANOVA would fail, or call one parameter 1
+        result.reason = "every trial scored the same: nothing to attribute"
+        return result
+    study = optuna.create_study(direction="maximize")
+    for params, distributions, value in rows:
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, value=value)
+        )
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # seeded: the same page twice
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except RuntimeError as err:  # fANOVA: every trial scored the same
+        result.reason = (
+            "every trial scored the same: nothing to attribute"
+            if "variance" in str(err)
+            else f"not computed: {err}"
+        )
+        return result
+    result.values = {k: float(v) for k, v in values.items() if math.isfinite(v)}
+    if not result.values:
+        result.reason = "not enough trials: no parameter varied"
+    return result
+
+
+def importances(trials: list[Trial], space: Space | None, problem: str) -> list[Importances]:
+    """fANOVA importances of the study rebuilt from the recorded trials: overall ('variant') when
+    the space has several variants, and per variant over its '<variant>/<key>' parameters.
+
+    Diverged trials count with the score they reported (0), as the sampler saw them."""
+    from optuna.distributions import CategoricalDistribution
+
+    if space is None:
+        return [Importances("all trials", 0, reason=problem)]
+    done = [t for t in trials if t.done and t.score is not None and t.variant in space.variants]
+    out = []
+    if len(space.variants) > 1:
+        choice = {"variant": CategoricalDistribution(list(space.variants))}
+        rows = [({"variant": t.variant}, choice, float(t.score or 0.0)) for t in done]
+        if len({t.variant for t in done}) < 2:
+            out.append(Importances("variant (all trials)", len(rows), reason="not enough trials: only one variant finished"))  # fmt: skip
+        else:
+            out.append(_study_importances("variant (all trials)", rows))
+    for variant, (searched, _) in space.variants.items():
+        mine = [t for t in done if t.variant == variant]
+        if not mine:
+            continue
+        if not searched:
+            out.append(Importances(variant, len(mine), reason="no searched parameters"))
+            continue
+        distributions = {f"{variant}/{k}": _distribution(d) for k, d in searched.items()}
+        rows, skipped = [], 0
+        for t in mine:
+            try:
+                values = {k: _value(d, t.params[k]) for k, d in searched.items()}
+                if not all(_inside(searched[k], v) for k, v in values.items()):
+                    raise ValueError("outside the space's range")
+            except (KeyError, ValueError):
+                skipped += 1  # a trial of another version of the space: not part of this study
+                continue
+            params = {f"{variant}/{k}": v for k, v in values.items()}
+            rows.append((params, distributions, float(t.score or 0.0)))
+        result = _study_importances(variant, rows)
+        if skipped:
+            result.reason += f" ({skipped} trial(s) outside the logged space left out)"
+        out.append(result)
+    return out
+
+
+# ----------------------------------------------------------------------------- confirmations
+
+
+@dataclass
+class Confirmed:
+    variant: str
+    seeds: int
+    diverged: int
+    val_mean: float
+    val_std: float
+    test_mean: float | None
+    test_std: float | None
+    p_value: float | None  # Welch's t-test against the best variant; None for the best itself
+    verdict: str
+
+
+def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
+    """Mean ± std over the fresh seeds, best first, and which variants the best does not beat
+    beyond noise (Welch's t-test, p >= NOISE_P)."""
+    from scipy import stats
+
+    by_variant: dict[str, list[Confirmation]] = {}
+    for c in confirmations:
+        by_variant.setdefault(c.variant, []).append(c)
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    rows = []
+    for variant, runs in by_variant.items():
+        val_mean, val_std = mean_std([c.score for c in runs])
+        tests = [c.test_acc for c in runs if c.test_acc is not None]
+        test_mean, test_std = mean_std(tests) if tests else (None, None)
+        diverged = sum(c.diverged for c in runs)
+        rows.append(
+            Confirmed(
+                variant, len(runs), diverged, val_mean, val_std, test_mean, test_std, None, ""
+            )
+        )
+    rows.sort(key=lambda r: (-r.val_mean, r.variant))
+    top = [c.score for c in by_variant[rows[0].variant]]
+    rows[0].verdict = "best"
+    for row in rows[1:]:
+        mine = [c.score for c in by_variant[row.variant]]
+        if len(mine) < 2 or len(top) < 2:
+            row.verdict = "too few seeds to test"
+            continue
+        if statistics.pvariance(mine) == 0 and statistics.pvariance(top) == 0:
+            row.p_value = 1.0 if statistics.fmean(mine) == statistics.fmean(top) else 0.0
+        else:
+            p = float(stats.ttest_ind(mine, top, equal_var=False).pvalue)
+            row.p_value = p if math.isfinite(p) else 1.0
+        row.verdict = "within noise" if row.p_value >= NOISE_P else "worse"
+    return rows
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_files(report: Report, folder: Path) -> list[Path]:
+    """curves.png, importances.png (when there are any) and report.html, the page last."""
+    images: dict[str, bytes] = {}
+    curves = figures.comparison_figure(report.curves, val_size=report.val_size)
+    images["curves.png"] = _png(curves)
+    # A study with one parameter gives it importance 1 by definition: the table says so, no bar.
+    panels = {f"{i.title} ({i.trials} trials)": i.values for i in report.importances if len(i.values) > 1}  # fmt: skip
+    if panels:
+        images["importances.png"] = _png(figures.importance_figure(panels))
+    files = []
+    for name, data in images.items():
+        path = folder / name
+        path.write_bytes(data)
+        files.append(path)
+    page = folder / "report.html"
+    page.write_text(render_html(report, images), encoding="utf-8")
+    files.append(page)
+    return files
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _folder_name(report: Report) -> str:
+    return report.name if NAME.fullmatch(report.name) else report.parent.info.run_id
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- HTML
+
+esc = html.escape  # every string that comes from a run is data, never markup
+
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 70em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { background: #eef6ee; } .muted { color: #666; } .bad { color: #a33; }
+code { font-size: 0.92em; } img { max-width: 100%; border: 1px solid #eee; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
+dt { color: #666; } dd { margin: 0; }
+"""
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
+
+
+def _param(text: str) -> str:
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if re.fullmatch(r"-?\d+", text) else f"{number:.4g}"
+
+
+def _searched(report: Report, variant: str) -> list[str]:
+    if report.space is not None and variant in report.space.variants:
+        return list(report.space.variants[variant][0])
+    # No space file: the settings that differ between the variant's trials are the searched ones.
+    mine = [t.params for t in report.trials if t.variant == variant]
+    keys = sorted({k for p in mine for k in p})
+    return [k for k in keys if len({p.get(k) for p in mine}) > 1]
+
+
+def _params_text(report: Report, trial: Trial) -> str:
+    keys = _searched(report, trial.variant)
+    return ", ".join(f"{k}={_param(trial.params[k])}" for k in keys if k in trial.params) or "–"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int], classes: list[str] | None = None) -> str:  # fmt: skip
+    """Cells arrive escaped."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        cells = "".join(
+            f'<td class="num">{c}</td>' if j in numeric else f"<td>{c}</td>"
+            for j, c in enumerate(row)
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _image(images: dict[str, bytes], name: str, alt: str) -> str:
+    data = base64.b64encode(images[name]).decode("ascii")
+    return f'<p><img src="data:image/png;base64,{data}" alt="{esc(alt)}"></p>'
+
+
+def _best_section(report: Report) -> str:
+    variants = list(report.best) + sorted({t.variant for t in report.trials} - set(report.best))
+    rows = []
+    for variant in variants:
+        mine = [t for t in report.trials if t.variant == variant]
+        scores = sorted(t.score for t in mine if t.status == "finished" and t.score is not None)
+        best = report.best.get(variant)
+        curve = report.curves.get(variant, {}).get("curve", [])
+        path = " → ".join(f"{100 * p['val_acc']:.1f}" for p in curve) if len(curve) > 1 else "final model"  # fmt: skip
+        other = ", ".join(
+            f"{n} {s}"
+            for s in ("diverged", "stopped early", "failed", "unfinished")
+            if (n := sum(t.status == s for t in mine))
+        )
+        rows.append(
+            [
+                esc(variant),
+                esc(_pct(best.score)) if best else "–",
+                esc(_pct(best.test_acc)) if best else "–",
+                esc(_params_text(report, best)) if best else "no finished trial",
+                esc(path),
+                str(len(scores)),
+                esc(" / ".join(_pct(v) for v in (scores[0], statistics.median(scores), scores[-1])))
+                if scores
+                else "–",
+                esc(other) or "0",
+                f"<code>{esc(best.run_id)}</code>" if best else "–",
+            ]
+        )
+    header = ["variant", "best val score", "its test acc", "its searched params",
+              "its curve (val %, 1..K models)", "finished trials", "val score min / median / max",
+              "not counted", "MLflow run"]  # fmt: skip
+    classes = ["best" if i == 0 and report.best else "" for i in range(len(rows))]
+    return (
+        "<h2>Best trial per variant</h2>"
+        '<p class="muted">Variants ordered by their best validation score (the accuracy of the model '
+        "each deploys); the spread is over the variant's finished trials; diverged, stopped and "
+        "failed trials are counted apart. The test accuracy is reported, never used to choose.</p>"
+        + _table(header, rows, {1, 2, 5, 6}, classes)
+    )
+
+
+def _confirmed_section(report: Report) -> str:
+    if not report.confirmations:
+        return ""
+    rows = confirmed(report.confirmations)
+    seeds = max(r.seeds for r in rows)
+    body = [
+        [
+            esc(r.variant),
+            esc(f"{r.seeds} ({r.diverged} diverged)" if r.diverged else str(r.seeds)),
+            esc(f"{100 * r.val_mean:.2f} ± {100 * r.val_std:.2f}"),
+            esc(f"{100 * r.test_mean:.2f} ± {100 * (r.test_std or 0.0):.2f}")
+            if r.test_mean is not None
+            else "–",
+            "–" if r.p_value is None else esc(f"{r.p_value:.3g}"),
+            esc(r.verdict),
+        ]
+        for r in rows
+    ]
+    return (
+        f"<h2>Confirmed over {seeds} seeds</h2>"
+        '<p class="muted">Each variant\'s best configuration retrained with fresh seeds; mean ± '
+        "standard deviation in accuracy points (a diverged seed counts with score 0). p: Welch's "
+        f"t-test of the validation scores against the best variant; p ≥ {NOISE_P} means within "
+        "noise of the best.</p>"
+        + _table(
+            ["variant", "seeds", "val acc (%)", "test acc (%)", "p vs. best", "verdict"],
+            body,
+            {1, 2, 3, 4},
+            ["best" if r.verdict == "best" else "" for r in rows],
+        )
+    )
+
+
+def _importance_section(report: Report, images: dict[str, bytes]) -> str:
+    parts = ["<h2>Parameter importances</h2>"]
+    parts.append(
+        '<p class="muted">fANOVA (Optuna) on the study rebuilt from the recorded trials and the '
+        "space file's distributions: the share of the validation score's variance each searched "
+        "parameter explains. Few trials make these rough; diverged trials count with score 0.</p>"
+    )
+    if "importances.png" in images:
+        parts.append(_image(images, "importances.png", "parameter importances"))
+    rows = [
+        [esc(i.title), str(i.trials),
+         esc(", ".join(f"{k} {v:.2f}" for k, v in i.values.items())) if i.values else "–",
+         esc(i.reason.strip() or (ONLY_ONE if len(i.values) == 1 else ""))]
+        for i in report.importances
+    ]  # fmt: skip
+    parts.append(_table(["study", "trials", "importances", "note"], rows, {1}))
+    return "".join(parts)
+
+
+def _trials_section(report: Report) -> str:
+    rows, classes = [], []
+    for t in report.trials:
+        note = esc(t.error) if t.error else ""
+        rows.append(
+            [esc(t.variant), f"<code>{esc(t.trial_id)}</code>", esc(t.status), esc(_pct(t.score)),
+             esc(_pct(t.test_acc)), esc(_params_text(report, t)), note]
+        )  # fmt: skip
+        classes.append("bad" if t.status in ("failed", "diverged") else "")
+    return f"<h2>All trials ({len(report.trials)})</h2>" + _table(
+        ["variant", "trial", "status", "val score", "test acc", "searched params", "error"],
+        rows,
+        {3, 4},
+        classes,
+    )
+
+
+def render_html(report: Report, images: dict[str, bytes]) -> str:
+    tags, params = report.parent.data.tags, report.parent.data.params
+    datasets = sorted({t.params.get("dataset", "?") for t in report.trials})
+    epochs = sorted({t.params.get("epochs", "?") for t in report.trials})
+    facts: list[tuple[str, str]] = [
+        ("search run", f"<code>{esc(report.parent.info.run_id)}</code>"),
+        ("tracking URI", f"<code>{esc(report.uri)}</code>"),
+        ("state", esc(tags.get(STATE, report.parent.info.status.lower()))),
+        ("data", esc(", ".join(datasets))
+         + (esc(f" (validation set: {report.val_size} examples)") if report.val_size else "")),
+        ("budget", esc(f"{', '.join(epochs)} epochs per trial")),
+        ("trials", esc(_counts(report.trials))),
+        ("sampler", esc(f"{params.get('sampler', '?')}, seed {params.get('seed', '?')}, "
+                        f"scheduler {params.get('scheduler', '?')}")),
+        ("space", esc(params.get("space", "?"))),
+    ]  # fmt: skip
+    if report.space_problem:
+        facts.append(("space file", f'<span class="bad">{esc(report.space_problem)}</span>'))
+    facts_html = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+    sections = [
+        _best_section(report),
+        "<h2>Accuracy against models averaged</h2>"
+        + _image(images, "curves.png", "validation accuracy of each variant's best trial")
+        + '<p class="muted">Each variant\'s best trial; curves are nudged sideways slightly so '
+        "none hides another. Variants that deploy one final model (sgd, ema) are horizontal "
+        "lines.</p>",
+        _confirmed_section(report),
+        _importance_section(report, images),
+        _trials_section(report),
+    ]
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{esc(f'flatbasin report: {report.name}')}</title><style>{STYLE}</style></head>"
+        f"<body><h1>{esc(f'Search {report.name}')}</h1><dl>{facts_html}</dl>"
+        + "".join(sections)
+        + f'<p class="muted">Written by flatbasin {esc(flatbasin.__version__)} at {esc(when)}.</p>'
+        + "</body></html>\n"
+    )

@@ -1,0 +1,360 @@
+"""`flatbasin report`: the figures on their own (no Ray), the report from runs written straight into
+MLflow (no Ray), and the report of a real search end to end (Ray, MLflow, the CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from typer.testing import CliRunner
+
+from flatbasin.search import figures
+from flatbasin.search.cli import app
+from flatbasin.search.errors import UsageError
+from flatbasin.search.report import find_search, read_report, write_report
+
+VAL = 144  # examples in the digits validation split
+
+
+def acc(correct: int, of: int = VAL) -> float:
+    """An accuracy as the loop records it: correct/N in float32."""
+    return float(np.float32(correct) / np.float32(of))
+
+
+def points(corrects: list[int]) -> list[dict[str, float]]:
+    return [
+        {"count": i, "val_acc": acc(k), "test_acc": acc(k + 3, 359)}
+        for i, k in enumerate(corrects, 1)
+    ]
+
+
+# ----------------------------------------------------------------------------- figures, no Ray
+
+
+def drawn(fig):
+    """The renderer of the figure drawn as savefig draws it (Agg), to measure what lands where."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_figures_are_legible_and_cheap():
+    snapshot = {"curve": points([140, 138, 138]), "extra_curves": {"weight_avg": points([120, 131, 137])}}  # fmt: skip
+    ema = {"curve": points([136])}
+    started = time.perf_counter()
+    trial = figures.curve_figure({"snapshot": snapshot}, trial_id="ab12")
+    trial.savefig(os.devnull, format="png")
+    assert time.perf_counter() - started < 5  # tens of ms on an idle core; generous on a busy one
+
+    (ax,) = trial.axes
+    title = trial.texts[0].get_text() if trial.texts else ""
+    assert "snapshot" in trial.get_suptitle() and "ab12" in trial.get_suptitle()
+    assert title  # the note on the y-axis span
+    low, high = ax.get_ylim()
+    assert high - low >= figures.MIN_SPAN  # three examples apart never fill the axis
+    legend = ax.get_legend()
+    renderer = drawn(trial)
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # outside
+    assert [t.get_text() for t in legend.get_texts()] == ["validation", "test", "weight_avg validation"]  # fmt: skip
+    label = ax.xaxis.label.get_window_extent(renderer)
+    assert label.y0 >= 0 and label.x1 <= trial.bbox.width  # the axis label is not clipped
+
+    final_only = figures.curve_figure({"ema": ema}, trial_id="cd34")
+    (ax,) = final_only.axes
+    assert list(ax.get_xticks()) == []  # no meaningless count axis for one model
+    assert "final model" in final_only.get_suptitle()
+    assert any("validation 94.4%" in t.get_text() for t in ax.texts)
+
+    several = figures.curve_figure({"swa": {"curve": points([135, 137])}, "snapshot": snapshot,
+                                    "ema": ema})  # fmt: skip
+    (ax,) = several.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("snapshot") and "final model" in labels[-1]  # best first
+    renderer = drawn(several)
+    legend_box = ax.get_legend().get_window_extent(renderer)
+    assert legend_box.x0 >= ax.get_window_extent(renderer).x1  # the legend covers no data
+    xs = [line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) > 1]
+    assert len(set(xs)) == len(xs)  # curves are nudged apart, not drawn on top of each other
+
+    only_finals = figures.comparison_figure({"sgd": {"curve": points([141])}, "ema": ema})
+    (ax,) = only_finals.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ema (final model)", "sgd (final model)"]  # fmt: skip
+
+    bars = figures.importance_figure({"swa (6 trials)": {"swa/lr": 0.8, "swa/swa_lr": 0.2}})
+    assert [t.get_text() for t in bars.axes[0].get_yticklabels()] == ["swa_lr", "lr"]
+
+
+def test_validation_size_is_inferred_only_from_enough_values():
+    many = [acc(k) for k in (68, 100, 120, 131, 136, 137, 139, 141, 143)]
+    assert figures.infer_val_size(many) == VAL
+    assert figures.infer_val_size(many[:4]) is None  # a divisor of N could explain four values
+    assert figures.infer_val_size([acc(k, 400) for k in range(300, 390, 7)]) == 400
+    low, high = figures.accuracy_limits([acc(138), acc(139)], VAL)
+    assert high - low >= figures.MIN_EXAMPLES / VAL and high <= 1.01
+
+
+# ----------------------------------------------------------------------------- runs written directly
+
+SPACE = """\
+name: synth
+samples: 12
+epochs: 4
+variants:
+  swa: {lr: {loguniform: [0.01, 0.2]}, swa_lr: {loguniform: [0.001, 0.05]}}
+  snapshot: {lr: {loguniform: [0.05, 0.5]}, cycles: {int: [2, 4]}}
+  ema: {lr: {loguniform: [0.02, 0.4]}}
+"""
+ERROR_TEXT = "<script>alert('x')</script> & DataError: corrupt"
+
+
+def add_run(client, experiment, parent, role, variant, trial_id, params, *, score=None,
+            curve=(), diverged=False, error=None):  # fmt: skip
+    """A run as tracking.py writes it: tags, params, per-epoch metrics, final metrics and curve."""
+    tags = {"mlflow.parentRunId": parent, "flatbasin.role": role, "flatbasin.variant": variant,
+            "flatbasin.trial_id": trial_id}  # fmt: skip
+    run = client.create_run(experiment, tags=tags).info.run_id
+    now = int(time.time() * 1000)
+    flat = {"variant": variant, "dataset": "digits", "epochs": "4", **params}
+    metrics = []
+    if score is not None:
+        metrics += [Metric("score", score, now, 4), Metric("val_acc", score, now, 4),
+                    Metric("val_loss", 1 - score, now, 4), Metric("final_score", score, now, 0),
+                    *([] if diverged else [Metric("test_acc", score - 0.01, now, 0)])]  # fmt: skip
+        for p in curve:
+            metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
+                        Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
+    run_tags = []
+    if score is not None:
+        run_tags += [RunTag("flatbasin.final_logged", "true"),
+                     RunTag("flatbasin.diverged", str(diverged).lower())]  # fmt: skip
+    if error:
+        run_tags.append(RunTag("flatbasin.error", error))
+    client.log_batch(run, metrics=metrics, params=[Param(k, str(v)) for k, v in flat.items()],
+                     tags=run_tags)  # fmt: skip
+    client.set_terminated(run, "FAILED" if error else "FINISHED")
+    return run
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A search written straight into MLflow: swa's score follows lr alone; snapshot has a diverged
+    and a failed trial; ema has one trial; confirmation runs for every variant."""
+    tmp = tmp_path_factory.mktemp("synthetic")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    space = tmp / "synth.yaml"
+    space.write_text(SPACE)
+    experiment = client.create_experiment("synth", artifact_location=str(tmp / "artifacts"))
+    parent = client.create_run(experiment, tags={"flatbasin.role": "search", "flatbasin.state": "finished"})  # fmt: skip
+    parent_id = parent.info.run_id
+    client.log_batch(parent_id, params=[Param("space", str(space)), Param("seed", "0"),
+                                        Param("sampler", "TPE")])  # fmt: skip
+    client.log_artifact(parent_id, str(space))
+    rng = np.random.default_rng(0)
+    for i, lr in enumerate(np.geomspace(0.01, 0.2, 6)):
+        correct = 120 + 4 * i  # better with a larger lr, whatever swa_lr is
+        add_run(client, experiment, parent_id, "trial", "swa", f"swa{i}",
+                {"lr": lr, "swa_lr": float(rng.uniform(0.001, 0.05))}, score=acc(correct),
+                curve=points([correct - 3, correct - 1, correct]))  # fmt: skip
+    add_run(client, experiment, parent_id, "trial", "snapshot", "snap0", {"lr": 0.1, "cycles": 3},
+            score=acc(133), curve=points([136, 134, 133]))  # fmt: skip
+    add_run(client, experiment, parent_id, "trial", "snapshot", "snap1", {"lr": 0.5, "cycles": 2},
+            score=0.0, diverged=True)  # fmt: skip
+    add_run(client, experiment, parent_id, "trial", "snapshot", "snap2", {"lr": 0.2, "cycles": 4},
+            error=ERROR_TEXT)  # fmt: skip
+    add_run(client, experiment, parent_id, "trial", "ema", "ema0", {"lr": 0.05}, score=acc(139),
+            curve=points([139]))  # fmt: skip
+    for variant, corrects in {"swa": [140, 141, 140], "ema": [139, 141, 140], "snapshot": [128, 129, 128]}.items():  # fmt: skip
+        for seed, correct in enumerate(corrects):
+            add_run(client, experiment, parent_id, "confirm", variant, f"c-{variant}{seed}", {},
+                    score=acc(correct))  # fmt: skip
+    client.set_terminated(parent_id, "FINISHED")
+    return uri, parent_id, tmp
+
+
+def test_report_from_mlflow_runs(synthetic):
+    uri, parent_id, tmp = synthetic
+    page = write_report("synth", uri, out=tmp / "out")
+    assert page == (tmp / "out" / "report.html").resolve()
+    assert {p.name for p in (tmp / "out").iterdir()} == {"curves.png", "importances.png", "report.html"}  # fmt: skip
+    text = page.read_text()
+    assert f"{100 * acc(140):.2f}%" in text and f"{100 * acc(139):.2f}%" in text  # swa, ema best
+    assert "<script>" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp;" in text  # fmt: skip
+    assert "Confirmed over 3 seeds" in text and "within noise" in text and "worse" in text
+    assert "not enough trials (1" in text  # ema: one trial
+    assert 'src="data:image/png;base64,' in text and '<img src="curves.png"' not in text
+    client = MlflowClient(uri)
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert logged == {"report/curves.png", "report/importances.png", "report/report.html"}
+
+    report = read_report(client, find_search(client, parent_id, uri), uri)  # by run id as well
+    assert list(report.best) == ["swa", "ema", "snapshot"]
+    assert report.val_size == VAL
+    by_title = {i.title: i for i in report.importances}
+    swa = by_title["swa"].values
+    assert swa["swa/lr"] > swa["swa/swa_lr"]  # the score follows lr alone
+    assert by_title["variant (all trials)"].values  # several variants: the variant's importance
+    assert not by_title["ema"].values and "not enough trials" in by_title["ema"].reason
+    statuses = {t.trial_id: t.status for t in report.trials}
+    assert statuses["snap1"] == "diverged" and statuses["snap2"] == "failed"
+
+
+def test_report_bad_input_is_one_message(synthetic, tmp_path):
+    uri, parent_id, _ = synthetic
+    client = MlflowClient(uri)
+    trial = next(r for r in client.search_runs([client.get_experiment_by_name("synth").experiment_id])
+                 if r.data.tags.get("flatbasin.role") == "trial")  # fmt: skip
+    with pytest.raises(UsageError, match=f"not a search's run.*{parent_id}"):
+        write_report(trial.info.run_id, uri, out=tmp_path)
+    with pytest.raises(UsageError, match=r"no search named or with run id 'nope'.*synth"):
+        write_report("nope", uri, out=tmp_path)
+    missing = tmp_path / "missing.db"
+    with pytest.raises(UsageError, match="no MLflow store"):
+        write_report("synth", f"sqlite:///{missing}", out=tmp_path)
+    assert not missing.exists()  # a report never creates a tracking store
+
+    empty = client.create_experiment("empty", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(empty, tags={"flatbasin.role": "search"}).info.run_id
+    add_run(client, empty, parent, "trial", "swa", "t0", {"lr": 0.1})  # never finished
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "empty", "--tracking-uri", uri, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert "no finished trials" in result.output
+    assert not (tmp_path / "report.html").exists()
+
+
+# ----------------------------------------------------------------------------- a real search
+
+E2E_SPACE = """\
+name: rpt
+samples: 6
+epochs: 3
+fixed: {batch_size: 64}
+variants:
+  sgd: {lr: {loguniform: [0.02, 0.1]}}
+  swa: {lr: {loguniform: [0.02, 0.1]}, swa_start_frac: 0.34}
+  snapshot: {lr: {loguniform: [0.02, 0.1]}, cycles: {int: [2, 3]}}
+"""
+
+
+def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flatbasin", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+
+
+def summary_scores(stdout: str) -> dict[str, str]:
+    """variant -> the best score as the search's summary table printed it."""
+    rows = [
+        [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
+        for line in stdout.splitlines()
+        if line.startswith(("│", "┃"))
+    ]
+    header = next(row for row in rows if "variant" in row and "score (val)" in row)
+    at = header.index("score (val)")
+    return {row[0]: row[at] for row in rows if row is not header and row[0]}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A real tiny search: 6 trials of sgd, swa and snapshot on digits, 3 epochs, in its own session
+    with its own Ray folder; its process group is killed and the folder removed afterwards."""
+    tmp = tmp_path_factory.mktemp("searched")
+    (tmp / "rpt.yaml").write_text(E2E_SPACE)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    ray_tmp = tempfile.mkdtemp(prefix="fbray-", dir="/tmp")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flatbasin", "search", "rpt.yaml", "--tracking-uri", uri,
+         "--storage", str(tmp / "runs"), "--seed", "4", "--concurrency", "2"],
+        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=840)
+        yield tmp, uri, proc.returncode, stdout, stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module's search runs in the first test's setup
+def test_search_ends_with_its_report(searched):
+    tmp, _, code, stdout, stderr = searched
+    assert code == 0, stdout + stderr
+    assert "warning: the report was not written" not in stderr
+    page = tmp / "reports" / "rpt" / "report.html"
+    assert f"Report:       {page}" in stdout and page.is_file()
+    text = page.read_text()
+    scores = summary_scores(stdout)
+    assert {"sgd", "swa", "snapshot"} <= set(scores)
+    for variant, score in scores.items():
+        assert f"{100 * float(score):.2f}%" in text, (variant, score)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_report_command_writes_and_logs(searched):
+    tmp, uri, code, stdout, _ = searched
+    assert code == 0
+    out = tmp / "again"
+    done = cli("report", "rpt", "--tracking-uri", uri, "--out", str(out), cwd=tmp, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Report:       {out / 'report.html'}" in done.stdout
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.html").is_file()
+    text = (out / "report.html").read_text()
+    for variant, score in summary_scores(stdout).items():
+        assert f"{100 * float(score):.2f}%" in text, (variant, score)
+    assert "Parameter importances" in text and "All trials (6)" in text
+
+    client = MlflowClient(uri)
+    parent = find_search(client, "rpt", uri)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/curves.png"} <= logged
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_importances_of_a_real_search(searched):
+    _, uri, code, _, _ = searched
+    assert code == 0
+    client = MlflowClient(uri)
+    report = read_report(client, find_search(client, "rpt", uri), uri)
+    assert report.space is not None and report.val_size == VAL
+    assert len(report.trials) == 6
+    for study in report.importances:
+        if study.trials >= 2:  # enough trials: computed, or the one reason fANOVA cannot
+            assert study.values or "scored the same" in study.reason, study
+        else:
+            assert "not enough trials" in study.reason, study
+    assert any(study.values for study in report.importances)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_unknown_search_exits_2_without_traceback(searched):
+    tmp, uri, _, _, _ = searched
+    done = cli("report", "no-such-search", "--tracking-uri", uri, cwd=tmp, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "no-such-search" in done.stderr
+    assert "rpt" in done.stderr  # names the searches that are there
