@@ -213,6 +213,10 @@ def search(
     checkpoint_interval: Annotated[
         float, typer.Option(help="at most one checkpoint per this many seconds (0: every time)")
     ] = 20.0,
+    confirm_seeds: Annotated[
+        int | None,
+        typer.Option(help="retrain each variant's best with N fresh seeds (default: the space's)"),
+    ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
     import os
@@ -236,7 +240,7 @@ def search(
             scheduler=scheduler,  # type: ignore[arg-type]  # validated by SearchOptions
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
             time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
-            checkpoint_interval_s=checkpoint_interval,
+            checkpoint_interval_s=checkpoint_interval, confirm_seeds=confirm_seeds,
         )  # fmt: skip
     except SpaceError as err:
         fail(str(err))
@@ -259,6 +263,7 @@ def search(
         )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(outcome, options.tracking_uri)
+    write_search_report(outcome.parent_run_id, options.tracking_uri)
     if outcome.interrupted:
         console.print(
             "The search was interrupted; finished trials are kept. Continue it with:",
@@ -343,6 +348,43 @@ def reproduce(
     raise typer.Exit(0 if exact else 1)
 
 
+@app.command()
+def report(
+    search_name: Annotated[
+        str, typer.Argument(metavar="SEARCH", help="a search's name or its MLflow run id")
+    ],
+    tracking_uri: TrackingUri = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for the report (default: ./reports/SEARCH)")
+    ] = None,
+) -> None:
+    """Write a search's report: best trial per variant, curves, parameter importances (PNG + HTML)."""
+    from flatbasin.search.report import write_report
+
+    _quiet_mlflow_retries()
+    try:
+        page = write_report(search_name, tracking_uri_or_default(tracking_uri), out)
+    except UsageError as err:
+        fail(str(err))
+    console.print(f"Report:       {page}")
+
+
+def write_search_report(parent_run_id: str, tracking_uri: str) -> None:
+    """The report at the end of a search; one that cannot be written is a warning, never a failure."""
+    try:
+        from flatbasin.search.report import write_report
+
+        page = write_report(parent_run_id, tracking_uri)
+    except Exception as err:  # the search's results are safe in MLflow whatever happens here
+        stderr.print(
+            f"warning: the report was not written ({type(err).__name__}: {err}); "
+            f"try: flatbasin report {parent_run_id} --tracking-uri {tracking_uri}",
+            style="yellow",
+        )
+        return
+    console.print(f"Report:       {page}")
+
+
 def _quiet_mlflow_retries() -> None:
     """A tracking server that is down should cost seconds, not minutes of retries, per attempt."""
     import os
@@ -351,11 +393,35 @@ def _quiet_mlflow_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+def print_confirmed(rows: list[dict[str, Any]]) -> None:
+    """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
+    seeds = max(row["n"] for row in rows)
+    table = Table(title=f"confirmed over {seeds} fresh seeds (mean ± std; Welch's t vs the best)")
+    for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
+        table.add_column(column)
+    for row in rows:
+        p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
+        verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
+        table.add_row(
+            row["variant"],
+            f"{row['val_mean']:.4f} ± {row['val_std']:.4f}",
+            f"{row['test_mean']:.4f} ± {row['test_std']:.4f}",
+            p,
+            verdict,
+        )
+    console.print(table)
+    tied = [row["variant"] for row in rows[1:] if row["verdict"] == "within noise"]
+    console.print(
+        f"Winner:       {rows[0]['variant']} (best mean validation accuracy over {seeds} seeds)"
+        + (f"; within noise of it: {', '.join(tied)}" if tied else "")
+    )
+
+
 def print_summary(outcome: Any, tracking_uri: str) -> None:
     from flatbasin.search.tracking import browse_hint
 
     table = Table(title=f"search '{outcome.name}': best trial per variant")
-    for column in ("variant", "score (val)", "test_acc", "params", "MLflow run"):
+    for column in ("variant", "trials", "score (val)", "test_acc", "params", "MLflow run"):
         table.add_column(column, overflow="fold")
     for row in outcome.best:
         params = ", ".join(
@@ -363,12 +429,15 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         )
         table.add_row(
             row["variant"],
+            str(outcome.trials_per_variant.get(row["variant"], "")),
             f"{row['score']:.4f}",
             f"{row['test_acc']:.4f}",
             params,
             row.get("run_id") or "-",
         )
     console.print(table)
+    if outcome.confirmed:
+        print_confirmed(outcome.confirmed)
     if outcome.unwritten:
         console.print(
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
