@@ -46,6 +46,9 @@ def confirmation_stats(finals: dict[str, list[dict[str, Any]]]) -> list[dict[str
         if row is best:
             row["p_vs_best"], row["verdict"] = None, "best"
             continue
+        if row["n"] < 2 or best["n"] < 2:
+            row["p_vs_best"], row["verdict"] = None, "too few seeds to test"
+            continue
         if row["val_std"] == 0 and best["val_std"] == 0:  # t is undefined; the numbers speak
             p = 1.0 if row["val_mean"] == best["val_mean"] else 0.0
         else:

@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
 from flatbasin.search import figures
+from flatbasin.search.confirm import ALPHA, confirmation_stats
 from flatbasin.search.errors import UsageError
 from flatbasin.search.tracking import (
     ERROR,
@@ -43,7 +44,6 @@ from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
-NOISE_P = 0.05  # Welch's t-test: p at or above this is "within noise" of the best variant
 MIN_IMPORTANCE_TRIALS = 2
 ONLY_ONE = "the only searched parameter: its importance is 1 by definition"
 
@@ -472,42 +472,29 @@ class Confirmed:
 
 def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
     """Mean ± std over the fresh seeds, best first, and which variants the best does not beat
-    beyond noise (Welch's t-test, p >= NOISE_P)."""
-    from scipy import stats
-
-    by_variant: dict[str, list[Confirmation]] = {}
+    beyond noise: the search's own statistics (flatbasin.search.confirm), read back from MLflow."""
+    finals: dict[str, list[dict[str, Any]]] = {}
     for c in confirmations:
-        by_variant.setdefault(c.variant, []).append(c)
-
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-    rows = []
-    for variant, runs in by_variant.items():
-        val_mean, val_std = mean_std([c.score for c in runs])
-        tests = [c.test_acc for c in runs if c.test_acc is not None]
-        test_mean, test_std = mean_std(tests) if tests else (None, None)
-        diverged = sum(c.diverged for c in runs)
-        rows.append(
-            Confirmed(
-                variant, len(runs), diverged, val_mean, val_std, test_mean, test_std, None, ""
-            )
+        finals.setdefault(c.variant, []).append(
+            {"score": c.score, "test_acc": c.test_acc, "diverged": c.diverged}
         )
-    rows.sort(key=lambda r: (-r.val_mean, r.variant))
-    top = [c.score for c in by_variant[rows[0].variant]]
-    rows[0].verdict = "best"
-    for row in rows[1:]:
-        mine = [c.score for c in by_variant[row.variant]]
-        if len(mine) < 2 or len(top) < 2:
-            row.verdict = "too few seeds to test"
-            continue
-        if statistics.pvariance(mine) == 0 and statistics.pvariance(top) == 0:
-            row.p_value = 1.0 if statistics.fmean(mine) == statistics.fmean(top) else 0.0
-        else:
-            p = float(stats.ttest_ind(mine, top, equal_var=False).pvalue)
-            row.p_value = p if math.isfinite(p) else 1.0
-        row.verdict = "within noise" if row.p_value >= NOISE_P else "worse"
-    return rows
+    tests = {
+        v: [r["test_acc"] for r in rs if r["test_acc"] is not None] for v, rs in finals.items()
+    }
+    return [
+        Confirmed(
+            row["variant"],
+            row["n"],
+            row["diverged"],
+            row["val_mean"],
+            row["val_std"],
+            row["test_mean"] if tests[row["variant"]] else None,
+            row["test_std"] if tests[row["variant"]] else None,
+            row["p_vs_best"],
+            row["verdict"],
+        )
+        for row in confirmation_stats(finals)
+    ]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -677,7 +664,7 @@ def _confirmed_section(report: Report) -> str:
         f"<h2>Confirmed over {seeds} seeds</h2>"
         '<p class="muted">Each variant\'s best configuration retrained with fresh seeds; mean ± '
         "standard deviation in accuracy points (a diverged seed counts with score 0). p: Welch's "
-        f"t-test of the validation scores against the best variant; p ≥ {NOISE_P} means within "
+        f"t-test of the validation scores against the best variant; p ≥ {ALPHA} means within "
         "noise of the best.</p>"
         + _table(
             ["variant", "seeds", "val acc (%)", "test acc (%)", "p vs. best", "verdict"],
