@@ -76,7 +76,8 @@ def ray_target(address: str | None) -> RayTarget:
         return RayTarget(None, target.source)
     bootstrap = target.address
     if bootstrap == "auto":
-        bootstrap = _current_cluster()
+        # As Ray reads it: $RAY_ADDRESS (set inside a Ray job), else the last `ray start` here.
+        bootstrap = os.environ.get("RAY_ADDRESS") or _current_cluster()
         if bootstrap is None:
             raise UsageError(
                 f"{target.source} auto: no Ray cluster was started on this machine (no current-cluster "

@@ -70,7 +70,11 @@ def trainable(config: dict[str, Any]) -> None:
         _run(config)
     except PERMANENT as err:
         # Reported, not raised: the trial ends without a retry, and the driver stops the search.
-        tune.report({"permanent_error": f"{type(err).__name__}: {err}", "node_id": _node_id()})
+        # Tune refuses a result without the search's metric (it raises in the driver, ending the
+        # search with a traceback), so the failed trial scores 0, as a diverged one does.
+        tune.report(
+            {"permanent_error": f"{type(err).__name__}: {err}", "score": 0.0, "node_id": _node_id()}
+        )
 
 
 def _run(config: dict[str, Any]) -> None:
