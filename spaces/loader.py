@@ -61,7 +61,15 @@ class Dist:
 
     @property
     def corners(self) -> tuple[Any, ...]:
-        return self.values if self.kind == "choice" else (self.values[0], self.values[-1])
+        """Range ends, plus a point inside a float range: `cycles: {uniform: [1, 2]}` is valid at both
+        ends and gives non-integers in between, which only an interior point shows."""
+        if self.kind == "choice":
+            return self.values
+        low, high = self.values
+        if self.kind == "int" or low == high:
+            return (low, high)
+        inside = math.sqrt(low * high) if self.kind == "loguniform" else (low + high) / 2
+        return (low, inside, high)
 
 
 class _SpaceFile(BaseModel):
