@@ -308,10 +308,11 @@ class Tracker:
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
         self._logged[run_id].update(int(r["epoch"]) for r in new)
-        if record.error is not None and run_id not in self._finalised:
-            self.client.log_batch(run_id, tags=[RunTag(ERROR, record.error[:5000])])
+        if record.error is not None:  # failed for good, however often the record is written again
+            if run_id not in self._finalised:
+                self.client.log_batch(run_id, tags=[RunTag(ERROR, record.error[:5000])])
+                self._finalised.add(run_id)
             self.client.set_terminated(run_id, "FAILED")
-            self._finalised.add(run_id)
             return
         final = record.final
         if final is not None and run_id not in self._finalised:
