@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +267,14 @@ def owned_processes() -> Iterator[ProcessGroups]:
         yield groups
     finally:
         groups.kill_all()
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """Ray's own folder for one test (short: Ray's socket paths have a length limit); a search that
+    leaves a Ray session in it started Ray, and a current-cluster file in it is this test's alone."""
+    with tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as folder:
+        yield Path(folder)
 
 
 @pytest.fixture

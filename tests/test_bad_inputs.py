@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,12 +188,6 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def ray_tmpdir():
-    with tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as folder:
-        yield Path(folder)
-
-
 def assert_nothing_started(tmp_path: Path, ray_tmpdir: Path, uri: str) -> None:
     import ray
     from mlflow import MlflowClient
@@ -253,28 +246,15 @@ def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir,
 
 
 # ---- `flatbasin train`: checkpoints and settings
-def train_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["train", "--variant", "sgd", "--epochs", "2", "--set", "threads=1", *extra]
+def train_args(*extra: str, variant: str = "sgd", epochs: int = 2) -> list[str]:
+    return ["train", "--variant", variant, "--epochs", str(epochs), "--set", "threads=1", *extra]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A real checkpoint of a 1-epoch sgd trial (lr 0.05)."""
     path = tmp_path_factory.mktemp("ckpt") / "sgd.pt"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--variant",
-            "sgd",
-            "--epochs",
-            "1",
-            "--set",
-            "threads=1",
-            "--checkpoint",
-            str(path),
-        ],
-    )
+    result = runner.invoke(app, train_args("--checkpoint", str(path), epochs=1))
     assert result.exit_code == 0, result.output
     return path
 
@@ -298,37 +278,26 @@ TRAIN: dict[str, tuple[list[str], str]] = {
 @pytest.mark.parametrize("case", sorted(TRAIN), ids=str)
 def test_bad_train_input_exits_2(case, tmp_path):
     args, needle = TRAIN[case]
-    result = runner.invoke(app, train_args(tmp_path, *args))
+    result = runner.invoke(app, train_args(*args))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert needle in " ".join(result.output.split()), result.output
 
 
 @pytest.mark.parametrize(
-    ("case", "extra", "needle"),
+    ("case", "variant", "epochs", "extra", "needle"),
     [
-        ("another variant", ["--variant", "ema"], "variant (checkpoint 'sgd', now 'ema')"),
-        ("another learning rate", ["--set", "lr=0.1"], "lr (checkpoint 0.05, now 0.1)"),
-        ("another budget", ["--epochs", "3"], "epochs (checkpoint 1, now 3)"),
+        ("another variant", "ema", 1, [], "variant (checkpoint 'sgd', now 'ema')"),
+        ("another learning rate", "sgd", 1, ["--set", "lr=0.1"], "lr (checkpoint 0.05, now 0.1)"),
+        ("another budget", "sgd", 3, [], "epochs (checkpoint 1, now 3)"),
     ],
 )
-def test_resume_from_another_config_is_refused(checkpoint, tmp_path, case, extra, needle):
+def test_resume_from_another_config_is_refused(
+    checkpoint, tmp_path, case, variant, epochs, extra, needle
+):
     copy = tmp_path / "c.pt"
     copy.write_bytes(checkpoint.read_bytes())
-    args = ["train", "--variant", "sgd", "--epochs", "1", "--set", "threads=1"]
-    args = [*args, *extra, "--checkpoint", str(copy), "--resume"]
-    if "--variant" in extra:
-        args = [
-            "train",
-            *extra,
-            "--epochs",
-            "1",
-            "--set",
-            "threads=1",
-            "--checkpoint",
-            str(copy),
-            "--resume",
-        ]
+    args = train_args(*extra, "--checkpoint", str(copy), "--resume", variant=variant, epochs=epochs)
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -342,21 +311,7 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(checkpoint, tmp_path, damag
     bad.write_bytes(
         {"truncated": whole[: len(whole) // 3], "text": b"not a checkpoint", "empty": b""}[damage]
     )
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--variant",
-            "sgd",
-            "--epochs",
-            "2",
-            "--set",
-            "threads=1",
-            "--checkpoint",
-            str(bad),
-            "--resume",
-        ],
-    )
+    result = runner.invoke(app, train_args("--checkpoint", str(bad), "--resume"))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert "cannot be read" in result.output and "bad.pt" in result.output

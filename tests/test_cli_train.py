@@ -75,7 +75,7 @@ def test_console_script_runs_and_resumes(tmp_path):
     base = [
         sys.executable,
         "-m",
-        "search",
+        "flatbasin",
         "train",
         "--variant",
         "sgd",

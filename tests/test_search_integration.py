@@ -5,14 +5,12 @@ Assertions go through MlflowClient, as a user browsing the UI would see the runs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,29 +26,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def spawn():
-    """Start `flatbasin` processes in their own process groups; kill the groups (the driver and the
-    local Ray it started) when the test ends, however it ends."""
-    procs: list[subprocess.Popen] = []
+def spawn(process_groups):
+    """Start `flatbasin` with its output piped, as the leader of a new session: the driver and the
+    local Ray it starts are killed as one, by the shared process-group fixture, however the test ends."""
 
     def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "flatbasin", *args], cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)  # fmt: skip
-        procs.append(proc)
-        return proc
+        return process_groups.spawn(
+            [sys.executable, "-m", "flatbasin", *args], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
 
-    yield start
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@pytest.fixture
-def ray_tmpdir():
-    """Ray's own folder for this test (short: Ray's socket paths have a length limit)."""
-    with tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as folder:
-        yield Path(folder)
+    return start
 
 
 SPACE = """
@@ -282,7 +268,7 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server, spawn):
 
 
 @pytest.mark.flaky(reruns=1)  # the SIGKILL lands at a moment found by polling
-def test_driver_killed_then_resumed_reruns_nothing(tmp_path, ray_tmpdir, spawn):
+def test_driver_killed_then_resumed_reruns_nothing(tmp_path, ray_tmpdir, spawn, process_groups):
     """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     space = write_space(tmp_path, "killed", samples=6)
@@ -303,8 +289,7 @@ def test_driver_killed_then_resumed_reruns_nothing(tmp_path, ray_tmpdir, spawn):
     deadline = time.monotonic() + 30
     while len(finished()) < 2 and time.monotonic() < deadline:  # their final rows on disk
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray: no chance to save anything
-    proc.wait(timeout=60)
+    process_groups.kill(proc)  # the driver and its local Ray: no chance to save anything
 
     finished_before = finished()
     assert len(finished_before) >= 2
