@@ -198,6 +198,9 @@ class Progress(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        if result.get("permanent_error") and trial.trial_id not in self.ended:
+            self.failed += 1  # the trial returns normally after reporting it: not a finished one
+            self.ended.add(trial.trial_id)
         if result.get("final"):
             self.diverged += bool(result.get("diverged"))
             if not result.get("diverged") and (self.best is None or result["score"] > self.best[0]):
@@ -206,13 +209,15 @@ class Progress(Callback):
             self._line(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.done += 1
-        self.ended.add(trial.trial_id)
+        if trial.trial_id not in self.ended:
+            self.done += 1
+            self.ended.add(trial.trial_id)
         self._line(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.failed += 1
-        self.ended.add(trial.trial_id)
+        if trial.trial_id not in self.ended:
+            self.failed += 1
+            self.ended.add(trial.trial_id)
         self._line(trials)
 
     def _line(self, trials: list) -> None:

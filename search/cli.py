@@ -21,6 +21,11 @@ from flatbasin.search.errors import (
     stderr,
 )
 
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover
+    from click import UsageError as ClickUsageError
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = plain_console()
 
@@ -58,15 +63,18 @@ def flatbasin(
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """`key=value` pairs; values are read as YAML scalars (0.1, true, [0.5, 0.75], cosine)."""
+    from flatbasin.spaces.loader import read_yaml, yaml_problem
+
     settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r}: expected key=value")
         try:
-            settings[key.strip()] = yaml.safe_load(value)
+            settings[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
-            raise UsageError(f"--set {pair!r}: cannot read the value: {err}") from err
+            problem = yaml_problem(err).replace("at line 1, ", "at ")
+            raise UsageError(f"--set {pair!r}: cannot read the value ({problem})") from err
     return settings
 
 
@@ -226,7 +234,7 @@ def search(
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
     from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import SearchOptions, resume_command, run_search
+    from flatbasin.search.tuner import SearchOptions, resumable, resume_command, run_search
     from flatbasin.spaces import SpaceError, load_space
     from flatbasin.spaces.loader import check_name
 
@@ -250,20 +258,29 @@ def search(
     try:
         outcome = run_search(space, options, console)
     except TrackingRefused as err:
-        fail(f"{err}\nNothing was started.")
+        fail(f"{err} Nothing was started.")
     except TrackingUnavailable as err:
-        fail(f"{err}\nStart the server or pass --tracking-uri; nothing was started.")
+        server = options.tracking_uri.startswith(("http://", "https://"))
+        fail(f"{str(err).rstrip('.')}. " + ("Start the server or pass --tracking-uri; n" if server else "N")
+             + "othing was started.")  # fmt: skip
     except (UsageError, ClusterError) as err:
         fail(str(err))
     except KeyboardInterrupt:
-        stderr.print(
-            "interrupted before the search could save its state; what Tune saved resumes with:\n  "
-            + resume_command(space, options),
-            style="yellow",
-        )
+        if resumable(space, options):
+            stderr.print(
+                "interrupted; what Tune saved resumes with:\n  " + resume_command(space, options),
+                style="yellow",
+            )
+        else:
+            stderr.print(
+                "interrupted before any trial was saved; nothing to resume: run the same command "
+                "again to start the search",
+                style="yellow",
+            )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(outcome, options.tracking_uri)
-    write_search_report(outcome.parent_run_id, options.tracking_uri)
+    if outcome.best:
+        write_search_report(outcome.parent_run_id, options.tracking_uri)
     if outcome.interrupted:
         console.print(
             "The search was interrupted; finished trials are kept. Continue it with:",
@@ -292,26 +309,49 @@ def submit(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
 ) -> None:
     """Submit a search to a Ray cluster (Jobs API); every other option is passed to `flatbasin search`."""
-    import click
-
     from flatbasin.search.submit import submit as run_submit
     from flatbasin.spaces import SpaceError, load_space
 
     try:
+        if space_file.startswith("-"):  # an option where SPACE goes: unknown to submit and search
+            raise UsageError(f"no such option: {space_file} (see flatbasin submit --help)")
+        check_dashboard(address)
         load_space(space_file)  # a bad space fails here, not on the cluster
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
-        search_command.make_context(
-            "search", [space_file, *ctx.args]
-        )  # the same options, checked here
+        search_command.parse_args(  # the same options, checked here
+            typer.Context(search_command, info_name="flatbasin search"), [space_file, *ctx.args]
+        )
     except SpaceError as err:
         fail(str(err))
-    except click.UsageError as err:
-        fail(f"{err.format_message()} (options after SPACE go to `flatbasin search`)")
+    except ClickUsageError as err:
+        fail(
+            f"{err.format_message()} (flatbasin submit passes its other options to flatbasin "
+            "search; see flatbasin search --help)"
+        )
+    except UsageError as err:
+        fail(str(err))
     try:
         code = run_submit(space_file, address, list(ctx.args), wait=not no_wait, console=console)
     except (ConnectionError, RuntimeError, ValueError) as err:
         fail(f"cannot submit to {address}: {err}")
     raise typer.Exit(code)
+
+
+def check_dashboard(address: str) -> None:
+    """The Jobs API lives at the dashboard's http(s)://HOST:PORT; anything else is refused by name
+    (Ray would read a bare HOST:PORT as a GCS address and try to join the cluster from here)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise UsageError(
+            f"--address {address}: expected the cluster's dashboard as http://HOST:PORT "
+            "(Ray's default port is 8265), e.g. http://127.0.0.1:8265"
+        )
 
 
 @app.command()
@@ -369,6 +409,25 @@ def report(
     console.print(f"Report:       {page}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Check data before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="an image folder: DIR/CLASS/IMAGE")],
+    image_size: Annotated[int, typer.Option(help="the size images are decoded to")] = 32,
+) -> None:
+    """Decode every image of an image folder; list unreadable files and empty classes (exit 2 if any)."""
+    from flatbasin.search.datacheck import check_folder
+
+    try:
+        problems = check_folder(folder, image_size, console)
+    except UsageError as err:
+        fail(str(err))
+    raise typer.Exit(2 if problems else 0)
+
+
 def write_search_report(parent_run_id: str, tracking_uri: str) -> None:
     """The report at the end of a search; one that cannot be written is a warning, never a failure."""
     try:
@@ -420,6 +479,8 @@ def print_confirmed(rows: list[dict[str, Any]]) -> None:
 def print_summary(outcome: Any, tracking_uri: str) -> None:
     from flatbasin.search.tracking import browse_hint
 
+    if not outcome.best:
+        console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
     table = Table(title=f"search '{outcome.name}': best trial per variant")
     for column in ("variant", "trials", "score (val)", "test_acc", "params", "MLflow run"):
         table.add_column(column, overflow="fold")
@@ -435,7 +496,8 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
             params,
             row.get("run_id") or "-",
         )
-    console.print(table)
+    if outcome.best:
+        console.print(table)
     if outcome.confirmed:
         print_confirmed(outcome.confirmed)
     if outcome.unwritten:

@@ -35,6 +35,7 @@ from flatbasin.search.tracking import (
     FINAL,
     ROLE,
     STATE,
+    STOPPED,
     TRIAL_ID,
     VARIANT,
     Tracker,
@@ -202,8 +203,10 @@ def _trial(run: Run) -> Trial:
         status = "failed"
     elif tags.get(FINAL) == "true" or "final_score" in metrics:
         status = "diverged" if tags.get("flatbasin.diverged") == "true" else "finished"
-    elif tags.get("flatbasin.stopped_early") == "true":
+    elif tags.get(STOPPED, "").startswith("early stopping"):
         status = "stopped early"
+    elif tags.get(STOPPED):
+        status = "unfinished"
     elif run.info.status == "FAILED":
         status = "failed"
     else:

@@ -35,6 +35,12 @@ ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
 FINAL = "flatbasin.final_logged"
 STATE = "flatbasin.state"  # of a search: running, finished, failed, interrupted
 ERROR = "flatbasin.error"  # of a trial that reported a permanent error
+STOPPED = "flatbasin.stopped"  # why a trial ended before its last epoch
+STOP_REASONS = {
+    "FINISHED": "early stopping (the scheduler or the time budget)",
+    "INTERRUPTED": "the search was interrupted; --resume continues this trial",
+    "STOPPED": "the search stopped at another trial's permanent error",
+}
 CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
 
 
@@ -113,7 +119,7 @@ class TrialRecord:
     trial_id: str
     config: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "RUNNING"  # RUNNING, FINISHED, FAILED
+    status: str = "RUNNING"  # RUNNING, FINISHED, FAILED, INTERRUPTED, STOPPED
 
     @property
     def final(self) -> dict[str, Any] | None:
@@ -162,15 +168,24 @@ class Tracker:
 
     # ------------------------------------------------------------------ search level
     def check(self) -> None:
-        """Fail fast, before any trial starts, when the tracking store is unreachable or refuses us."""
+        """Fail fast, before any trial starts, when the tracking store is unreachable or refuses us.
+        A SQLite file that does not exist yet is not made here: bad input found later leaves no file."""
+        if self._sqlite_path() is not None and self._new_sqlite():
+            return
         try:
             self.client.search_experiments(max_results=1)
         except MlflowException as err:
             status = err.get_http_status_code()
             if status in (401, 403):
                 raise TrackingRefused(refusal_message(self.uri, status)) from err
+            if status not in (None, 500, 502, 503, 504) and "error code" in str(err):
+                raise TrackingUnavailable(
+                    f"{self.uri} answered HTTP {status} to MLflow's API, so it is not an MLflow "
+                    "tracking server (or not its root address); give the server's address, e.g. "
+                    "http://HOST:5000"
+                ) from err
             raise TrackingUnavailable(
-                f"MLflow tracking server at {self.uri} is not reachable: {err}"
+                f"MLflow tracking server at {self.uri} is not reachable: {_first_line(err)}"
             ) from err
         except Exception as err:
             if self.uri.startswith(("http://", "https://")):
@@ -180,6 +195,35 @@ class Tracker:
             raise TrackingUnavailable(
                 f"MLflow tracking URI {self.uri} cannot be used: {_first_line(err)}"
             ) from err
+
+    def _sqlite_path(self) -> Path | None:
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        return Path(self.uri.removeprefix("sqlite:///").partition("?")[0])
+
+    def _new_sqlite(self) -> bool:
+        """True when the SQLite file is yet to be made (and can be); raises when it cannot be."""
+        path = self._sqlite_path()
+        assert path is not None
+        if path.is_dir():
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.uri}: {path} is a folder; name a file, e.g. "
+                f"sqlite:///{path / 'mlflow.db'}"
+            )
+        if path.exists():
+            return False
+        folder = path.parent
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "does not exist"
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.uri}: the folder {folder} {what}, so the database "
+                "cannot be made there"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.uri}: the folder {folder} is not writable"
+            )
+        return True
 
     @property
     def experiment_id(self) -> str:
@@ -192,6 +236,9 @@ class Tracker:
 
     def find_parent(self) -> str | None:
         """The run of an earlier search with this storage key, if there is one; creates nothing."""
+        sqlite = self._sqlite_path()
+        if sqlite is not None and not sqlite.exists():
+            return None  # asking would make the database
         found_experiment = self.client.get_experiment_by_name(self.experiment)
         if found_experiment is None:
             return None
@@ -201,6 +248,22 @@ class Tracker:
             max_results=1,
         )
         return found[0].info.run_id if found else None
+
+    def other_search(self) -> str | None:
+        """The Tune folder of another search recorded under this experiment name (another
+        --storage), if there is one: a second search there would mix two searches in one experiment."""
+        sqlite = self._sqlite_path()
+        if sqlite is not None and not sqlite.exists():
+            return None
+        found_experiment = self.client.get_experiment_by_name(self.experiment)
+        if found_experiment is None:
+            return None
+        found = self.client.search_runs(
+            [found_experiment.experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` != '{_quoted(self.search_key)}'",
+            max_results=1,
+        )
+        return found[0].data.tags.get(SEARCH_KEY) if found else None
 
     def parent(self, params: dict[str, Any] | None = None, space_file: Path | None = None) -> str:
         """The search's run: found again by its storage key when a search is restored."""
@@ -238,6 +301,21 @@ class Tracker:
             max_results=50_000,
         )
         return [r.data.tags.get(VARIANT, "?") for r in runs]
+
+    def discard_parent(self) -> bool:
+        """Delete the search's run if no trial was recorded under it; True when it was deleted."""
+        if self._parent is None:
+            return True
+        children = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._parent}'",
+            max_results=1,
+        )
+        if children:
+            return False
+        self.client.delete_run(self._parent)
+        self._parent = None
+        return True
 
     def end_parent(self, state: str) -> None:
         """Mark the search's run: 'finished', 'failed' (a trial failed) or 'interrupted' (resumable)."""
@@ -319,14 +397,8 @@ class Tracker:
             self._write_final(run_id, record, final, now)
             self._finalised.add(run_id)
         if record.status != "RUNNING":
-            status = "FINISHED" if record.status == "FINISHED" else "FAILED"
-            tags = (
-                []
-                if final
-                else [
-                    RunTag("flatbasin.stopped_early", "true" if status == "FINISHED" else "false")
-                ]
-            )
+            status = {"FINISHED": "FINISHED", "FAILED": "FAILED"}.get(record.status, "KILLED")
+            tags = [] if final else [RunTag(STOPPED, STOP_REASONS.get(record.status, "failed"))]
             if tags:
                 self.client.log_batch(run_id, tags=tags)
             self.client.set_terminated(run_id, status)

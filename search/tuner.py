@@ -114,10 +114,13 @@ def runtime_settings(space: Space, options: SearchOptions) -> Space:
     """Threads match the CPUs a trial holds; the device follows --gpus-per-trial unless the space names
     one, and a space that asks for CUDA without GPUs per trial is refused rather than run on the CPU."""
     threads = max(1, int(options.cpus_per_trial))
-    asked = space.settings.get("device", "auto")
-    if asked == "cuda" and options.gpus_per_trial == 0:
+    asked = {space.settings.get("device", "auto")}  # the top level, then each variant's own
+    for searched, fixed in space.variants.values():
+        asked |= {fixed["device"]} if "device" in fixed else set()
+        asked |= set(searched["device"].values) if "device" in searched else set()
+    if "cuda" in asked and options.gpus_per_trial == 0:
         raise UsageError(f"{space.path}: device: cuda needs --gpus-per-trial above 0")
-    if asked == "cpu" and options.gpus_per_trial > 0:
+    if "cpu" in asked and options.gpus_per_trial > 0:
         raise UsageError(
             f"{space.path}: device: cpu, but --gpus-per-trial {options.gpus_per_trial:g}"
         )
@@ -138,6 +141,13 @@ def check_new_or_resumable(tracker: Tracker, experiment_path: Path, resume: bool
             else "; run without --resume to start it"
         )
         raise UsageError(f"--resume: no search to resume at {experiment_path}{hint}")
+    other = None if earlier else tracker.other_search()
+    if other is not None:
+        raise UsageError(
+            f"MLflow already holds a search named '{experiment_path.name}' whose Tune folder is "
+            f"{other}, not {experiment_path}; continue it with --storage {Path(other).parent} "
+            "--resume, or start a new one with --name NEW_NAME"
+        )
     if not resume and (restorable or earlier):
         where = f"{experiment_path}" + (f", MLflow run {earlier}" if earlier else "")
         raise UsageError(
@@ -163,6 +173,9 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _OwnMessages) for f in tune_log.filters):
+        tune_log.addFilter(_OwnMessages())
     name = options.name or space.name
     storage = options.storage.expanduser().resolve()
     experiment_path = storage / name
@@ -196,9 +209,31 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         return _run(space, options, console, tracker, parent, experiment_path, samples, started)
     except BaseException:
         # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
-        # its run must not say RUNNING forever. What Tune saved stays resumable.
-        tracker.end_parent("interrupted")
+        # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
+        # before Tune saved anything leaves no run behind (it holds nothing, and would only block
+        # running the same command again).
+        from ray import tune
+
+        if tune.Tuner.can_restore(str(experiment_path)) or not tracker.discard_parent():
+            tracker.end_parent("interrupted")
         raise
+
+
+class _OwnMessages(logging.Filter):
+    """Drop Tune's messages that flatbasin says better itself: its `Tuner.restore(...)` hint (our
+    summary prints the `flatbasin search ... --resume` command) and its list of unfinished trials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "Resume experiment with" not in text and "Trials did not complete" not in text
+
+
+def resumable(space: Space, options: SearchOptions) -> bool:
+    """Whether Tune saved enough of this search for --resume to continue it."""
+    from ray import tune
+
+    experiment_path = options.storage.expanduser().resolve() / (options.name or space.name)
+    return tune.Tuner.can_restore(str(experiment_path))
 
 
 def _run(
@@ -286,7 +321,7 @@ def _run(
         grid = tuner.fit()
     fit_ended = time.perf_counter()
 
-    _fill_from_grid(writer, grid)
+    _fill_from_grid(writer, grid, stopped_by=stopper.error)
     best = _best_per_variant(writer)
     errors = _errors(writer, grid)
     interrupted = interrupt.caught and not errors
@@ -317,7 +352,7 @@ def _run(
     )  # fmt: skip
 
 
-def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
+def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = None) -> None:
     """Make the records exactly what Tune's result files hold, every epoch of every trial once.
 
     A restored search never sees, through its callbacks, the trials that finished before the
@@ -339,6 +374,8 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any) -> None:
         record.status = "FAILED" if result.error else seen.status if seen else "FINISHED"
         if record.status == "RUNNING":  # the experiment ended with this trial unfinished
             record.status = "INTERRUPTED"
+        if stopped_by and record.final is None and record.error is None:
+            record.status = "STOPPED"  # cut off when another trial failed for good
         writer.add(record)
 
 

@@ -36,7 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flatbasin.trainables.config import TrialConfig, config_keys, make_config
 from flatbasin.trainables.variants import REGISTRY
 
-MAX_CORNERS = 4096
+MAX_CORNERS = 20_000  # configs validated per variant; beyond it, range ends only (see _corners)
+# Settings that must be the same for every variant: a comparison on different budgets or data is none.
+SHARED = frozenset(
+    {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "data_seed"}
+)
 # A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -192,7 +196,28 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+# YAML 1.1 (PyYAML's) reads 1e-3 as a string: a float needs a dot there. YAML 1.2 and every user
+# reads it as 0.001, so the 1.2 float forms are added to the strict loader.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as the space files read it: strict keys, 1.2 floats, safe types only."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
     """'line 3, column 5: ...' from a YAML error, without the parser's echo of the source."""
     if isinstance(err, _DuplicateKey):
         return f"line {err.line}: {err.message}"
@@ -224,9 +249,9 @@ def load_space(name_or_path: str | Path) -> Space:
     except OSError as err:
         raise SpaceError(f"{path}: cannot read the space file: {err.strerror or err}") from err
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+        raw = read_yaml(text)
     except yaml.YAMLError as err:
-        raise SpaceError(f"{path}: {_yaml_problem(err)}") from err
+        raise SpaceError(f"{path}: {yaml_problem(err)}") from err
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping with at least 'variants'")
     try:
@@ -256,6 +281,11 @@ def load_space(name_or_path: str | Path) -> Space:
                 raise SpaceError(
                     f"{where}: unknown key; {variant} parameters: {', '.join(sorted(own))}; trial settings: {', '.join(sorted(top))}"
                 )
+            if key in SHARED:
+                raise SpaceError(
+                    f"{where}: {key} is shared by every trial of a search (the budget and the data "
+                    "every variant is compared on); set it at the top level or under fixed"
+                )
             dist = _parse_dist(where, value)
             if dist is None:
                 fixed[key] = value
@@ -268,10 +298,26 @@ def load_space(name_or_path: str | Path) -> Space:
 
 
 def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:
-    """Every combination of range ends and choices (at most MAX_CORNERS); [{}] when nothing is searched."""
+    """Every combination of range ends, interior points and choices; [{}] when nothing is searched.
+
+    With many searched keys (3**10 is 59,049) the interior points are dropped from the product and
+    each is tried alone, the other keys at their low ends; past that the space is refused rather
+    than checked in part.
+    """
     keys = list(searched)
-    combos = itertools.islice(itertools.product(*(searched[k].corners for k in keys)), MAX_CORNERS)
-    return [dict(zip(keys, combo, strict=True)) for combo in combos] or [{}]
+    full = [searched[k].corners for k in keys]
+    if math.prod(len(c) for c in full) <= MAX_CORNERS:
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*full)] or [{}]
+    ends = [(c[0], c[-1]) if searched[k].kind != "choice" else c for k, c in zip(keys, full, strict=True)]
+    if math.prod(len(c) for c in ends) > MAX_CORNERS:
+        raise SpaceError(
+            f"{len(keys)} searched keys with {math.prod(len(c) for c in ends):,} combinations of their "
+            f"ends and choices: too many to check (at most {MAX_CORNERS:,}); fix some of them"
+        )
+    combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*ends)]
+    lows = {k: c[0] for k, c in zip(keys, ends, strict=True)}
+    combos += [{**lows, k: c[1]} for k, c in zip(keys, full, strict=True) if len(c) == 3]
+    return combos
 
 
 def _check_corners(
@@ -282,7 +328,11 @@ def _check_corners(
     fixed: dict[str, Any],
 ) -> None:
     """Every combination of range ends (and choices) must make a valid trial, budget included."""
-    for values in _corners(searched):
+    try:
+        corners = _corners(searched)
+    except SpaceError as err:
+        raise SpaceError(f"{path}: variants.{variant}: {err}") from err
+    for values in corners:
         try:
             make_config(variant, {**settings, **fixed, **values})
         except ValidationError as err:

@@ -121,6 +121,64 @@ def test_truncated_jpeg_names_the_file(tmp_path):
         load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
 
 
+def test_image_folder_scan_skips_hidden_folders_loops_and_pipes(tmp_path):
+    """A notebook's checkpoint folder is no class, a link back up the tree is visited once, a FIFO
+    named like an image is listed (opening it would wait forever), and so is every bad file at once."""
+    import os
+
+    write_image_folder(tmp_path)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat")  # cat/loop/loop/... forever
+    (tmp_path / "dog" / "stray").symlink_to(tmp_path / "dog")
+    with pytest.raises(DataError) as caught:
+        os.mkfifo(tmp_path / "dog" / "pipe.png")
+        (tmp_path / "cat" / "notes.png").write_text("not an image")
+        load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
+    message = str(caught.value)
+    assert "2 unreadable file(s)" in message and "pipe.png" in message and "notes.png" in message
+    assert "not a regular file" in message
+    (tmp_path / "dog" / "pipe.png").unlink()
+    (tmp_path / "cat" / "notes.png").unlink()
+    data = load_data(DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=8), "cpu")
+    assert data.num_classes == 2  # no third class from the hidden folder
+    assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 12  # each image once
+
+
+def test_image_folder_refuses_an_empty_class_by_name(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match="without images: bird"):
+        load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    """PIL's RGB conversion clips 16-bit values to white; they are scaled to 8 bits instead."""
+    from flatbasin.trainables.image_folder import decode
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = decode(tmp_path / "ramp.png", 16)
+    assert pixels.shape == (3, 16, 16)
+    assert pixels.min() == 0 and pixels.max() == 255 and 100 < pixels.mean() < 155
+
+
+def test_an_image_too_large_to_decode_is_a_listed_problem(tmp_path, monkeypatch):
+    write_image_folder(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24x20 images are now "bombs"
+    with pytest.raises(DataError, match="too large to decode safely"):
+        load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
+
+
+def test_data_dir_for_a_built_in_set_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="built in"):
+        DataSpec(dataset="digits", data_dir=Path("/somewhere"))
+    with pytest.raises(ValidationError, match="built in"):
+        DataSpec(dataset="mnist1d", download=True)
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(DataSpec(dataset="cifar10", data_dir=tmp_path / "nope"), "cpu")
@@ -214,3 +272,23 @@ def test_augmented_signal_batches_keep_their_shape(mnist1d):
     batches = mnist1d.train_batches(64, torch.Generator().manual_seed(0), augment=True)
     x, y = next(iter(batches))
     assert x.shape == (64, 1, 40) and y.shape == (64,)
+
+
+def test_data_check_lists_every_bad_file_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from flatbasin.search.cli import app
+
+    write_image_folder(tmp_path)
+    runner = CliRunner()
+    clean = runner.invoke(app, ["data", "check", str(tmp_path)])
+    assert clean.exit_code == 0 and "every image decodes" in clean.output, clean.output
+    for k in range(12):  # more than an error message names: the check lists them all
+        (tmp_path / "cat" / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff" + bytes(k))
+    (tmp_path / "fish").mkdir()
+    found = runner.invoke(app, ["data", "check", str(tmp_path)])
+    assert found.exit_code == 2, found.output
+    assert all(f"bad{k}.jpg" in found.output for k in range(12))
+    assert "empty class: fish" in found.output and "13 problem(s)" in found.output
+    missing = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -127,3 +127,12 @@ def test_tracking_server_down_exits_2_and_starts_nothing(tmp_path):
     assert result.exit_code == 2, result.output
     assert "not reachable" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; space files read it as every user does: 0.001."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("epochs: 2\nvariants:\n  sgd: {lr: {loguniform: [1e-3, 1E-1]}, weight_decay: 5e-4}\n")
+    space = load_space(path)
+    searched, fixed = space.variants["sgd"]
+    assert searched["lr"].values == (0.001, 0.1) and fixed["weight_decay"] == 0.0005

@@ -56,6 +56,9 @@ class TrialConfig(DataSpec):
     @model_validator(mode="after")
     def _fits_budget(self) -> TrialConfig:
         self.build_variant()  # raises ValueError naming the parameter when the cycles do not fit
+        lr_min = getattr(self.params, "lr_min", None)
+        if lr_min is not None and lr_min > self.lr:
+            raise ValueError(f"lr_min ({lr_min:g}) is above lr ({self.lr:g}); the floor must be lower")
         return self
 
     def build_variant(self) -> Variant:

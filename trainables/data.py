@@ -19,20 +19,23 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
+
+from flatbasin.trainables.strict import NoBoolNumbers
 
 DatasetName = Literal[
     "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"
 ]
 MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
+BUILT_IN = ("mnist1d", "digits")  # made or shipped locally: no data_dir, no download
 
 
 class DataError(ValueError):
     """The data cannot be loaded as configured (missing directory, corrupt file, wrong layout)."""
 
 
-class DataSpec(BaseModel):
+class DataSpec(NoBoolNumbers):
     """Which data, where it lives and how it is split. Hashable: it keys the per-process cache."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,6 +59,19 @@ class DataSpec(BaseModel):
                 f"so leave data_seed at {MNIST1D_SEED}"
             )
         return seed
+
+    @field_validator("data_dir", "download")
+    @classmethod
+    def _only_for_files(cls, value: object, info: ValidationInfo) -> object:
+        dataset = info.data.get("dataset")
+        if value and dataset in BUILT_IN:
+            raise ValueError(
+                f"'{dataset}' is built in (nothing to read or fetch), so {info.field_name} does "
+                "not apply; leave it out, or set dataset to image_folder or a torchvision set"
+            )
+        if value is True and dataset == "image_folder":
+            raise ValueError("an image folder is local files; there is nothing to download")
+        return value
 
 
 @dataclass(frozen=True)
@@ -193,6 +209,8 @@ def _root(spec: DataSpec) -> Path:
             f"data set '{spec.dataset}' needs data_dir (a local directory holding its files)"
         )
     root = spec.data_dir.expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data_dir {root} is a file; give the folder that holds the data")
     if not root.is_dir() and not spec.download:
         raise DataError(
             f"data_dir {root} does not exist; put the '{spec.dataset}' files there "
@@ -235,23 +253,35 @@ def _torchvision(spec: DataSpec) -> Raw:
 
 
 def _image_folder(spec: DataSpec) -> Raw:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+    """Every image below ROOT/CLASS/, decoded and resized up front; any unreadable file, or a class
+    without images, fails the whole load with the list (nothing fails mid-epoch)."""
+    from flatbasin.trainables import image_folder
 
     root = _root(spec)
-    try:
-        folder = ImageFolder(str(root), loader=lambda p: p)  # paths only; decoded below
-    except (FileNotFoundError, OSError) as err:
-        raise DataError(f"image folder {root}: {err}") from err
-    size = (spec.image_size, spec.image_size)
-    images = np.empty((len(folder.samples), 3, *size), dtype=np.uint8)
-    for i, (path, _) in enumerate(folder.samples):
+    found = image_folder.scan(root)
+    if not found.classes:
+        raise DataError(
+            f"image folder {root}: no class folders (expected {root}/CLASS_NAME/IMAGE files)"
+        )
+    if found.empty_classes:
+        raise DataError(
+            f"image folder {root}: class folder(s) without images: {', '.join(found.empty_classes)} "
+            f"(images end in {', '.join(image_folder.EXTENSIONS)})"
+        )
+    images = np.empty((len(found.samples), 3, spec.image_size, spec.image_size), dtype=np.uint8)
+    problems = list(found.problems)
+    for i, (path, _) in enumerate(found.samples):
         try:
-            with Image.open(path) as img:
-                images[i] = np.asarray(img.convert("RGB").resize(size)).transpose(2, 0, 1)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"corrupt or unreadable image {path}: {err}") from err
-    labels = np.array([label for _, label in folder.samples], dtype=np.int64)
+            images[i] = image_folder.decode(path, spec.image_size)
+        except ValueError as err:
+            problems.append((path, str(err)))
+    if problems:
+        raise DataError(
+            f"image folder {root}: {len(problems)} unreadable file(s): "
+            f"{image_folder.problem_list(problems, root)}. Fix or remove them; "
+            f"`flatbasin data check {root}` lists them all"
+        )
+    labels = np.array([label for _, label in found.samples], dtype=np.int64)
     return images, labels, None, None
 
 

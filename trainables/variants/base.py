@@ -10,14 +10,15 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource
+from flatbasin.trainables.strict import NoBoolNumbers
 
 
-class VariantParams(BaseModel):
+class VariantParams(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -94,6 +95,15 @@ class BaseScheduleParams(VariantParams):
         0.75,
     )  # fractions of the budget where lr *= step_gamma
     step_gamma: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("step_milestones")
+    @classmethod
+    def _fractions_in_order(cls, milestones: tuple[float, ...]) -> tuple[float, ...]:
+        if not milestones or any(not 0 < m < 1 for m in milestones):
+            raise ValueError("needs fractions of the budget, each between 0 and 1")
+        if list(milestones) != sorted(set(milestones)):
+            raise ValueError("needs increasing fractions of the budget")
+        return milestones
 
 
 def base_schedule(p: BaseScheduleParams, lr: float, total_steps: int) -> schedules.Schedule:
