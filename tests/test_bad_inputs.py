@@ -373,6 +373,42 @@ def test_sync_of_a_folder_that_is_no_search_exits_2(tmp_path):
     assert "Traceback" not in result.output and "no search at" in result.output
 
 
+def test_the_same_name_under_another_storage_is_refused(tmp_path, ray_tmpdir, monkeypatch):
+    """One MLflow experiment per search name: a second --storage would put two searches in it."""
+    from flatbasin.search.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, "twice", search_key=str(tmp_path / "first" / "twice")).parent()
+    space = tmp_path / "twice.yaml"
+    space.write_text(GOOD)
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "second")]
+    result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"--storage {tmp_path / 'first'} --resume" in text and "--name NEW_NAME" in text, text
+    assert not (tmp_path / "second").exists()
+
+
+def test_data_check_of_bad_input_exits_2(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    for target, needle in ((tmp_path / "file.txt", "is a file"), (tmp_path, "no class folders")):
+        result = runner.invoke(app, ["data", "check", str(target)])
+        assert result.exit_code == 2 and needle in result.output, result.output
+
+
+def test_submit_of_bad_input_exits_2_before_contacting_anything(tmp_path):
+    for args, needle in (
+        (["--address", "127.0.0.1:8265"], "http://HOST:PORT"),
+        (["--bogus"], "no such option: --bogus"),
+        (["compare", "--bogus"], "No such option: --bogus"),
+        (["compare", "--samples", "x"], "--samples"),
+    ):
+        result = runner.invoke(app, ["submit", *args])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Usage: search" not in result.output, result.output
+
+
 def test_the_installed_entry_point_says_the_same(tmp_path):
     """Through a real process, as a user runs it: the message, exit status 2, no traceback."""
     space = tmp_path / "bad.yaml"
