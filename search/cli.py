@@ -90,9 +90,10 @@ def build_config(variant: str, settings: dict[str, Any]):
 
 
 def print_epoch(m: Any, epochs: int) -> None:
+    lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
     console.print(
-        f"epoch {m.epoch:>3}/{epochs}  loss {m.train_loss:7.4f}  train {m.train_acc:.4f}  "
-        f"val {m.val_acc:.4f}  score {m.score:.4f}  lr {m.lr:.5f}  members {m.members}"
+        f"epoch {m.epoch:>3}/{epochs}  loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}  "
+        f"val acc {m.val_acc:.4f}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
     )
 
 
@@ -156,6 +157,11 @@ def train(
     from flatbasin.trainables.data import DataError
     from flatbasin.trainables.loop import train as run_trial
 
+    console.print(
+        "val acc: the weights being trained; deployed val acc: the model the variant ships now (the "
+        "average or ensemble of its members; the search's score); lr: the epoch's range"
+    )
+
     def on_epoch(metrics: Any, save: Any) -> None:
         print_epoch(metrics, config.epochs)
         if checkpoint is not None:
@@ -172,7 +178,8 @@ def train(
     else:
         print_curve(result)
         console.print(
-            f"score (val acc of the deployed model) {result.score:.4f}   test_acc {result.test_acc:.4f}"
+            f"deployed model ({result.model}): val acc {result.score:.4f} (the score)   "
+            f"test acc {result.test_acc:.4f}"
         )
     console.print(
         f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s); plan {result.plan}"

@@ -426,6 +426,8 @@ class Tracker:
             RunTag("flatbasin.diverged", str(bool(final["diverged"])).lower()),
             RunTag("flatbasin.data_fingerprint", final["data_fingerprint"]),
         ]
+        if final.get("model_built"):  # the `model` param may read `auto`: this is what was built
+            tags.append(RunTag("flatbasin.model", str(final["model_built"])))
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
         if final["curve"]:

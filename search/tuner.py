@@ -599,7 +599,8 @@ def _finish_parent(
         ckpt = checkpoints.get(row["trial_id"])
         if ckpt is None or row["run_id"] is None:
             continue
-        if tracker.client.get_run(row["run_id"]).data.tags.get(MODEL_LOGGED) == "true":
+        run = tracker.client.get_run(row["run_id"])
+        if run.data.tags.get(MODEL_LOGGED) == "true":
             continue  # a restored search or a second sync: the model is there already
         config = TrialConfig.model_validate(row["final"]["trial_config"])
         with ckpt.as_directory() as folder:
@@ -613,6 +614,9 @@ def _finish_parent(
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"flatbasin=={flatbasin.__version__}"],
             )  # fmt: skip
         tracker.client.set_tag(row["run_id"], MODEL_LOGGED, "true")
+        # start_run reopened the trial's run and closed it now: give it back its own end, so its
+        # duration in the UI is the trial's, not the time until the search ended.
+        tracker.client.set_terminated(row["run_id"], run.info.status, end_time=run.info.end_time)
 
 
 def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:

@@ -21,6 +21,7 @@ from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, accuracy
 from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model
 
@@ -36,6 +37,8 @@ class EpochMetrics:
     lr: float  # of the last step of the epoch
     score: float  # validation accuracy of the model the variant would deploy now
     members: int  # models averaged or ensembled so far
+    lr_low: float | None = None  # the lowest and highest lr of the epoch's steps: with cycles
+    lr_high: float | None = None  # shorter than an epoch the last step's lr alone says little
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrialResult:
     threads: int
     device: str
     seconds: dict[str, float] = field(default_factory=dict)  # total, averaging (joins + BN), eval
+    model: str = ""  # the model built: `auto` resolved for the data (cnn1d, small_cnn, resnet18)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +71,7 @@ class TrialResult:
             "threads": self.threads,
             "device": self.device,
             "seconds": self.seconds,
+            "model": self.model,
         }
 
 
@@ -166,8 +171,10 @@ def train(
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        lr_low, lr_high = math.inf, -math.inf
         for x, y in data.train_batches(config.batch_size, order, config.augment):
             lr = lr_at(step)
+            lr_low, lr_high = min(lr_low, lr), max(lr_high, lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = model(x)
@@ -214,6 +221,8 @@ def train(
             lr=lr_at(step - 1),
             score=DIVERGED_SCORE if diverged else score,
             members=averager.count,
+            lr_low=lr_low,
+            lr_high=lr_high,
         )
         history.append(metrics)
         seconds["eval"] += time.perf_counter() - tick
@@ -249,4 +258,5 @@ def train(
         threads=torch.get_num_threads(),
         device=str(device),
         seconds=seconds,
+        model=resolve_name(config.model, data.shape),
     )

@@ -57,6 +57,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "plan": result.plan,
         "threads": result.threads,
         "seconds_total": result.seconds["total"],
+        "model_built": result.model,
     }
 
 
