@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,48 @@ def start_mlflow_server(
 def mlflow_server(tmp_path, process_groups):
     """A real `mlflow server` on loopback (SQLite backend, served artifacts); restartable."""
     yield start_mlflow_server(process_groups, tmp_path)
+
+
+# ----------------------------------------------------------------------------- one real search
+# Shared by tests/test_search_integration.py and tests/test_report.py: a search costs tens of seconds
+# (Ray's start, workers' imports, the report), so the tests that only read a finished one share it.
+SEARCHED_SPACE = """\
+name: searched
+samples: 6
+epochs: 3
+confirm_seeds: 2
+fixed: {batch_size: 64}
+variants:
+  sgd: {lr: {loguniform: [0.02, 0.1]}}
+  swa: {lr: {loguniform: [0.02, 0.1]}, swa_start_frac: 0.34}
+  snapshot: {lr: {loguniform: [0.02, 0.1]}, cycles: {int: [2, 3]}}
+"""
+
+
+@dataclass(frozen=True)
+class Searched:
+    folder: Path  # the search's working directory: searched.yaml, mlflow.db, runs/, reports/
+    uri: str
+    returncode: int
+    stdout: str
+    stderr: str
+    seed: int = 4
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory) -> Iterator[Searched]:
+    """A real tiny search through the CLI: 6 trials of sgd, swa and snapshot on digits (3 epochs),
+    each variant's best confirmed with 2 fresh seeds; its own session and Ray folder, killed and
+    removed afterwards. Tests read it; none may change it."""
+    folder = tmp_path_factory.mktemp("searched")
+    (folder / "searched.yaml").write_text(SEARCHED_SPACE)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with owned_processes() as groups, tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as ray:
+        proc = groups.spawn(
+            [sys.executable, "-m", "flatbasin", "search", "searched.yaml", "--tracking-uri", uri,
+             "--storage", str(folder / "runs"), "--seed", "4", "--concurrency", "2"],
+            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray},
+        )  # fmt: skip
+        stdout, stderr = proc.communicate(timeout=840)
+        yield Searched(folder, uri, proc.returncode, stdout, stderr)

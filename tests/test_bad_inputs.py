@@ -46,6 +46,15 @@ def folder_space(kind: str, model: str = "small_cnn", batch: int = 2) -> str:
     )
 
 
+# 15 keys of one variant, each a choice of two: 32,768 combinations, more than a space check tries.
+MANY = [
+    ("lr", 0.01, 0.02), ("momentum", 0.8, 0.9), ("weight_decay", 0, 0.001), ("dropout", 0, 0.1),
+    ("batch_size", 16, 32), ("seed", 0, 1), ("augment", "false", "true"), ("optimizer", "sgd", "nesterov"),
+    ("init", "default", "kaiming"), ("swa_lr", 0.001, 0.002), ("swa_lr_max", 0.03, 0.04),
+    ("swa_every", 1, 2), ("swa_start_frac", 0.5, 0.6), ("threads", 1, 2), ("image_size", 8, 16),
+]  # fmt: skip
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,17 +166,7 @@ SEARCH: dict[str, Case] = {
         "variants: {sgd: {schedule: step, step_milestones: [0.8, 0.5]}}\n", (), "increasing"
     ),
     "too many searched keys": Case(
-        "variants:\n  swa:\n"
-        + "".join(
-            f"    {key}: {{choice: [{a}, {b}]}}\n"
-            for key, a, b in [
-                ("lr", 0.01, 0.02), ("momentum", 0.8, 0.9), ("weight_decay", 0, 0.001),
-                ("dropout", 0, 0.1), ("batch_size", 16, 32), ("seed", 0, 1), ("augment", "false", "true"),
-                ("optimizer", "sgd", "nesterov"), ("init", "default", "kaiming"), ("swa_lr", 0.001, 0.002),
-                ("swa_lr_max", 0.03, 0.04), ("swa_every", 1, 2), ("swa_start_frac", 0.5, 0.6),
-                ("threads", 1, 2), ("image_size", 8, 16),
-            ]
-        ),  # fmt: skip
+        "variants:\n  swa:\n" + "".join(f"    {key}: {{choice: [{a}, {b}]}}\n" for key, a, b in MANY),
         (),
         "too many to check",
     ),

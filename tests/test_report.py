@@ -3,14 +3,10 @@ MLflow (no Ray), and the report of a real search end to end (Ray, MLflow, the CL
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -239,18 +235,6 @@ def test_report_bad_input_is_one_message(synthetic, tmp_path):
 
 # ----------------------------------------------------------------------------- a real search
 
-E2E_SPACE = """\
-name: rpt
-samples: 6
-epochs: 3
-fixed: {batch_size: 64}
-variants:
-  sgd: {lr: {loguniform: [0.02, 0.1]}}
-  swa: {lr: {loguniform: [0.02, 0.1]}, swa_start_frac: 0.34}
-  snapshot: {lr: {loguniform: [0.02, 0.1]}, cycles: {int: [2, 3]}}
-"""
-
-
 def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flatbasin", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
@@ -258,9 +242,11 @@ def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
 
 def summary_scores(stdout: str) -> dict[str, str]:
     """variant -> the best score as the search's summary table printed it."""
+    table = stdout[stdout.index("best trial per variant") :]
+    table = table[: table.index("└")]  # the first table only (the confirmed one follows)
     rows = [
         [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
-        for line in stdout.splitlines()
+        for line in table.splitlines()
         if line.startswith(("│", "┃"))
     ]
     header = next(row for row in rows if "variant" in row and "score (val)" in row)
@@ -268,39 +254,14 @@ def summary_scores(stdout: str) -> dict[str, str]:
     return {row[0]: row[at] for row in rows if row is not header and row[0]}
 
 
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    """A real tiny search: 6 trials of sgd, swa and snapshot on digits, 3 epochs, in its own session
-    with its own Ray folder; its process group is killed and the folder removed afterwards."""
-    tmp = tmp_path_factory.mktemp("searched")
-    (tmp / "rpt.yaml").write_text(E2E_SPACE)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    ray_tmp = tempfile.mkdtemp(prefix="fbray-", dir="/tmp")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flatbasin", "search", "rpt.yaml", "--tracking-uri", uri,
-         "--storage", str(tmp / "runs"), "--seed", "4", "--concurrency", "2"],
-        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=840)
-        yield tmp, uri, proc.returncode, stdout, stderr
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the module's search runs in the first test's setup
 def test_search_ends_with_its_report(searched):
-    tmp, _, code, stdout, stderr = searched
+    tmp, code, stdout, stderr = searched.folder, searched.returncode, searched.stdout, searched.stderr
     assert code == 0, stdout + stderr
     assert "warning: the report was not written" not in stderr
-    page = tmp / "reports" / "rpt" / "report.html"
+    page = tmp / "reports" / "searched" / "report.html"
     assert f"Report:       {page}" in stdout and page.is_file()
     text = page.read_text()
     scores = summary_scores(stdout)
@@ -312,11 +273,11 @@ def test_search_ends_with_its_report(searched):
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_report_command_writes_and_logs(searched):
-    tmp, uri, code, stdout, _ = searched
+def test_report_command_writes_and_logs(searched, tmp_path):
+    tmp, uri, code, stdout = searched.folder, searched.uri, searched.returncode, searched.stdout
     assert code == 0
-    out = tmp / "again"
-    done = cli("report", "rpt", "--tracking-uri", uri, "--out", str(out), cwd=tmp, timeout=300)
+    out = tmp_path / "again"
+    done = cli("report", "searched", "--tracking-uri", uri, "--out", str(out), cwd=tmp, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Report:       {out / 'report.html'}" in done.stdout
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.html").is_file()
@@ -326,7 +287,7 @@ def test_report_command_writes_and_logs(searched):
     assert "Parameter importances" in text and "All trials (6)" in text
 
     client = MlflowClient(uri)
-    parent = find_search(client, "rpt", uri)
+    parent = find_search(client, "searched", uri)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/curves.png"} <= logged
 
@@ -335,10 +296,10 @@ def test_report_command_writes_and_logs(searched):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_importances_of_a_real_search(searched):
-    _, uri, code, _, _ = searched
-    assert code == 0
+    uri = searched.uri
+    assert searched.returncode == 0
     client = MlflowClient(uri)
-    report = read_report(client, find_search(client, "rpt", uri), uri)
+    report = read_report(client, find_search(client, "searched", uri), uri)
     assert report.space is not None and report.val_size == VAL
     assert len(report.trials) == 6
     for study in report.importances:
@@ -353,8 +314,7 @@ def test_importances_of_a_real_search(searched):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_unknown_search_exits_2_without_traceback(searched):
-    tmp, uri, _, _, _ = searched
-    done = cli("report", "no-such-search", "--tracking-uri", uri, cwd=tmp, timeout=300)
+    done = cli("report", "no-such-search", "--tracking-uri", searched.uri, cwd=searched.folder, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "no-such-search" in done.stderr
-    assert "rpt" in done.stderr  # names the searches that are there
+    assert "searched" in done.stderr  # names the searches that are there

@@ -109,43 +109,42 @@ def trial_runs(client: MlflowClient, experiment: str):
     return parents, trials
 
 
-def test_search_records_every_trial_and_reproduces(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, "it", samples=5)
-    done = flatbasin("search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
-                     "--seed", "4", "--concurrency", "2", cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "best trial per variant" in done.stdout and "flatbasin reproduce" in done.stdout
+def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
+    """The shared search (conftest.searched): what a user finds in MLflow afterwards."""
+    uri, folder = searched.uri, searched.folder
+    assert searched.returncode == 0, searched.stdout + searched.stderr
+    assert "best trial per variant" in searched.stdout and "flatbasin reproduce" in searched.stdout
+    assert "confirmed over 2 fresh seeds" in searched.stdout and "Winner:" in searched.stdout
 
     client = MlflowClient(uri)
-    parents, trials = trial_runs(client, "it")
-    assert len(parents) == 1 and len(trials) == 5
+    parents, trials = trial_runs(client, "searched")
+    assert len(parents) == 1 and len(trials) == 6
     parent = parents[0]
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     assert {t.data.tags["flatbasin.variant"] for t in trials} == {"sgd", "swa", "snapshot"}
-    assert len({t.data.tags["flatbasin.trial_id"] for t in trials}) == 5
+    assert len({t.data.tags["flatbasin.trial_id"] for t in trials}) == 6
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.json", "comparison.png", "it.yaml"} <= parent_files
+    assert {"summary.json", "comparison.png", "searched.yaml"} <= parent_files
     assert parent.data.params["seed"] == "4"
     assert parent.info.status == "FINISHED" and parent.data.tags["flatbasin.state"] == "finished"
 
-    again = flatbasin("search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
-                      cwd=tmp_path)  # fmt: skip
+    again = flatbasin("search", "searched.yaml", "--tracking-uri", uri, "--storage",
+                      str(folder / "runs"), cwd=folder)  # fmt: skip
     assert again.returncode == 2, again.stdout + again.stderr
     assert "already exists" in again.stderr and "--resume" in again.stderr
-    assert len(trial_runs(client, "it")[1]) == 5  # nothing merged into the first search
+    assert len(trial_runs(client, "searched")[1]) == 6  # nothing merged into the first search
 
     for run in trials:
         rid, variant = run.info.run_id, run.data.tags["flatbasin.variant"]
         assert run.info.status == "FINISHED"
         assert run.data.params["variant"] == variant and float(run.data.params["lr"]) > 0
-        assert run.data.params["epochs"] == "3"
+        assert run.data.params["epochs"] == "3" and run.data.tags["flatbasin.model"] == "small_cnn"
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"):
             assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3], key
         curve = client.get_metric_history(rid, "curve/val_acc")
         expected = {
             "sgd": 1,
-            "swa": 1,
+            "swa": 2,  # averaging starts after epoch 1 of 3 (swa_start_frac 0.34)
             "snapshot": int(run.data.params["cycles"]) if variant == "snapshot" else 0,
         }
         assert sorted(m.step for m in curve) == list(range(1, expected[variant] + 1))
@@ -168,8 +167,25 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
         model = mlflow.pytorch.load_model(f"runs:/{rid}/model")
         with torch.no_grad():
             accuracy = (model(digits.x_test).argmax(1) == digits.y_test).float().mean().item()
-        recorded = client.get_run(rid).data.metrics["test_acc"]
-        assert accuracy == pytest.approx(recorded, abs=1e-6), rid
+        run = client.get_run(rid)
+        assert accuracy == pytest.approx(run.data.metrics["test_acc"], abs=1e-6), rid
+        # Logging the model reopened the run: it keeps its own end, not the search's.
+        assert run.info.end_time < parent.info.end_time - 1, rid
+
+    # Confirmation: each variant's best config, 2 fresh seeds, its own runs under the parent.
+    exp = client.get_experiment_by_name("searched").experiment_id
+    confirms = [r for r in client.search_runs([exp]) if r.data.tags.get("flatbasin.role") == "confirm"]
+    assert len(confirms) == 6 and {r.data.tags["mlflow.parentRunId"] for r in confirms} == {parent.info.run_id}
+    by_trial = {t.data.tags["flatbasin.trial_id"]: t for t in trials}
+    for run in confirms:
+        source = by_trial[run.data.tags["flatbasin.confirms"]]  # the best trial it retrains
+        assert source.info.run_id in best_runs
+        assert run.data.params["seed"] != source.data.params["seed"]
+        for key in ("lr", "variant", "epochs"):
+            assert run.data.params[key] == source.data.params[key], key
+    assert len({(r.data.tags["flatbasin.confirms"], r.data.params["seed"]) for r in confirms}) == 6
+    assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
+    assert parent.data.tags["flatbasin.winner"] == summary["confirmed"][0]["variant"]
 
     best = summary["best_per_variant"][0]["run_id"]
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)
@@ -181,53 +197,91 @@ def test_search_records_every_trial_and_reproduces(tmp_path):
         if r.data.tags.get("flatbasin.role") == "reproduction"
     ]
     assert len(repro) == 1 and repro[0].data.tags["flatbasin.reproduces"] == best
+    assert repro[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def test_interrupted_search_exits_130_then_resumes_to_the_end(tmp_path, ray_tmpdir, spawn):
-    """Ctrl-C: exit 130, the parent run says interrupted (not FINISHED), the exact --resume command is
-    printed, and it finishes the search with one run per trial. A stale current-cluster file from some
-    earlier `ray start` is lying around the whole time: a local search never goes near it."""
+def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir, spawn, process_groups):
+    """Ctrl-C, then SIGKILL, then the end, in one search of 8 trials:
+
+    - Ctrl-C: exit 130, the parent run says interrupted (not FINISHED), the exact --resume command
+      is printed;
+    - that command resumes it; once two more trials are done the driver and its local Ray are killed
+      (SIGKILL: no chance to save anything);
+    - --resume again finishes it: no finished trial trains again, one run per trial, every epoch of
+      Tune's result files in MLflow once.
+
+    A stale current-cluster file from some earlier `ray start` lies around the whole time: a local
+    search never goes near it."""
     stale = ray_tmpdir / "ray" / "ray_current_cluster"
     stale.parent.mkdir(parents=True)
     stale.write_text("127.0.0.2:6379")  # nothing listens there
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, "resumed", samples=6)
-    args = search_args(space, uri, tmp_path, seed=1)
+    space = write_space(tmp_path, "resumed", samples=8)
+    args = search_args(space, uri, tmp_path, 1, "--checkpoint-interval", "0")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
+    experiment = tmp_path / "runs" / "resumed"
+
+    def until_done(proc: subprocess.Popen, count: int) -> str:
+        seen = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if f"{count}/8 done" in line:
+                break
+        return "".join(seen)
+
+    def finished() -> list[Path]:
+        dirs = [d for d in experiment.iterdir() if d.is_dir()] if experiment.exists() else []
+        return [d for d in dirs if (r := tune_rows(d)) and r[-1].get("final")]
+
+    # 1. Ctrl-C once two trials are done.
     proc = spawn(args, tmp_path, env)
-    seen = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # interrupt once two trials are done
-        seen.append(line)
-        if "2/6 done" in line:
-            break
+    text = until_done(proc, 2)
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
-    text = "".join(seen) + rest
+    text += rest
     assert proc.returncode == 130, text
     assert "Connecting to existing Ray cluster" not in text and "127.0.0.2" not in text
+    assert "Tuner.restore" not in text  # flatbasin's own command, not Tune's
     resume = [line.strip() for line in text.splitlines() if line.strip().endswith("--resume")]
     assert resume and resume[0].startswith("flatbasin search ") and "--name resumed" in resume[0], (
         text
     )
-
     client = MlflowClient(uri)
     parents, before = trial_runs(client, "resumed")
-    assert 2 <= len(before) < 6, text
+    assert 2 <= len(before) < 8, text
     assert parents[0].info.status == "KILLED"
     assert parents[0].data.tags["flatbasin.state"] == "interrupted"
+    assert not any(t.info.status == "RUNNING" for t in before)
 
-    done = flatbasin(*shlex.split(resume[0])[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    # 2. The printed command resumes it; SIGKILL once two more are done and their rows are on disk.
+    proc = spawn(shlex.split(resume[0])[1:], tmp_path, env)
+    until_done(proc, 2)
+    deadline = time.monotonic() + 30
+    while len(finished()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process_groups.kill(proc)  # the driver and its local Ray: no chance to save anything
+    finished_before = finished()
+    assert len(finished_before) >= 4
+
+    # 3. --resume again, to the end.
+    done = flatbasin(*args, "--resume", cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
+    # A finished trial may report its final result once more, but never trains again.
+    for trial_dir in finished_before:
+        epochs = [r["epoch"] for r in tune_rows(trial_dir)]
+        assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (trial_dir.name, epochs)
     parents, trials = trial_runs(client, "resumed")
     assert len(parents) == 1
-    assert (
-        parents[0].info.status == "FINISHED"
-        and parents[0].data.tags["flatbasin.state"] == "finished"
-    )
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["flatbasin.state"] == "finished"
     ids = [t.data.tags["flatbasin.trial_id"] for t in trials]
-    assert len(ids) == len(set(ids)) == 6  # one run per trial, none duplicated
-    assert_mlflow_holds_tune_results(client, tmp_path / "runs" / "resumed", trials)
+    assert len(ids) == len(set(ids)) == 8  # one run per trial, none duplicated
+    assert_mlflow_holds_tune_results(client, experiment, trials)
+    for run in trials:  # every epoch once (MLflow keeps them in the order they were written)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "score")]
+        assert sorted(steps) == [1, 2, 3], steps
+        assert "test_acc" in run.data.metrics and run.info.status == "FINISHED"
 
 
 def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server, spawn):
@@ -265,46 +319,3 @@ def test_tracking_server_outage_loses_nothing(tmp_path, mlflow_server, spawn):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
         assert "test_acc" in run.data.metrics
         assert "trial_config.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
-
-
-@pytest.mark.flaky(reruns=1)  # the SIGKILL lands at a moment found by polling
-def test_driver_killed_then_resumed_reruns_nothing(tmp_path, ray_tmpdir, spawn, process_groups):
-    """SIGKILL the driver mid-search; `--resume` finishes it: no finished trial trains again, no run twice."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    space = write_space(tmp_path, "killed", samples=6)
-    args = search_args(space, uri, tmp_path, 2, "--checkpoint-interval", "0")
-    proc = spawn(
-        args, tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
-    )
-    experiment = tmp_path / "runs" / "killed"
-
-    def finished() -> list[Path]:
-        dirs = [d for d in experiment.iterdir() if d.is_dir()] if experiment.exists() else []
-        return [d for d in dirs if (r := tune_rows(d)) and r[-1].get("final")]
-
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "2/6 done" in line:
-            break
-    deadline = time.monotonic() + 30
-    while len(finished()) < 2 and time.monotonic() < deadline:  # their final rows on disk
-        time.sleep(0.1)
-    process_groups.kill(proc)  # the driver and its local Ray: no chance to save anything
-
-    finished_before = finished()
-    assert len(finished_before) >= 2
-
-    done = flatbasin(*args, "--resume", cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
-    assert done.returncode == 0, done.stdout + done.stderr
-    # A finished trial may report its final result once more, but never trains again.
-    for trial_dir in finished_before:
-        epochs = [r["epoch"] for r in tune_rows(trial_dir)]
-        assert epochs[:3] == [1, 2, 3] and set(epochs[3:]) <= {3}, (trial_dir.name, epochs)
-    client = MlflowClient(uri)
-    parents, trials = trial_runs(client, "killed")
-    assert len(parents) == 1 and len(trials) == 6
-    assert len({t.data.tags["flatbasin.trial_id"] for t in trials}) == 6
-    assert_mlflow_holds_tune_results(client, experiment, trials)
-    for run in trials:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "score")] == [1, 2, 3]
-        assert "test_acc" in run.data.metrics
