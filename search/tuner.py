@@ -362,7 +362,14 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         if trial_id is None:
             continue
-        record = TrialRecord(trial_id, sampled(dict(result.config)))
+        seen = writer.records.get(trial_id)
+        if result.config:
+            config = sampled(dict(result.config))
+        elif seen is not None:  # cut off before its first result: Tune kept no config for it
+            config = seen.config
+        else:
+            continue
+        record = TrialRecord(trial_id, config)
         rows = read_results(Path(result.path)) if result.path else []
         if not rows and result.metrics_dataframe is not None:
             rows = result.metrics_dataframe.to_dict("records")
@@ -370,7 +377,6 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
             record.add({k: v for k, v in row.items() if k in KEPT})
         if result.metrics.get("final") or result.metrics.get("permanent_error"):
             record.add({k: v for k, v in result.metrics.items() if k in KEPT})
-        seen = writer.records.get(trial_id)
         record.status = "FAILED" if result.error else seen.status if seen else "FINISHED"
         if record.status == "RUNNING":  # the experiment ended with this trial unfinished
             record.status = "INTERRUPTED"

@@ -44,7 +44,7 @@ import pytest
 from conftest import ProcessGroups, free_port, owned_processes, start_mlflow_server
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 HEAD_IP = "127.0.0.2"
 WORKER_IP = "127.0.0.3"  # the shared cluster's only node with CPUs

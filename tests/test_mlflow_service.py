@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from flatbasin.search.tracking import Tracker, TrackingRefused
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("mlflow_service")]
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = ROOT / "docker" / "mlflow-entrypoint.sh"

@@ -256,6 +256,7 @@ def summary_scores(stdout: str) -> dict[str, str]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)  # the module's search runs in the first test's setup
 def test_search_ends_with_its_report(searched):
     tmp, code, stdout, stderr = searched.folder, searched.returncode, searched.stdout, searched.stderr
@@ -272,6 +273,7 @@ def test_search_ends_with_its_report(searched):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)
 def test_report_command_writes_and_logs(searched, tmp_path):
     tmp, uri, code, stdout = searched.folder, searched.uri, searched.returncode, searched.stdout
@@ -294,6 +296,7 @@ def test_report_command_writes_and_logs(searched, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)
 def test_importances_of_a_real_search(searched):
     uri = searched.uri
@@ -312,6 +315,7 @@ def test_importances_of_a_real_search(searched):
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)
 def test_unknown_search_exits_2_without_traceback(searched):
     done = cli("report", "no-such-search", "--tracking-uri", searched.uri, cwd=searched.folder, timeout=300)

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from flatbasin.trainables.data import DataSpec, load_data
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("searched")]
 
 
 @pytest.fixture
