@@ -188,6 +188,49 @@ def train(
         json_out.write_text(json.dumps(result.to_json(), indent=2))
 
 
+@app.command("lr-find")
+def lr_find(
+    variant: Annotated[
+        str, typer.Option(help="the variant whose parameters --set may name (sgd, swa, ...)")
+    ] = "sgd",
+    dataset: Annotated[
+        str | None, typer.Option(help="mnist1d, digits (default), cifar10, ... as for train")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="root of a torchvision set or an image folder")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
+    start: Annotated[float, typer.Option(help="learning rate of the first step")] = 1e-6,
+    end: Annotated[float, typer.Option(help="learning rate of the last step (at most 10)")] = 10.0,
+    steps: Annotated[
+        int, typer.Option(help="optimiser steps (at least 10); batches repeat as needed")
+    ] = 200,
+    plot: Annotated[Path, typer.Option(help="where to draw the figure (PNG)")] = Path(
+        "lr_find.png"
+    ),
+    write: Annotated[
+        Path | None,
+        typer.Option(metavar="SPACE.yaml", help="set every variant's learning-rate ranges here"),
+    ] = None,
+) -> None:
+    """Learning-rate range test: raise the lr each step, plot the loss, suggest bounds for a search."""
+    from flatbasin.search.lrfind import LrFindOptions, check_options, run_lr_find
+
+    try:
+        settings = parse_settings(set_ or [])
+        for key, value in (("dataset", dataset), ("data_dir", data_dir)):
+            if value is not None:
+                settings[key] = value
+        config = build_config(variant, settings)
+        options = LrFindOptions(start=start, end=end, steps=steps, plot=plot, write=write)
+        check_options(options)
+        suggested = run_lr_find(config, options, console)
+    except UsageError as err:
+        fail(str(err))
+    if not suggested:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command()
 def search(
     space_file: Annotated[
