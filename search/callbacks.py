@@ -187,6 +187,8 @@ class Progress(Callback):
         self.done = self.failed = self.diverged = 0
         self.ended: set[str] = set()
         self.best: tuple[float, str] | None = None
+        self.began: dict[str, float] = {}  # trial id -> when it started (this driver's clock)
+        self.durations: list[float] = []  # of the trials that ended while this driver watched
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (Progress, {"total": self.total, "every_s": self.every_s})
@@ -195,12 +197,20 @@ class Progress(Callback):
     def from_state(cls, state: dict[str, Any]) -> Progress:
         return cls(state["total"], plain_console(), state["every_s"])
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.began.setdefault(trial.trial_id, time.monotonic())
+
+    def _end(self, trial: Any) -> None:
+        self.ended.add(trial.trial_id)
+        if trial.trial_id in self.began:
+            self.durations.append(time.monotonic() - self.began[trial.trial_id])
+
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         if result.get("permanent_error") and trial.trial_id not in self.ended:
             self.failed += 1  # the trial returns normally after reporting it: not a finished one
-            self.ended.add(trial.trial_id)
+            self._end(trial)
         if result.get("final"):
             self.diverged += bool(result.get("diverged"))
             if not result.get("diverged") and (self.best is None or result["score"] > self.best[0]):
@@ -211,13 +221,13 @@ class Progress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.ended:
             self.done += 1
-            self.ended.add(trial.trial_id)
+            self._end(trial)
         self._line(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id not in self.ended:
             self.failed += 1
-            self.ended.add(trial.trial_id)
+            self._end(trial)
         self._line(trials)
 
     def _line(self, trials: list) -> None:
@@ -229,11 +239,15 @@ class Progress(Callback):
             t.status in ("RUNNING", "PENDING") and t.trial_id not in self.ended for t in trials
         )
         finished = self.done + self.failed
-        eta = (
-            f"~{_clock(elapsed / finished * (self.total - finished))} left"
-            if finished
-            else "estimating"
-        )
+        eta = "estimating"
+        if self.durations:
+            # From how long a trial takes, not from the elapsed time (which holds Ray's start-up):
+            # the trials still to start, in waves as wide as the running ones, plus half a trial
+            # for those running now.
+            per = sum(self.durations) / len(self.durations)
+            waiting = max(self.total - finished - running, 0)
+            left = waiting * per / max(running, 1) + (per / 2 if running else 0.0)
+            eta = f"~{_clock(left)} left"
         best = f"best {self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
         self.console.print(
             f"[{_clock(elapsed)}] {self.done}/{self.total} done · {running} running · {self.failed} failed · "

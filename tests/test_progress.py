@@ -1,0 +1,33 @@
+"""The progress line: what it counts, and a time left that comes from how long trials take."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from flatbasin.search.callbacks import Progress
+
+
+def trial(trial_id: str, status: str = "RUNNING") -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, status=status, config={"variant": "sgd"})
+
+
+def test_counts_and_time_left(monkeypatch):
+    out = io.StringIO()
+    progress = Progress(6, Console(file=out, width=200), every_s=1e9)
+    clock = iter([0.0, 0.0, 10.0, 10.0, 12.0, 12.0, 20.0, 20.0])
+    monkeypatch.setattr("flatbasin.search.callbacks.time.monotonic", lambda: next(clock))
+    a, b, c = trial("a"), trial("b"), trial("c")
+    progress.on_trial_start(0, [a, b], a)
+    progress.on_trial_start(0, [a, b], b)
+    a.status = "TERMINATED"
+    progress.on_trial_complete(0, [a, b, c], a)  # took 10 s; b and c run, 3 wait
+    line = out.getvalue().splitlines()[-1]
+    assert "1/6 done · 2 running · 0 failed" in line
+    assert "~00:20 left" in line  # 3 waiting × 10 s / 2 running + 5 s for the running ones
+    # A trial that reports a permanent error and returns is failed, not done, and counted once.
+    progress.on_trial_result(0, [b, c], b, {"permanent_error": "DataError: x", "score": 0.0})
+    progress.on_trial_complete(0, [b, c], b)
+    assert "1/6 done · 1 running · 1 failed" in out.getvalue().splitlines()[-1]
