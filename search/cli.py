@@ -91,9 +91,10 @@ def build_config(variant: str, settings: dict[str, Any]):
 
 def print_epoch(m: Any, epochs: int) -> None:
     lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
+    gap = "" if m.gen_gap is None else f"  gap {m.gen_gap:+.4f}"
     console.print(
         f"epoch {m.epoch:>3}/{epochs}  loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}  "
-        f"val acc {m.val_acc:.4f}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
+        f"val acc {m.val_acc:.4f}{gap}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
     )
 
 
@@ -109,6 +110,19 @@ def print_curve(result: Any) -> None:
         cells = [str(p.count), f"{p.val_acc:.4f}", f"{p.test_acc:.4f}"]
         cells += [f"{extras[n][i].val_acc:.4f}" if i < len(extras[n]) else "" for n in extras]
         table.add_row(*cells)
+    console.print(table)
+    if result.diversity:
+        print_diversity(result.diversity)
+
+
+def print_diversity(points: list[Any]) -> None:
+    """Under the curve: members that err on the same examples add nothing to the ensemble."""
+    table = Table(title="members' diversity on the test split (first k members, mean over pairs)")
+    for column in ("count", "disagreement", "error corr"):
+        table.add_column(column, justify="right")
+    for p in points:
+        corr = "n/a" if p.error_corr is None else f"{p.error_corr:.4f}"
+        table.add_row(str(p.count), f"{p.disagreement:.4f}", corr)
     console.print(table)
 
 
@@ -158,8 +172,10 @@ def train(
     from flatbasin.trainables.loop import train as run_trial
 
     console.print(
-        "val acc: the weights being trained; deployed val acc: the model the variant ships now (the "
-        "average or ensemble of its members; the search's score); lr: the epoch's range"
+        "val acc: the weights being trained; gap: their accuracy on training examples minus val acc, "
+        "both scored alike; deployed val acc: the model the variant ships now (the average or "
+        "ensemble of its members; the search's score); lr: the epoch's range"
+        + ("; every accuracy with test-time augmentation" if config.tta != "none" else "")
     )
 
     def on_epoch(metrics: Any, save: Any) -> None:

@@ -126,17 +126,21 @@ def _host_port(address: str, target: RayTarget) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def check_trials(space: Space, *, local: bool) -> None:
+def check_trials(space: Space, *, local: bool) -> list[str]:
     """Load the data and build the model of every distinct trial setting at the corners of the space,
-    and check each trial can run on them (classes, batch size, input shape).
+    check each trial can run on them (classes, batch size, input shape), and that each distinct data
+    and model can learn at all: a sensible loss at initialisation and one small batch memorised
+    (sanity.check_learns, about a second each). Returns warnings for what is only suspicious.
 
     On a cluster a data_dir this machine does not have is left to the nodes: the trial checks it where
     it runs and reports a permanent error, which is not retried.
     """
     from flatbasin.trainables.data import DataError, load_data
-    from flatbasin.trainables.sanity import TrialError, check_trial
+    from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
 
     seen: set[tuple[object, ...]] = set()
+    learned: set[tuple[object, ...]] = set()  # the learning check ignores batch size and dropout
+    warnings: list[str] = []
     try:
         for config in space.corner_configs():
             spec = config.data_spec
@@ -156,7 +160,12 @@ def check_trials(space: Space, *, local: bool) -> None:
             try:
                 data = load_data(spec, "cpu")
                 check_trial(config, data)
+                if (spec, config.model, config.init) not in learned:
+                    learned.add((spec, config.model, config.init))
+                    found = check_learns(config, data)
+                    warnings += [f"{space.path}: variants.{config.variant}: {w}" for w in found]
             except (DataError, TrialError) as err:
                 raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
     finally:
         load_data.cache_clear()  # the workers load their own copy; the driver keeps none
+    return warnings

@@ -101,7 +101,7 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
         Metric(k, float(v), 0, m.epoch)
         for m in result.history
         for k, v in asdict(m).items()
-        if k in EPOCH_METRICS
+        if k in EPOCH_METRICS and v is not None
     ]
     metrics += [Metric("curve/val_acc", p.val_acc, 0, p.count) for p in result.curve]
     metrics += [Metric("curve/test_acc", p.test_acc, 0, p.count) for p in result.curve]

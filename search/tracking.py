@@ -25,7 +25,16 @@ import flatbasin
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import trial_config
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members")
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "score",
+    "members",
+    "gen_gap",
+)
 ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
     "flatbasin.role",
     "flatbasin.variant",
@@ -415,6 +424,7 @@ class Tracker:
         for p in final["curve"]:
             metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
                         Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
+        metrics += diversity_metrics(final.get("diversity", []), now)
         for name, points in final.get("extra_curves", {}).items():
             metrics += [
                 Metric(f"curve/{name}/val_acc", p["val_acc"], now, p["count"]) for p in points
@@ -438,6 +448,16 @@ class Tracker:
 
     def run_id(self, trial_id: str) -> str | None:
         return self._runs.get(trial_id)
+
+
+def diversity_metrics(points: list[dict[str, Any]], now: int) -> list[Metric]:
+    """An ensemble's diversity with the curve: step = members, as for curve/test_acc."""
+    return [
+        Metric(f"diversity/{key}", float(p[key]), now, p["count"])
+        for p in points
+        for key in ("disagreement", "error_corr")
+        if p.get(key) is not None
+    ]
 
 
 def _first_line(err: BaseException) -> str:
@@ -465,6 +485,6 @@ def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
             "test_acc": final["test_acc"],
             "diverged": final["diverged"],
             "curve": final["curve"],
-            "history": [{k: r[k] for k in ("epoch", *EPOCH_METRICS)} for r in record.results],
+            "history": [{k: r.get(k) for k in ("epoch", *EPOCH_METRICS)} for r in record.results],
         },
     }

@@ -32,7 +32,7 @@ from flatbasin.search.callbacks import (
 )
 from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
-from flatbasin.search.errors import UsageError
+from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import Tracker, TrialRecord, curve_figure
 from flatbasin.spaces import Space
@@ -196,7 +196,8 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
     tracker.check()
     check_new_or_resumable(tracker, experiment_path, options.resume)
-    preflight.check_trials(space, local=local)
+    for warning in preflight.check_trials(space, local=local):
+        stderr.print(f"warning: {warning}", style="yellow")
 
     if not local:
         # A job's working directory is Ray's to clean up (it can vanish under a long search); every

@@ -38,9 +38,11 @@ from flatbasin.trainables.variants import REGISTRY
 
 MAX_CORNERS = 20_000  # configs validated per variant; beyond it, range ends only (see _corners)
 # Settings that must be the same for every variant: a comparison on different budgets or data is none.
+# TTA is too: it changes how every accuracy is measured, and it trains nothing worth searching.
 SHARED = frozenset(
-    {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "data_seed"}
-)
+    {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "data_seed",
+     "tta"}
+)  # fmt: skip
 # A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -283,8 +285,9 @@ def load_space(name_or_path: str | Path) -> Space:
                 )
             if key in SHARED:
                 raise SpaceError(
-                    f"{where}: {key} is shared by every trial of a search (the budget and the data "
-                    "every variant is compared on); set it at the top level or under fixed"
+                    f"{where}: {key} is shared by every trial of a search (the budget, the data "
+                    "and how accuracy is measured: what every variant is compared on); set it at "
+                    "the top level or under fixed"
                 )
             dist = _parse_dist(where, value)
             if dist is None:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from flatbasin.search.cli import app
+from flatbasin.trainables import sanity
 
 runner = CliRunner()
 
@@ -145,6 +147,8 @@ SEARCH: dict[str, Case] = {
         "variants: {sgd: {device: {choice: [cpu, cuda]}}}\n", (), "device: cuda"
     ),
     "a pipe named like an image": Case(folder_space("pipe"), (), "pipe.png: not a regular file"),
+    # ---- a model that cannot learn its data: one small batch it cannot memorise (sanity.check_learns)
+    "images that are all the same": Case(folder_space("identical"), (), "cannot fit one batch"),
     "data_dir for a built-in set": Case(
         "fixed: {data_dir: /tmp}\nvariants: {sgd: {}}\n", (), "'digits' is built in"
     ),
@@ -156,6 +160,10 @@ SEARCH: dict[str, Case] = {
     "epochs per variant": Case(
         "variants: {sgd: {epochs: {int: [2, 5]}}}\n", (), "epochs is shared by every trial"
     ),
+    "tta per variant": Case(
+        "variants: {sgd: {}, swa: {tta: flip_shift}}\n", (), "tta is shared by every trial"
+    ),
+    "unknown tta": Case("fixed: {tta: mirror}\nvariants: {sgd: {}}\n", (), "should be 'none' or"),
     "data set per variant": Case(
         "variants: {sgd: {}, swa: {dataset: mnist1d}}\n", (), "variants.swa.dataset"
     ),
@@ -226,6 +234,11 @@ def images(tmp_path_factory) -> Path:
     (root / "truncated" / "cat" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
     (root / "text_png" / "dog" / "fake.png").write_text("this is not an image\n")
     (root / "empty").mkdir()
+    same = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)  # a loader bug that decodes one image
+    for cls in ("cat", "dog"):
+        (root / "identical" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(same).save(root / "identical" / cls / f"{i}.png")
     for cls in ("cat", "dog"):
         for i in range(3):
             picture(root / "pipe" / cls / f"{i}.png")
@@ -253,6 +266,7 @@ def fill(text: str, **values: object) -> str:
 def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir, monkeypatch):
     spec = SEARCH[case]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sanity, "LEARN_BUDGET_S", 600.0)  # a loaded machine must not skip the check
     space = tmp_path / "space.yaml"
     port = closed_port()
     values = {"images": images, "space": space, "port": port}
@@ -285,6 +299,34 @@ def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir,
     assert_nothing_started(tmp_path, ray_tmpdir, uri)
 
 
+def test_a_model_that_cannot_learn_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
+    """A model whose output ignores its weights (here the real one times 0, through the builder the
+    check uses: no fake model in the product) would give a search of trials at chance level."""
+    class Silenced(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x) * 0.0
+
+    real = sanity.build_model
+    monkeypatch.setattr(sanity, "build_model", lambda *a, **k: Silenced(real(*a, **k)))
+    monkeypatch.setattr(sanity, "LEARN_BUDGET_S", 600.0)
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text(GOOD)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    result = runner.invoke(app, ["search", *args], env={"RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "space.yaml: variants.sgd: model 'auto' on 'digits'" in text, text
+    assert "cannot fit one batch of 16 training examples" in text, text
+    assert "Traceback" not in result.output
+    assert_nothing_started(tmp_path, ray_tmpdir, uri)
+
+
 # ---- `flatbasin train`: checkpoints and settings
 def train_args(*extra: str, variant: str = "sgd", epochs: int = 2) -> list[str]:
     return ["train", "--variant", variant, "--epochs", str(epochs), "--set", "threads=1", *extra]
@@ -306,6 +348,7 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "unreadable --set value": (["--set", "lr=[1,"], "cannot read the value"),
     "resume without a checkpoint file": (["--resume"], "--resume needs an existing --checkpoint"),
     "cuda without cuda": (["--set", "device=cuda"], "cuda"),
+    "unknown tta": (["--set", "tta=mirror"], "tta: Input should be 'none' or 'flip_shift'"),
     "batch larger than digits": (["--set", "batch_size=4000"], "batch_size 4000"),
     "resnet on 8x8": (["--set", "model=resnet18"], "resnet18"),
     "missing data_dir": (

@@ -34,11 +34,15 @@ def test_train_writes_json_with_curve_and_config(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "epoch   2/2" in result.output
+    assert "  gap " in result.output  # the generalisation gap, every epoch
+    assert "disagreement" in result.output and "error corr" in result.output  # under the curve
     record = json.loads(out.read_text())
     assert record["config"]["variant"] == "snapshot"
     assert record["config"]["params"]["cycles"] == 2
     assert [p["count"] for p in record["curve"]] == [1, 2]
     assert len(record["extra_curves"]["weight_avg"]) == 2
+    assert [p["count"] for p in record["diversity"]] == [2]
+    assert record["history"][-1]["gen_gap"] is not None
     assert 0 < record["test_acc"] <= 1
 
 

@@ -7,13 +7,14 @@ import math
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import DataSpec, load_data
-from flatbasin.trainables.loop import DIVERGED_SCORE, train
+from flatbasin.trainables.loop import DIVERGED_SCORE, assemble, train
 from flatbasin.trainables.variants import REGISTRY
 
-METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"}
+METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "gen_gap"}
 
 
 def smoke_config(name: str, **extra):
@@ -95,3 +96,19 @@ def test_variant_trains_on_1d_signals(name, small_mnist1d):
         math.isfinite(v) for m in result.history for k, v in asdict(m).items() if k in METRICS
     )
     assert result.score > 0.2, "two epochs on MNIST-1D should be above chance (0.1)"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_variant_evaluates_with_tta_and_ensembles_report_diversity(name, small):
+    """TTA is an evaluation option of every variant; every ensemble reports its members' diversity."""
+    config = smoke_config(name, tta="flip_shift")
+    result = train(config, data=small)
+    assert not result.diverged and result.test_acc is not None
+    assert result.score > 0.2, "flipped digits are no digits, but two epochs stay above chance"
+    ensemble = assemble(config, small, torch.device("cpu")).curve.kind == "ensemble"
+    assert [p.count for p in result.diversity] == (
+        list(range(2, len(result.curve) + 1)) if ensemble else []
+    )
+    for p in result.diversity:
+        assert 0.0 <= p.disagreement <= 1.0
+        assert p.error_corr is None or -1.0 <= p.error_corr <= 1.0

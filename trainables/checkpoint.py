@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 FORMAT = 1
 # Settings that may differ between the run that wrote a checkpoint and the one that resumes it.
 RUNTIME_KEYS = frozenset({"threads", "device", "data_dir", "download"})
+# Settings added after checkpoints of this format were first written, with the value that means what
+# the older code did: a checkpoint without the key was written with that value.
+ADDED_SETTINGS = {"tta": "none"}
 
 
 class CheckpointError(ValueError):
@@ -135,7 +138,7 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         params = config.get("params") or {}
         return {**{k: v for k, v in config.items() if k != "params"}, **params}
 
-    was, now = flat(saved), flat(current)
+    was, now = {**ADDED_SETTINGS, **flat(saved)}, flat(current)
     return [
         f"{key} (checkpoint {was.get(key)!r}, now {now.get(key)!r})"
         for key in sorted(set(was) | set(now))

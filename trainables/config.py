@@ -12,6 +12,7 @@ from pydantic import Field, SerializeAsAny, model_validator
 
 from flatbasin.trainables.data import DataSpec
 from flatbasin.trainables.models import Init, ModelName
+from flatbasin.trainables.tta import TTA
 from flatbasin.trainables.variants import REGISTRY, Variant, VariantParams
 
 OptimizerName = Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad"]
@@ -32,6 +33,7 @@ class TrialConfig(DataSpec):
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Init = "default"
     augment: bool = False  # images: random flip, 2-pixel shift; signals: roll by up to 3 samples
+    tta: TTA = "none"  # evaluation only: flip_shift averages fixed views' softmax (tta.py)
     seed: int = Field(0, ge=0)  # model init, batch order, augmentation, dropout
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(

@@ -2,7 +2,8 @@
 
 Each join scores the averager's probes on the validation and test splits once. Ensembles keep each
 member's softmax outputs so that any prefix (newest or oldest first) is a cheap mean; weight averages
-keep only accuracies, since their newest probe already is the prefix model.
+keep only accuracies, since their newest probe already is the prefix model. From the kept outputs
+comes the members' diversity too: members that err together add nothing to an ensemble (seed 003).
 """
 
 from __future__ import annotations
@@ -23,8 +24,43 @@ class CurvePoint:
     test_acc: float
 
 
+@dataclass(frozen=True)
+class DiversityPoint:
+    count: int  # the first `count` members, in the curve's order
+    disagreement: float  # share of test examples two members label differently, mean over pairs
+    error_corr: float | None  # Pearson correlation of two members' 0/1 errors, mean over pairs;
+    # None when no pair has it (a member right or wrong on every example has no error variance)
+
+
 def accuracy(probs: Tensor, labels: Tensor) -> float:
     return (probs.argmax(dim=1) == labels).float().mean().item()
+
+
+def diversity(member_probs: list[Tensor], labels: Tensor) -> list[DiversityPoint]:
+    """Disagreement and error correlation of the first k members, for k = 2..M.
+
+    Both are means over the pairs among the first k members, so every prefix comes from one M x M
+    matrix per measure. A pair whose correlation is undefined (a member with no error variance) is
+    left out of the mean rather than counted as 0 or 1.
+    """
+    if len(member_probs) < 2:
+        return []
+    preds = torch.stack(member_probs).argmax(dim=2)  # (M, N)
+    disagree = (preds[:, None, :] != preds[None, :, :]).double().mean(dim=2)  # (M, M)
+    corr = torch.corrcoef((preds != labels).double())  # (M, M); NaN where a row is constant
+    points = []
+    for k in range(2, len(member_probs) + 1):
+        i, j = torch.triu_indices(k, k, offset=1)
+        pair_corr = corr[i, j]
+        known = pair_corr[~pair_corr.isnan()]
+        points.append(
+            DiversityPoint(
+                k,
+                disagree[i, j].mean().item(),
+                known.mean().item() if len(known) else None,
+            )
+        )
+    return points
 
 
 class Curve:
@@ -62,6 +98,13 @@ class Curve:
                 out.append(CurvePoint(k, accuracy(val, self.y_val), accuracy(test, self.y_test)))
             return out
         return self._points("member")
+
+    def diversity(self) -> list[DiversityPoint]:
+        """Of the ensemble's members on the test split, in the order the curve adds them."""
+        if self.kind != "ensemble":
+            return []
+        probs = self.member_probs[::-1] if self.newest_first else self.member_probs
+        return diversity([t for _, t in probs], self.y_test)
 
     def extra(self) -> dict[str, list[CurvePoint]]:
         return {name: self._points(name) for name in self.accuracies if name != "member"}

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from flatbasin.trainables.averagers import Averager
 from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
-from flatbasin.trainables.curve import Curve, CurvePoint, accuracy
+from flatbasin.trainables.curve import Curve, CurvePoint, DiversityPoint, accuracy
 from flatbasin.trainables.data import Data, load_data
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model
+from flatbasin.trainables.tta import TTA, softmax, with_tta
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class EpochMetrics:
     members: int  # models averaged or ensembled so far
     lr_low: float | None = None  # the lowest and highest lr of the epoch's steps: with cycles
     lr_high: float | None = None  # shorter than an epoch the last step's lr alone says little
+    # Accuracy on as many training examples as the validation split has, scored like val_acc (eval
+    # mode, no augmentation, same TTA), minus val_acc. None in histories written before it existed.
+    gen_gap: float | None = None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class TrialResult:
     device: str
     seconds: dict[str, float] = field(default_factory=dict)  # total, averaging (joins + BN), eval
     model: str = ""  # the model built: `auto` resolved for the data (cnn1d, small_cnn, resnet18)
+    diversity: list[DiversityPoint] = field(default_factory=list)  # ensembles: first k members
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,7 @@ class TrialResult:
             "device": self.device,
             "seconds": self.seconds,
             "model": self.model,
+            "diversity": [asdict(p) for p in self.diversity],
         }
 
 
@@ -92,13 +98,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict(module: nn.Module, batches: Any) -> Tensor:
-    """Softmax outputs of `module` in eval mode (restoring its mode afterwards)."""
+def predict(module: nn.Module, batches: Any, tta: TTA = "none") -> Tensor:
+    """Softmax outputs of `module` in eval mode (restoring its mode afterwards); with `tta`, the mean
+    softmax over each input's fixed views. Every evaluation of a trial goes through here."""
     was_training = module.training
     module.eval()
-    probs = torch.cat([module(x).float().softmax(dim=1) for x in batches])
+    probs = torch.cat([softmax(module, x, tta) for x in batches])
     module.train(was_training)
     return probs
+
+
+def fit_accuracy(model: nn.Module, data: Data, tta: TTA) -> float:
+    """Accuracy on the first len(val) training examples, scored exactly as val_acc is. The running
+    train_acc is no match for val_acc: it mixes an epoch of changing weights, train-mode batch norm,
+    dropout and augmentation. The training split is a random permutation, so its head is a sample."""
+    n = len(data.y_val)
+    return accuracy(predict(model, data.x_train[:n].split(1024), tta), data.y_train[:n])
 
 
 def nll(probs: Tensor, labels: Tensor) -> float:
@@ -135,7 +150,7 @@ def load_deployed(config: TrialConfig, checkpoint: Path, data: Data | None = Non
     data = data if data is not None else load_data(config.data_spec, str(device))
     parts = assemble(config, data, device)
     load_checkpoint(checkpoint, *parts, config=config.model_dump(mode="json"))
-    return parts.averager.deployed(parts.model).eval()
+    return with_tta(parts.averager.deployed(parts.model), config.tta).eval()
 
 
 def train(
@@ -193,15 +208,15 @@ def train(
                 for name, probe in averager.probes(model).items():
                     curve.add(
                         name,
-                        predict(probe, data.inputs("val")),
-                        predict(probe, data.inputs("test")),
+                        predict(probe, data.inputs("val"), config.tta),
+                        predict(probe, data.inputs("test"), config.tta),
                     )
             seconds["averaging"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
         train_loss = loss_sum.item() / steps_per_epoch
         diverged = not math.isfinite(train_loss)
-        val_probs = predict(model, data.inputs("val"))
+        val_probs = predict(model, data.inputs("val"), config.tta)
         val_acc = accuracy(val_probs, data.y_val)
         score = curve.score()
         if score is None:
@@ -209,7 +224,7 @@ def train(
             score = (
                 val_acc
                 if deployed is model
-                else accuracy(predict(deployed, data.inputs("val")), data.y_val)
+                else accuracy(predict(deployed, data.inputs("val"), config.tta), data.y_val)
             )
         metrics = EpochMetrics(
             epoch=epoch + 1,
@@ -223,6 +238,7 @@ def train(
             members=averager.count,
             lr_low=lr_low,
             lr_high=lr_high,
+            gen_gap=fit_accuracy(model, data, config.tta) - val_acc,
         )
         history.append(metrics)
         seconds["eval"] += time.perf_counter() - tick
@@ -241,8 +257,8 @@ def train(
     score = DIVERGED_SCORE
     if not diverged:
         deployed = averager.deployed(model)
-        score = accuracy(predict(deployed, data.inputs("val")), data.y_val)
-        test_acc = accuracy(predict(deployed, data.inputs("test")), data.y_test)
+        score = accuracy(predict(deployed, data.inputs("val"), config.tta), data.y_val)
+        test_acc = accuracy(predict(deployed, data.inputs("test"), config.tta), data.y_test)
         points = curve.points() if curve.kind != "final" else [CurvePoint(1, score, test_acc)]
     seconds["total"] = time.perf_counter() - started
     return TrialResult(
@@ -259,4 +275,5 @@ def train(
         device=str(device),
         seconds=seconds,
         model=resolve_name(config.model, data.shape),
+        diversity=curve.diversity() if not diverged else [],
     )

@@ -53,6 +53,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "final": True,  # not "done": Tune fills that key itself
         "curve": [vars(p) for p in result.curve],
         "extra_curves": {k: [vars(p) for p in v] for k, v in result.extra_curves.items()},
+        "diversity": [vars(p) for p in result.diversity],
         "trial_config": result.config.model_dump(mode="json"),
         "data_fingerprint": result.data_fingerprint,
         "plan": result.plan,
