@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -70,12 +72,35 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r}: expected key=value")
+        if key.strip() in settings:
+            raise UsageError(f"--set {key.strip()} is given twice; give each setting once")
         try:
             settings[key.strip()] = read_yaml(value)
         except yaml.YAMLError as err:
             problem = yaml_problem(err).replace("at line 1, ", "at ")
             raise UsageError(f"--set {pair!r}: cannot read the value ({problem})") from err
     return settings
+
+
+def option_names(text: str) -> str:
+    """SearchOptions' field names as the options a user typed (--time_budget_s -> --time-budget)."""
+    renamed = {"--time_budget_s": "--time-budget", "--checkpoint_interval_s": "--checkpoint-interval"}
+    for field, option in renamed.items():
+        text = text.replace(field, option)
+    return re.sub(r"--([a-z]+(?:_[a-z]+)+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+def writable_file(option: str, path: Path) -> None:
+    """A file the command will write: its folder must exist and take files; it may not be a folder."""
+    import os
+
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    folder = path.expanduser().resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
 
 
 def build_config(variant: str, settings: dict[str, Any]):
@@ -163,6 +188,9 @@ def train(
             if value is not None:
                 settings[key] = value
         config = build_config(variant, settings)
+        for option, path in (("--json", json_out), ("--checkpoint", checkpoint)):
+            if path is not None:
+                writable_file(option, path)  # found now, not after the training
         if resume and (checkpoint is None or not checkpoint.is_file()):
             raise UsageError(f"--resume needs an existing --checkpoint file (got {checkpoint})")
     except UsageError as err:
@@ -319,7 +347,7 @@ def search(
     except SpaceError as err:
         fail(str(err))
     except ValidationError as err:
-        fail(f"invalid search options:\n{describe(err, '--')}")
+        fail(f"invalid search options:\n{option_names(describe(err, '--'))}")
     _quiet_mlflow_retries()
     try:
         outcome = run_search(space, options, console)
@@ -343,7 +371,7 @@ def search(
                 "again to start the search",
                 style="yellow",
             )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _leave(EXIT_INTERRUPTED)
     print_summary(outcome, options.tracking_uri)
     if outcome.best:
         write_search_report(outcome.parent_run_id, options.tracking_uri)
@@ -535,7 +563,7 @@ def print_confirmed(rows: list[dict[str, Any]]) -> None:
             verdict,
         )
     console.print(table)
-    tied = [row["variant"] for row in rows[1:] if row["verdict"] == "within noise"]
+    tied = [row["variant"] for row in rows[1:] if row["verdict"] in ("within noise", "tied")]
     console.print(
         f"Winner:       {rows[0]['variant']} (best mean validation accuracy over {seeds} seeds)"
         + (f"; within noise of it: {', '.join(tied)}" if tied else "")
@@ -564,6 +592,12 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         )
     if outcome.best:
         console.print(table)
+    if outcome.untried:
+        console.print(
+            f"No trial for: {', '.join(outcome.untried)} (--samples below the number of variants "
+            "gives some none); they are not part of this comparison",
+            style="yellow",
+        )
     if outcome.confirmed:
         print_confirmed(outcome.confirmed)
     if outcome.unwritten:
@@ -571,17 +605,33 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
             style="yellow",
         )
-        console.print(f"  flatbasin sync {outcome.experiment_path} --tracking-uri {tracking_uri}")
+        console.print(
+            f"  flatbasin sync {shlex.quote(str(outcome.experiment_path))} --tracking-uri {shlex.quote(tracking_uri)}"
+        )
     if outcome.seconds:
         console.print(
             "Time:         " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items())
         )
     console.print(f"Tune results: {outcome.experiment_path}")
     console.print(f"Browse:       {browse_hint(tracking_uri)}")
-    if outcome.best and outcome.best[0].get("run_id"):
+    # The trial to reproduce: the winner's best after confirmation, else the best search score.
+    winner = outcome.confirmed[0]["variant"] if outcome.confirmed else None
+    rows = [r for r in outcome.best if r["variant"] == winner] or outcome.best
+    if rows and rows[0].get("run_id"):
         console.print(
-            f"Reproduce:    flatbasin reproduce {outcome.best[0]['run_id']} --tracking-uri {tracking_uri}"
+            f"Reproduce:    flatbasin reproduce {rows[0]['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
         )
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit now. After a Ctrl-C inside Ray's start-up, Ray's own exit handlers can crash the
+    interpreter (a segfault, exit 139, was seen): its local processes die with this one anyway."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:

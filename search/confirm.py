@@ -18,7 +18,7 @@ ALPHA = 0.05
 
 def fresh_seeds(original: int, n: int) -> list[int]:
     """N seeds the search never used for this configuration (it trained with `original`)."""
-    return [original + 1 + k for k in range(n)]
+    return [(original + 1 + k) % 2**32 for k in range(n)]  # seeds are 32-bit
 
 
 def confirmation_stats(finals: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -49,8 +49,12 @@ def confirmation_stats(finals: dict[str, list[dict[str, Any]]]) -> list[dict[str
         if row["n"] < 2 or best["n"] < 2:
             row["p_vs_best"], row["verdict"] = None, "too few seeds to test"
             continue
-        if row["val_std"] == 0 and best["val_std"] == 0:  # t is undefined; the numbers speak
-            p = 1.0 if row["val_mean"] == best["val_mean"] else 0.0
+        if row["val_std"] == 0 and best["val_std"] == 0:
+            # Every seed gave the same number on both sides: t is undefined, and a difference of
+            # one validation example would read as certain. Say that it cannot be tested.
+            same = row["val_mean"] == best["val_mean"]
+            row["p_vs_best"], row["verdict"] = None, "tied" if same else "no spread to test"
+            continue
         else:
             p = float(stats.ttest_ind(row["val"], best["val"], equal_var=False).pvalue)
         row["p_vs_best"] = p if math.isfinite(p) else 1.0

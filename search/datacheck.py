@@ -46,7 +46,12 @@ def check_folder(root: Path, image_size: int, console: Console) -> int:
         console.print(f"empty class: {name} (no image files below {root / name})", style="red")
     for path, why in problems:
         console.print(f"unreadable: {path}: {why}", style="red")
-    total = len(problems) + len(found.empty_classes)
+    few = len(found.classes) < 2
+    if few:
+        console.print(
+            f"one class only ({found.classes[0]}): a classifier needs at least 2", style="red"
+        )
+    total = len(problems) + len(found.empty_classes) + few
     if total:
         console.print(f"{total} problem(s); training on this folder is refused until they are fixed")
     else:

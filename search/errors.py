@@ -6,6 +6,7 @@ Every console here has Rich markup and emoji codes switched off: paths, names an
 
 from __future__ import annotations
 
+import reprlib
 import sys
 from typing import NoReturn
 
@@ -31,6 +32,16 @@ def plain_console(*, stderr: bool = False) -> Console:
 stderr = plain_console(stderr=True)
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 80, 80
+
+
+def short(value: object) -> str:
+    """A value as a message shows it: repr, cut short (a space file of a few hundred bytes can
+    expand, through YAML aliases, into a value whose repr is hundreds of megabytes)."""
+    return _REPR.repr(value)
+
+
 class UsageError(Exception):
     """Bad input: the message names what is wrong; the CLI exits with status 2."""
 
@@ -42,7 +53,7 @@ def describe(err: ValidationError, where: str = "") -> str:
         loc = ".".join(str(p) for p in e["loc"] if p != "params") or "config"
         msg = e["msg"].removeprefix("Value error, ")
         given = e.get("input")
-        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) or given is None else f" (got {short(given)})"
         lines.append(f"{where}{loc}: {msg}{shown}")
     return "\n".join(lines)
 

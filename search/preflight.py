@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +35,12 @@ def check_storage(storage: Path) -> None:
         raise UsageError(f"--storage {storage}: {probe} is a file, so the folder cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--storage {storage}: {probe} is not writable")
+    try:  # root passes os.access everywhere, and /proc or a read-only mount still refuse: try it
+        tempfile.TemporaryDirectory(dir=probe, prefix=".flatbasin-probe-").cleanup()
+    except OSError as err:
+        raise UsageError(
+            f"--storage {storage}: cannot create a folder in {probe} ({err.strerror or err})"
+        ) from err
 
 
 def check_local_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ def browse_hint(uri: str) -> str:
     """How to look at the runs: a server has its own UI; a local store is opened with `mlflow ui`."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the MLflow server's UI)"
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def default_tracking_uri() -> str:
@@ -162,6 +163,7 @@ class Tracker:
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
         self._finalised: set[str] = set()
+        self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
         return {"uri": self.uri, "experiment": self.experiment, "search_key": self.search_key}
@@ -350,6 +352,10 @@ class Tracker:
             self._logged[run_id] = {m.step for m in history}
             if found[0].data.tags.get(FINAL) == "true":
                 self._finalised.add(run_id)
+            elif "final_score" in found[0].data.metrics:
+                # Its final metrics went in before the server went away, its tag did not: the
+                # rest of the final write is repeated, the metrics are not (they would be twice).
+                self._final_metrics.add(run_id)
         else:
             try:
                 config = trial_config(record.config)
@@ -438,7 +444,10 @@ class Tracker:
         ]
         if final.get("model_built"):  # the `model` param may read `auto`: this is what was built
             tags.append(RunTag("flatbasin.model", str(final["model_built"])))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.log_batch(
+            run_id, metrics=[] if run_id in self._final_metrics else metrics, tags=tags
+        )
+        self._final_metrics.add(run_id)
         self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
         if final["curve"]:
             variant = final["trial_config"]["variant"]

@@ -76,6 +76,7 @@ class Outcome:
     resume_command: str = ""
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
     trials_per_variant: dict[str, int] = field(default_factory=dict)
+    untried: list[str] = field(default_factory=list)  # variants of the space that got no trial
 
     @property
     def state(self) -> str:
@@ -170,6 +171,8 @@ def resume_command(space: Space, options: SearchOptions) -> str:
             "--storage", str(storage), "--tracking-uri", options.tracking_uri]  # fmt: skip
     if options.address:
         args += ["--address", options.address]
+    if options.confirm_seeds is not None:  # not in Tune's state: the confirmation comes after it
+        args += ["--confirm-seeds", str(options.confirm_seeds)]
     return shlex.join([*args, "--resume"])
 
 
@@ -207,6 +210,12 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     _init_ray(target.address)
     check_cluster(options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial)
     samples = options.samples or space.samples
+    if samples < len(space.variants) and not options.resume:
+        console.print(
+            f"note: {samples} trial(s) for {len(space.variants)} variants: "
+            f"{', '.join(list(space.variants)[samples:])} will get none (the variants take turns)",
+            style="yellow",
+        )
     parent = tracker.parent(
         params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
                 "scheduler": options.scheduler, "concurrency": options.concurrency,
@@ -356,7 +365,8 @@ def _run(
         name, experiment_path, best, parent, len(writer.unwritten), seconds,
         interrupted=interrupted, errors=errors,
         resume_command=resume_command(space, options), confirmed=confirmed,
-        trials_per_variant=_count_variants(writer),
+        trials_per_variant=(counts := _count_variants(writer)),
+        untried=[] if interrupted else [v for v in space.variants if v not in counts],
     )  # fmt: skip
 
 

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
+from flatbasin.search.errors import short
 from flatbasin.trainables.config import TrialConfig, config_keys, make_config
+from flatbasin.trainables.strict import NoBoolNumbers
 from flatbasin.trainables.variants import REGISTRY
 
 MAX_CORNERS = 20_000  # configs validated per variant; beyond it, range ends only (see _corners)
@@ -78,7 +80,7 @@ class Dist:
         return (low, inside, high)
 
 
-class _SpaceFile(BaseModel):
+class _SpaceFile(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
@@ -148,16 +150,16 @@ def _parse_dist(where: str, value: Any) -> Dist | None:
     if len(args) != 2 or not all(
         isinstance(a, int | float) and not isinstance(a, bool) for a in args
     ):
-        raise SpaceError(f"{where}: {kind} takes two numbers [low, high], got {args}")
+        raise SpaceError(f"{where}: {kind} takes two numbers [low, high], got {short(args)}")
     low, high = args
     if not all(math.isfinite(a) for a in args):
-        raise SpaceError(f"{where}: {kind} takes finite numbers, got {args}")
+        raise SpaceError(f"{where}: {kind} takes finite numbers, got {short(args)}")
     if low > high:
         raise SpaceError(f"{where}: low ({low}) is above high ({high})")
     if kind == "loguniform" and low <= 0:
         raise SpaceError(f"{where}: loguniform needs low > 0, got {low}")
     if kind == "int" and not all(isinstance(a, int) for a in args):
-        raise SpaceError(f"{where}: int takes two integers, got {args}")
+        raise SpaceError(f"{where}: int takes two integers, got {short(args)}")
     return Dist(kind, (low, high))
 
 
@@ -191,7 +193,7 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
             if isinstance(key, list | dict):
-                raise _DuplicateKey(f"a key must be a plain value, got {key!r}", line)
+                raise _DuplicateKey(f"a key must be a plain value, got {short(key)}", line)
             if key in seen:
                 raise _DuplicateKey(f"key {key!r} appears twice in one mapping", line)
             seen.add(key)
@@ -259,10 +261,17 @@ def load_space(name_or_path: str | Path) -> Space:
     try:
         spec = _SpaceFile.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            ".".join(map(str, e["loc"])) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
+            for e in err.errors()
+        )
         raise SpaceError(f"{path}: {problems}") from err
 
-    settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **spec.fixed}
+    fixed = dict(spec.fixed)
+    if isinstance(fixed.get("data_dir"), str) and fixed["data_dir"]:
+        # Trials run in Tune's trial folders, not here: a relative path means this directory.
+        fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().resolve())
+    settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
     variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]] = {}
     for variant, entries in spec.variants.items():
         if variant not in REGISTRY:
@@ -342,11 +351,11 @@ def _check_corners(
             first = err.errors()[0]
             # Field errors carry their key; budget errors (whole-config) name their keys in the text.
             key = f".{first['loc'][-1]}" if first["loc"] else ""
-            at = f" (at {', '.join(f'{k}={v}' for k, v in values.items())})" if values else ""
+            at = f" (at {', '.join(f'{k}={short(v)}' for k, v in values.items())})" if values else ""
             message = first["msg"].removeprefix("Value error, ")
             given = first.get("input")
             if first["loc"] and not isinstance(given, dict) and given is not None:
-                message += f" (got {given!r})"
+                message += f" (got {short(given)})"
             raise SpaceError(f"{path}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{path}: variants.{variant}: {err}") from err

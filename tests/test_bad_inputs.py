@@ -57,6 +57,13 @@ MANY = [
 ]  # fmt: skip
 
 
+# 335 bytes that expand, through anchors and aliases, into a million numbers: the message stays short.
+_NEST = "&l0 [" + ",".join(["0.1"] * 10) + "]"
+for _k in range(1, 7):
+    _NEST = f"&l{_k} [{_NEST}," + ",".join([f"*l{_k - 1}"] * 9) + "]"
+BOMB = "variants:\n  sgd:\n    lr: {choice: [" + _NEST + "]}\n"
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,7 +195,7 @@ SEARCH: dict[str, Case] = {
     "gpus without gpus": Case(GOOD, ("--gpus-per-trial", "1"), "--gpus-per-trial 1"),
     "zero concurrency": Case(GOOD, ("--concurrency", "0"), "--concurrency"),
     "unknown scheduler": Case(GOOD, ("--scheduler", "hyperband"), "--scheduler"),
-    "negative time budget": Case(GOOD, ("--time-budget", "-5"), "--time_budget_s"),
+    "negative time budget": Case(GOOD, ("--time-budget", "-5"), "--time-budget: "),
     "zero samples": Case(GOOD, ("--samples", "0"), "--samples"),
     "address nobody answers": Case(
         GOOD, ("--address", "127.0.0.9:{port}"), "no Ray cluster answers at 127.0.0.9"
@@ -209,6 +216,11 @@ SEARCH: dict[str, Case] = {
         GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
     ),
     "sqlite uri naming a folder": Case(GOOD, ("--tracking-uri", "sqlite:///{images}"), "is a folder"),
+    "storage where no folder can be made": Case(GOOD, ("--storage", "/proc/flatbasin-runs"), "cannot create a folder in /proc"),
+    "yes for the budget": Case("epochs: true\nvariants: {sgd: {}}\n", (), "epochs takes a number"),
+    "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
+    "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
+    "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
 }
 
 
@@ -296,6 +308,7 @@ def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir,
     assert "Traceback" not in output
     assert fill(spec.needle, **values) in " ".join(output.split()), output
     assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
+    assert len(output) < 10_000, output[:2000]
     assert_nothing_started(tmp_path, ray_tmpdir, uri)
 
 

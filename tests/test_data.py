@@ -130,6 +130,8 @@ def test_image_folder_scan_skips_hidden_folders_loops_and_pipes(tmp_path):
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat")  # cat/loop/loop/... forever
     (tmp_path / "dog" / "stray").symlink_to(tmp_path / "dog")
+    (tmp_path / "dog" / "up").symlink_to(tmp_path)  # back to the root: cat's images are no dogs
+    (tmp_path / "cat" / "dogs").symlink_to(tmp_path / "dog")  # into another class
     with pytest.raises(DataError) as caught:
         os.mkfifo(tmp_path / "dog" / "pipe.png")
         (tmp_path / "cat" / "notes.png").write_text("not an image")
@@ -144,11 +146,12 @@ def test_image_folder_scan_skips_hidden_folders_loops_and_pipes(tmp_path):
     assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 12  # each image once
 
 
-def test_image_folder_refuses_an_empty_class_by_name(tmp_path):
+def test_image_folder_refuses_an_empty_class_and_bad_files_together(tmp_path):
     write_image_folder(tmp_path)
     (tmp_path / "bird").mkdir()
     (tmp_path / "bird" / "readme.txt").write_text("no images")
-    with pytest.raises(DataError, match="without images: bird"):
+    (tmp_path / "cat" / "bad.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"without images: bird.*1 unreadable file\(s\): cat/bad\.png"):
         load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
 
 

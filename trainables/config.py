@@ -34,7 +34,7 @@ class TrialConfig(DataSpec):
     init: Init = "default"
     augment: bool = False  # images: random flip, 2-pixel shift; signals: roll by up to 3 samples
     tta: TTA = "none"  # evaluation only: flip_shift averages fixed views' softmax (tta.py)
-    seed: int = Field(0, ge=0)  # model init, batch order, augmentation, dropout
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # model init, batch order, augmentation, dropout
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(
         None, ge=1, le=256

@@ -46,8 +46,8 @@ class DataSpec(NoBoolNumbers):
     image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square
     val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
     test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
-    split_seed: int = 0  # fixed across a search so that every trial sees the same split
-    data_seed: int = Field(MNIST1D_SEED, ge=0)  # mnist1d only: which draw the generator makes
+    split_seed: int = Field(0, ge=0, le=2**32 - 1)  # the same in every trial: the same split
+    data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d only: which draw
 
     @field_validator("data_seed")
     @classmethod
@@ -212,10 +212,8 @@ def _root(spec: DataSpec) -> Path:
     if root.exists() and not root.is_dir():
         raise DataError(f"data_dir {root} is a file; give the folder that holds the data")
     if not root.is_dir() and not spec.download:
-        raise DataError(
-            f"data_dir {root} does not exist; put the '{spec.dataset}' files there "
-            "or set download: true to fetch them"
-        )
+        fetch = "" if spec.dataset == "image_folder" else " or set download: true to fetch them"
+        raise DataError(f"data_dir {root} does not exist; put the '{spec.dataset}' files there{fetch}")
     return root
 
 
@@ -263,11 +261,6 @@ def _image_folder(spec: DataSpec) -> Raw:
         raise DataError(
             f"image folder {root}: no class folders (expected {root}/CLASS_NAME/IMAGE files)"
         )
-    if found.empty_classes:
-        raise DataError(
-            f"image folder {root}: class folder(s) without images: {', '.join(found.empty_classes)} "
-            f"(images end in {', '.join(image_folder.EXTENSIONS)})"
-        )
     images = np.empty((len(found.samples), 3, spec.image_size, spec.image_size), dtype=np.uint8)
     problems = list(found.problems)
     for i, (path, _) in enumerate(found.samples):
@@ -275,10 +268,19 @@ def _image_folder(spec: DataSpec) -> Raw:
             images[i] = image_folder.decode(path, spec.image_size)
         except ValueError as err:
             problems.append((path, str(err)))
+    wrong = []  # everything at once: a user fixes the folder in one go
+    if found.empty_classes:
+        wrong.append(
+            f"class folder(s) without images: {', '.join(found.empty_classes)} "
+            f"(images end in {', '.join(image_folder.EXTENSIONS)})"
+        )
     if problems:
+        wrong.append(
+            f"{len(problems)} unreadable file(s): {image_folder.problem_list(problems, root)}"
+        )
+    if wrong:
         raise DataError(
-            f"image folder {root}: {len(problems)} unreadable file(s): "
-            f"{image_folder.problem_list(problems, root)}. Fix or remove them; "
+            f"image folder {root}: {'; and '.join(wrong)}. Fix or remove them; "
             f"`flatbasin data check {root}` lists them all"
         )
     labels = np.array([label for _, label in found.samples], dtype=np.int64)

@@ -50,15 +50,21 @@ def scan(root: Path) -> Scan:
     found.classes = sorted(
         e.name for e in os.scandir(root) if not _hidden(e.name) and e.is_dir(follow_symlinks=True)
     )
+    # Real folders already taken: the root and every class folder, so that a link back up the
+    # tree, or into another class, is never walked (its images would count twice, or as this class).
+    def key(path: Path | str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    seen = {key(root), *(key(root / name) for name in found.classes)}
     for label, name in enumerate(found.classes):
         before = len(found.samples)
-        seen: set[tuple[int, int]] = set()
         for folder, dirs, files in os.walk(root / name, followlinks=True):
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:  # a link back up the tree, or a second way in
-                dirs[:] = []
-                continue
-            seen.add((st.st_dev, st.st_ino))
+            if folder != str(root / name):
+                if key(folder) in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(key(folder))
             dirs[:] = sorted(d for d in dirs if not _hidden(d))
             for file in sorted(files):
                 path = Path(folder) / file
@@ -103,7 +109,7 @@ def _to_8bit(img):  # type: ignore[no-untyped-def]
 
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
         return img
-    values = np.asarray(img, dtype=np.float64)
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if img.mode == "F":
         top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
     else:  # 16-bit, or 32-bit integers holding 16-bit values (how PIL reads many 16-bit PNGs)
