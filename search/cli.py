@@ -175,6 +175,16 @@ def train(
         Path | None, typer.Option(help="checkpoint file, written every epoch")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue from --checkpoint")] = False,
+    start_from: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="SOURCE",
+            help="continue a converged model: a checkpoint file or an MLflow run id "
+            "(its checkpoint.pt)",
+        ),
+    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Train one trial locally, without Ray, printing a line per epoch and the final curve."""
     try:
@@ -187,12 +197,21 @@ def train(
         ):
             if value is not None:
                 settings[key] = value
-        config = build_config(variant, settings)
+        if resume and (checkpoint is None or not checkpoint.is_file()):
+            raise UsageError(f"--resume needs an existing --checkpoint file (got {checkpoint})")
+        start_weights, continuing = None, ""
+        if start_from is None:
+            config = build_config(variant, settings)
+        else:  # a converged start: the settings are a tail's (see search/post_convergence.py)
+            from flatbasin.search.post_convergence import continue_config
+
+            _quiet_mlflow_retries()
+            config, start_weights, continuing = continue_config(
+                variant, settings, start_from, tracking_uri_or_default(tracking_uri)
+            )
         for option, path in (("--json", json_out), ("--checkpoint", checkpoint)):
             if path is not None:
                 writable_file(option, path)  # found now, not after the training
-        if resume and (checkpoint is None or not checkpoint.is_file()):
-            raise UsageError(f"--resume needs an existing --checkpoint file (got {checkpoint})")
     except UsageError as err:
         fail(str(err))
 
@@ -205,6 +224,8 @@ def train(
         "ensemble of its members; the search's score); lr: the epoch's range"
         + ("; every accuracy with test-time augmentation" if config.tta != "none" else "")
     )
+    if continuing:
+        console.print(continuing)
 
     def on_epoch(metrics: Any, save: Any) -> None:
         print_epoch(metrics, config.epochs)
@@ -212,7 +233,12 @@ def train(
             save(checkpoint)
 
     try:
-        result = run_trial(config, resume=checkpoint if resume else None, on_epoch=on_epoch)
+        result = run_trial(
+            config,
+            resume=checkpoint if resume else None,
+            on_epoch=on_epoch,
+            start_weights=start_weights,
+        )
     except (DataError, ValueError) as err:
         fail(str(err))
     if result.diverged:
@@ -319,6 +345,16 @@ def search(
         int | None,
         typer.Option(help="retrain each variant's best with N fresh seeds (default: the space's)"),
     ] = None,
+    start_from: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="SOURCE",
+            help="post-convergence: every trial continues one converged model and searches the "
+            "tail only; SOURCE is base (train the base once), an MLflow run id or a checkpoint "
+            "file",
+        ),
+    ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
     import os
@@ -327,13 +363,14 @@ def search(
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
+    from flatbasin.search.post_convergence import BaseFailed
     from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
     from flatbasin.search.tuner import SearchOptions, resumable, resume_command, run_search
     from flatbasin.spaces import SpaceError, load_space
     from flatbasin.spaces.loader import check_name
 
     try:
-        space = load_space(space_file)
+        space = load_space(space_file, start_from=start_from)
         if name is not None:
             check_name(name, "--name")
         options = SearchOptions(
@@ -343,6 +380,7 @@ def search(
             cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
             time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
             checkpoint_interval_s=checkpoint_interval, confirm_seeds=confirm_seeds,
+            start_from=start_from,
         )  # fmt: skip
     except SpaceError as err:
         fail(str(err))
@@ -359,6 +397,8 @@ def search(
              + "othing was started.")  # fmt: skip
     except (UsageError, ClusterError) as err:
         fail(str(err))
+    except BaseFailed as err:
+        fail(f"{err}. Nothing was kept.", code=EXIT_FAILED)
     except KeyboardInterrupt:
         if resumable(space, options):
             stderr.print(
@@ -410,11 +450,11 @@ def submit(
         if space_file.startswith("-"):  # an option where SPACE goes: unknown to submit and search
             raise UsageError(f"no such option: {space_file} (see flatbasin submit --help)")
         check_dashboard(address)
-        load_space(space_file)  # a bad space fails here, not on the cluster
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
-        search_command.parse_args(  # the same options, checked here
-            typer.Context(search_command, info_name="flatbasin search"), [space_file, *ctx.args]
-        )
+        parsed = typer.Context(search_command, info_name="flatbasin search")
+        search_command.parse_args(parsed, [space_file, *ctx.args])  # the same options, checked here
+        # A bad space fails here, not on the cluster (as a tail's with --from).
+        load_space(space_file, start_from=parsed.params.get("start_from"))
     except SpaceError as err:
         fail(str(err))
     except ClickUsageError as err:

@@ -271,7 +271,10 @@ def _space(client: MlflowClient, parent: Run) -> tuple[Space | None, str]:
     with tempfile.TemporaryDirectory(prefix="flatbasin-report-") as folder:
         try:
             path = client.download_artifacts(parent.info.run_id, candidates[0], folder)
-            return load_space(path), ""
+            start_from = parent.data.params.get("from")
+            space = load_space(path, start_from=start_from)
+            # A post-convergence search (--from) searched the tail only: so does its study.
+            return (space.tail_only()[0] if start_from else space), ""
         except SpaceError as err:
             return None, f"the logged space file cannot be read: {err}"
         except MlflowException as err:

@@ -2,7 +2,9 @@
 
 Reads trial_config.json from the run, trains with the same config, seed and thread count, prints the
 recorded and reproduced numbers side by side, and logs the reproduction as a new run tagged with the
-original's id. On the CPU the numbers match exactly.
+original's id, with its final weights (checkpoint.pt, which `--from` can continue). A
+post-convergence trial continues the same converged model, fetched from the run that kept it and
+checked by SHA-256. On the CPU the numbers match exactly.
 """
 
 from __future__ import annotations
@@ -16,15 +18,25 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from flatbasin.search.errors import UsageError
-from flatbasin.search.tracking import EPOCH_METRICS, ROLE, base_tags
+from flatbasin.search.tracking import (
+    BASE_RUN,
+    CHECKPOINT_ARTIFACT,
+    EPOCH_METRICS,
+    ROLE,
+    base_tags,
+    log_weights,
+)
+from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig
-from flatbasin.trainables.loop import train
+from flatbasin.trainables.loop import EpochMetrics, train
+from flatbasin.trainables.start import Weights, read_converged
 
 
 def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -49,7 +61,15 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     console.print(
         f"reproducing {config.variant} trial {record['trial_id']} ({config.epochs} epochs, seed {config.seed}, {record['threads']} thread(s))"
     )
-    result = train(config)
+    start_weights = converged_weights(client, config)
+    folder = tempfile.TemporaryDirectory(prefix="flatbasin-reproduce-")
+    last = Path(folder.name) / CHECKPOINT_ARTIFACT
+
+    def keep_last(metrics: EpochMetrics, save: Any) -> None:
+        if metrics.epoch == config.epochs:
+            save(last)
+
+    result = train(config, on_epoch=keep_last, start_weights=start_weights)
     if result.data_fingerprint != record["data_fingerprint"]:
         console.print(
             f"data differs from the original: fingerprint {result.data_fingerprint} vs {record['data_fingerprint']}",
@@ -91,7 +111,8 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
         tags={ROLE: "reproduction", "flatbasin.reproduces": run_id,
               # beside the trial it reproduces, under the same search run, in the MLflow UI
               **({MLFLOW_PARENT_RUN_ID: parent} if (parent := original.data.tags.get(MLFLOW_PARENT_RUN_ID)) else {}), "flatbasin.exact_match": str(exact).lower(),
-              "flatbasin.variant": config.variant, **base_tags()},
+              "flatbasin.variant": config.variant, **base_tags(),
+              **({BASE_RUN: config.start.run_id} if config.start and config.start.run_id else {})},
     )  # fmt: skip
     new_run_id = reproduction.info.run_id
     params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
@@ -109,10 +130,35 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
         metrics.append(Metric("test_acc", result.test_acc, 0, 0))
     client.log_batch(new_run_id, metrics=metrics)
     client.log_dict(new_run_id, result.to_json(), "reproduction.json")
+    if last.is_file():
+        log_weights(client, new_run_id, last)
+    folder.cleanup()
     client.set_terminated(new_run_id)
     verdict = Text("exact match", style="green") if exact else Text("numbers differ", style="red")
     console.print(verdict + Text(f"; logged as run {new_run_id}"))
     return exact
+
+
+def converged_weights(client: MlflowClient, config: TrialConfig) -> Weights | None:
+    """The converged model a post-convergence trial continued: the checkpoint.pt of the run that
+    kept it (its base run, or the run it was started from), else the file it was read from. The
+    loop checks their SHA-256 against the one the trial recorded."""
+    start = config.start
+    if start is None:
+        return None
+    try:
+        if start.run_id is not None:
+            with tempfile.TemporaryDirectory(prefix="flatbasin-from-") as folder:
+                path = client.download_artifacts(start.run_id, CHECKPOINT_ARTIFACT, folder)
+                return read_converged(Path(path)).weights
+        if start.path is not None:
+            return read_converged(Path(start.path)).weights
+    except (CheckpointError, MlflowException) as err:
+        raise UsageError(
+            f"this trial continued the converged model {start.source}, which cannot be read "
+            f"now: {err}"
+        ) from err
+    raise UsageError(f"this trial continued {start.source}, but no run or file holds it")
 
 
 def same(recorded: Any, reproduced: Any) -> bool:

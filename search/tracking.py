@@ -11,6 +11,7 @@ import functools
 import os
 import shlex
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
-from flatbasin.trainables.config import trial_config
+from flatbasin.trainables.config import TrialConfig, trial_config
+from flatbasin.trainables.start import write_converged
 
 EPOCH_METRICS = (
     "train_loss",
@@ -52,6 +54,12 @@ STOP_REASONS = {
     "STOPPED": "the search stopped at another trial's permanent error",
 }
 CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
+# Post-convergence: the run whose checkpoint.pt holds the converged model a trial (and its search)
+# continues, the SHA-256 of those weights, and, on a base run, what the weights came from.
+BASE_RUN = "flatbasin.base_run"
+FROM_SHA = "flatbasin.from_sha256"
+BASE_SOURCE = "flatbasin.base_source"
+CHECKPOINT_ARTIFACT = "checkpoint.pt"  # a run's final weights: what --from RUN_ID continues
 
 
 class TrackingUnavailable(RuntimeError):
@@ -336,6 +344,73 @@ class Tracker:
         self.client.set_tag(self._parent, STATE, state)
         self.client.set_terminated(self._parent, status)
 
+    # ------------------------------------------------------------------ post-convergence base
+    def base_run(self) -> str | None:
+        """The search's base run (post-convergence), found again on --resume; creates nothing."""
+        parent = self._parent or self.find_parent()
+        if parent is None:
+            return None
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`{ROLE}` = 'base'",
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
+    def record_base(self, checkpoint: Path, source: str, result: dict[str, Any] | None) -> str:
+        """The search's base run, under its run: the converged model every trial continues, as
+        checkpoint.pt. When the search trained it (`result`, a TrialResult's JSON), also its epochs
+        and a trial_config.json that `flatbasin reproduce` reads as it reads a trial's."""
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent(), ROLE: "base", TRIAL_ID: "base",
+                BASE_SOURCE: source, **base_tags()}  # fmt: skip
+        if result is not None:
+            tags |= {VARIANT: result["config"]["variant"],
+                     "flatbasin.dataset": result["config"]["dataset"],
+                     "flatbasin.data_fingerprint": result["data_fingerprint"],
+                     "flatbasin.model": result["model"], "flatbasin.diverged": "false"}  # fmt: skip
+        run_id = self.client.create_run(self.experiment_id, run_name="base", tags=tags).info.run_id
+        if result is not None:
+            config = TrialConfig.model_validate(result["config"])
+            params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start : start + 100])
+            now = int(time.time() * 1000)
+            history = result["history"]
+            metrics = [Metric(k, float(m[k]), now, int(m["epoch"]))
+                       for m in history for k in EPOCH_METRICS if m.get(k) is not None]  # fmt: skip
+            metrics += [Metric("test_acc", float(result["test_acc"]), now, 0),
+                        Metric("final_score", float(result["score"]), now, 0)]  # fmt: skip
+            for p in result["curve"]:
+                metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
+                            Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
+            for begin in range(0, len(metrics), 1000):
+                self.client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
+            self.client.log_dict(run_id, {
+                "config": result["config"], "seed": result["config"]["seed"],
+                "threads": result["threads"], "data_fingerprint": result["data_fingerprint"],
+                "flatbasin_version": flatbasin.__version__, "git_commit": git_commit(),
+                "trial_id": "base",
+                "recorded": {"score": result["score"], "test_acc": result["test_acc"],
+                             "diverged": result["diverged"], "curve": result["curve"],
+                             "history": [{k: m[k] for k in ("epoch", *EPOCH_METRICS)}
+                                         for m in history]},
+            }, "trial_config.json")  # fmt: skip
+        self.log_checkpoint(run_id, checkpoint)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_checkpoint(self, run_id: str, checkpoint: Path) -> None:
+        log_weights(self.client, run_id, checkpoint)
+
+    def discard_base(self) -> None:
+        """Delete the search's base run: a search stopped before Tune saved anything leaves no run
+        behind, and a base run alone would keep the search's run, so its name, taken."""
+        if self._parent is None:
+            return
+        base = self.base_run()
+        if base is not None:
+            self.client.delete_run(base)
+
     # ------------------------------------------------------------------ trial level
     def run_for(self, record: TrialRecord) -> str:
         if record.trial_id in self._runs:
@@ -357,6 +432,7 @@ class Tracker:
                 # rest of the final write is repeated, the metrics are not (they would be twice).
                 self._final_metrics.add(run_id)
         else:
+            base_run = (record.config.get("start") or {}).get("run_id")
             try:
                 config = trial_config(record.config)
                 variant, dataset, flat = config.variant, config.dataset, config.flat()
@@ -371,7 +447,8 @@ class Tracker:
                 self.experiment_id,
                 run_name=f"{variant}-{'confirm-' if confirms else ''}{record.trial_id}",
                 tags={MLFLOW_PARENT_RUN_ID: parent, **role, VARIANT: variant,
-                      TRIAL_ID: record.trial_id, "flatbasin.dataset": dataset, **base_tags()},
+                      TRIAL_ID: record.trial_id, "flatbasin.dataset": dataset, **base_tags(),
+                      **({BASE_RUN: base_run} if base_run else {})},
             )  # fmt: skip
             run_id = run.info.run_id
             params = [Param(k, str(v)) for k, v in sorted(flat.items())]
@@ -467,6 +544,16 @@ def diversity_metrics(points: list[dict[str, Any]], now: int) -> list[Metric]:
         for key in ("disagreement", "error_corr")
         if p.get(key) is not None
     ]
+
+
+def log_weights(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
+    """A run's final weights as checkpoint.pt: the weights and the config that trained them, which
+    is what --from RUN_ID continues; the optimiser and averager state only a resume needs stay
+    out."""
+    with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as folder:
+        slim = Path(folder) / CHECKPOINT_ARTIFACT
+        write_converged(checkpoint, slim)
+        client.log_artifact(run_id, str(slim))
 
 
 def _first_line(err: BaseException) -> str:

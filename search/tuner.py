@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from flatbasin.search import preflight
+from flatbasin.search import post_convergence, preflight
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -61,6 +61,8 @@ class SearchOptions(BaseModel):
     checkpoint_every: int = Field(1, ge=1)  # epochs
     checkpoint_interval_s: float = Field(20.0, ge=0)  # at most one checkpoint per this many seconds
     confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
+    start_from: str | None = None  # --from: base, an MLflow run id or a checkpoint file (see
+    # search/post_convergence.py); None: the space's `from:`, if it has one
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ def resume_command(space: Space, options: SearchOptions) -> str:
         args += ["--address", options.address]
     if options.confirm_seeds is not None:  # not in Tune's state: the confirmation comes after it
         args += ["--confirm-seeds", str(options.confirm_seeds)]
+    if options.start_from:  # a file made absolute, as the search recorded it
+        args += ["--from", post_convergence.parse_source(options.start_from).text]
     return shlex.join([*args, "--resume"])
 
 
@@ -199,7 +203,10 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
     tracker.check()
     check_new_or_resumable(tracker, experiment_path, options.resume)
-    for warning in preflight.check_trials(space, local=local):
+    # Post-convergence (--from or the space's `from:`): the source is resolved and checked here,
+    # before Ray; the trials then run the tail only, so that is the space checked below.
+    start = post_convergence.plan(space, options.start_from, tracker, options.resume)
+    for warning in preflight.check_trials(start.space if start else space, local=local):
         stderr.print(f"warning: {warning}", style="yellow")
 
     if not local:
@@ -219,19 +226,28 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     parent = tracker.parent(
         params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
                 "scheduler": options.scheduler, "concurrency": options.concurrency,
-                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial},
+                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
+                **({"from": start.source.text} if start else {})},
         space_file=space.path,
     )  # fmt: skip
     try:
-        return _run(space, options, console, tracker, parent, experiment_path, samples, started)
+        weights = None
+        if start is not None:  # the base trained (or recorded) once, before any trial
+            space, weights = post_convergence.begin(start, tracker, options, console)
+        return _run(
+            space, options, console, tracker, parent, experiment_path, samples, started, weights
+        )
     except BaseException:
         # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
         # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
         # before Tune saved anything leaves no run behind (it holds nothing, and would only block
-        # running the same command again).
+        # running the same command again), its base run included.
         from ray import tune
 
-        if tune.Tuner.can_restore(str(experiment_path)) or not tracker.discard_parent():
+        restorable = tune.Tuner.can_restore(str(experiment_path))
+        if not restorable:
+            tracker.discard_base()
+        if restorable or not tracker.discard_parent():
             tracker.end_parent("interrupted")
         raise
 
@@ -262,6 +278,7 @@ def _run(
     experiment_path: Path,
     samples: int,
     started: float,
+    start_weights: dict[str, Any] | None = None,
 ) -> Outcome:
     import optuna
     from ray import tune
@@ -270,12 +287,8 @@ def _run(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from flatbasin.trainables import ray_entry
-
     name, storage = experiment_path.name, experiment_path.parent
-    trainable = tune.with_resources(
-        ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
-    )
+    trainable = _trainable(options, start_weights)
     writer = MlflowWriter(tracker, console)
     progress = Progress(samples, console)
     make_live(writer, progress)  # a restored Tuner gets these objects back, not copies
@@ -348,7 +361,7 @@ def _run(
     confirm_started = time.perf_counter()
     if seeds and best and not interrupted and not errors:
         confirmed, interrupted, errors = _confirm(
-            tracker, console, options, experiment_path, best, seeds
+            tracker, console, options, experiment_path, best, seeds, trainable
         )
     confirm_ended = time.perf_counter()
     state = "interrupted" if interrupted else "failed" if errors else "finished"
@@ -368,6 +381,23 @@ def _run(
         trials_per_variant=(counts := _count_variants(writer)),
         untried=[] if interrupted else [v for v in space.variants if v not in counts],
     )  # fmt: skip
+
+
+def _trainable(options: SearchOptions, start_weights: dict[str, Any] | None) -> Any:
+    """The trial function with its resources. A post-convergence search hands every trial the
+    converged weights through Ray's object store: with_parameters puts them there once (not into
+    each trial's pickled config), and a trial on any node, or moved to another, fetches them from
+    there."""
+    from ray import tune
+
+    from flatbasin.trainables import ray_entry
+
+    function = ray_entry.trainable
+    if start_weights is not None:
+        function = tune.with_parameters(ray_entry.trainable, start_weights=start_weights)
+    return tune.with_resources(
+        function, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+    )
 
 
 def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = None) -> None:
@@ -508,14 +538,14 @@ def _confirm(
     experiment_path: Path,
     best: list[dict[str, Any]],
     seeds: int,
+    trainable: Any,
 ) -> tuple[list[dict[str, Any]], bool, list[str]]:
     """Retrain each variant's best configuration with `seeds` fresh seeds, as Ray trials in parallel
     (a Tune experiment of its own beside the search's, resumable the same way); their runs are tagged
-    flatbasin.role=confirm and never touch the search's own runs."""
+    flatbasin.role=confirm and never touch the search's own runs. `trainable` is the search's own:
+    confirmations of a post-convergence search continue the same converged model."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from flatbasin.trainables import ray_entry
 
     path = experiment_path.with_name(f"{experiment_path.name}.confirm")
     configs = [
@@ -531,9 +561,6 @@ def _confirm(
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
     make_live(writer, progress)
-    trainable = tune.with_resources(
-        ray_entry.trainable, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
-    )
     if tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
@@ -631,6 +658,8 @@ def _finish_parent(
             model = load_deployed(
                 config.model_copy(update={"device": "cpu"}), Path(folder) / CHECKPOINT_FILE
             )
+            # Its final weights too, so that a later search can continue this trial (--from RUN_ID).
+            tracker.log_checkpoint(row["run_id"], Path(folder) / CHECKPOINT_FILE)
         with mlflow.start_run(run_id=row["run_id"]):
             # Explicit requirements: inferring them re-imports the model in a subprocess (seconds each).
             mlflow.pytorch.log_model(

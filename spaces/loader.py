@@ -17,6 +17,11 @@
 Distributions: loguniform [low, high], uniform [low, high], int [low, high], choice [a, b, ...].
 Validation tries every corner of every range (and every choice) through the trial config's own
 validators, so a range that can produce an impossible trial is rejected before Ray starts.
+
+Post-convergence (every trial continues one converged model and `epochs` is the tail's budget):
+
+    from: base                  # train the base once; or an MLflow run id, or a checkpoint file
+    base: {epochs: 20, lr: 0.05}  # the base phase: a plain sgd trial (default: `epochs` at lr 0.05)
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ SHARED = frozenset(
 )  # fmt: skip
 # A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# What `from:` (and --from) takes besides a checkpoint file: `base`, or an MLflow run id.
+BASE = "base"
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+# Settings a base phase may not set: the data every trial continues on, the model it continues, and
+# what the driver decides for every trial (threads, device).
+NOT_FOR_BASE = (SHARED - {"epochs"}) | {"model", "threads", "device"}
 
 
 class SpaceError(ValueError):
@@ -91,6 +102,8 @@ class _SpaceFile(NoBoolNumbers):
     model: str = "auto"
     fixed: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    start: str | None = Field(None, alias="from")  # base, an MLflow run id or a checkpoint file
+    base: dict[str, Any] | None = None  # from: base: the base phase's own settings
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,9 @@ class Space:
     settings: dict[str, Any]  # fixed trial settings shared by every variant
     variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]]  # name -> (searched, fixed)
     confirm_seeds: int = 0  # after the search, retrain each variant's best with this many seeds
+    start_from: str | None = None  # `from:`: base, a run id, or a checkpoint file (absolute)
+    base: dict[str, Any] = dataclasses.field(default_factory=dict)  # `base:` settings (from: base)
+    start: dict[str, Any] | None = None  # the StartPoint every trial continues (set by the driver)
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: the variant, then its parameters.
@@ -117,7 +133,8 @@ class Space:
         searched, fixed = self.variants[variant]
         for key, dist in searched.items():
             dist.suggest(trial, f"{variant}/{key}")
-        return {"variant": variant, "settings": {**self.settings, **fixed}}
+        config = {"variant": variant, "settings": {**self.settings, **fixed}}
+        return config if self.start is None else {**config, "start": self.start}
 
     def with_settings(self, **settings: Any) -> Space:
         """The same space with extra fixed settings (the driver adds threads, device)."""
@@ -127,7 +144,39 @@ class Space:
         """The trial configs at every corner of every variant's ranges (what preflight checks run on)."""
         for variant, (searched, fixed) in self.variants.items():
             for values in _corners(searched):
-                yield make_config(variant, {**self.settings, **fixed, **values})
+                yield make_config(variant, {**self.settings, **fixed, **values}, start=self.start)
+
+    def base_config(self) -> TrialConfig:
+        """The base phase a `from: base` search trains once: a plain `sgd` trial on the space's
+        data, model and fixed settings, `base:` on top. Unless `base:` says otherwise it trains for
+        `epochs`, as long as a trial's tail: the split the variants make by default (base_frac
+        0.5)."""
+        return make_config("sgd", {**self.settings, **self.base})
+
+    def tail_only(self) -> tuple[Space, dict[str, list[str]]]:
+        """This space for trials that continue a converged model: settings that shape only a
+        variant's base phase (its `base_only`: lr, base_frac, swa_start_frac) are left out, since
+        that phase is not trained. Returns the space and what was left out, per variant."""
+        variants, left_out = {}, {}
+        for name, (searched, fixed) in self.variants.items():
+            drop = REGISTRY[name].base_only
+            gone = sorted((set(searched) | set(fixed)) & drop)
+            if gone:
+                left_out[name] = gone
+            variants[name] = (
+                {k: v for k, v in searched.items() if k not in drop},
+                {k: v for k, v in fixed.items() if k not in drop},
+            )
+        return dataclasses.replace(self, variants=variants), left_out
+
+    def continuing(self, start: dict[str, Any]) -> tuple[Space, dict[str, list[str]]]:
+        """The space of a post-convergence search: tail only, every trial continuing `start` (a
+        StartPoint). Every corner is checked again, since the budgets now hold the tail alone."""
+        space, left_out = self.tail_only()
+        space = dataclasses.replace(space, start=start)
+        for name, (searched, fixed) in space.variants.items():
+            _check_corners(self.path, name, space.settings, searched, fixed, start)
+        return space, left_out
 
 
 def _parse_dist(where: str, value: Any) -> Dist | None:
@@ -241,7 +290,9 @@ def check_name(name: str, where: str) -> str:
     return name
 
 
-def load_space(name_or_path: str | Path) -> Space:
+def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space:
+    """`start_from`: --from, which wins over the file's `from:`: with either, the trials run the
+    tail alone, and that is how the corners are checked."""
     path = resolve(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -272,6 +323,14 @@ def load_space(name_or_path: str | Path) -> Space:
         # Trials run in Tune's trial folders, not here: a relative path means this directory.
         fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().resolve())
     settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
+    own_start = _from(path, spec)
+    if spec.base is not None and own_start != BASE:
+        raise SpaceError(
+            f"{path}: base: sets the base phase that `from: base` trains; this space "
+            + (f"continues {own_start}" if own_start else "has no `from:`")
+            + ", so there is no base phase to set; add `from: base` or remove base:"
+        )
+    start_from = start_from or own_start
     variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]] = {}
     for variant, entries in spec.variants.items():
         if variant not in REGISTRY:
@@ -303,10 +362,62 @@ def load_space(name_or_path: str | Path) -> Space:
                 fixed[key] = value
             else:
                 searched[key] = dist
-        _check_corners(path, variant, settings, searched, fixed)
+        if start_from is None:
+            _check_corners(path, variant, settings, searched, fixed)
+        else:  # its trials run the tail alone (Space.continuing): check the corners they will have
+            drop = REGISTRY[variant].base_only
+            tail = {k: v for k, v in searched.items() if k not in drop}
+            kept = {k: v for k, v in fixed.items() if k not in drop}
+            _check_corners(path, variant, settings, tail, kept, CHECKING)
         variants[variant] = (searched, fixed)
     name = check_name(spec.name or path.stem, f"{path}: name")
-    return Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
+    base = _base(path, spec, settings)
+    space = Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
+    return dataclasses.replace(space, start_from=start_from, base=base)
+
+
+# What the corners of a post-convergence space are checked with before the converged model is known.
+CHECKING = {"source": "(checking)", "sha256": "0" * 64}
+
+
+def _from(path: Path, spec: _SpaceFile) -> str | None:
+    """`from:`: base, a run id, or a checkpoint file (relative to the space file's folder)."""
+    start = spec.start.strip() if spec.start is not None else None
+    if start == "":
+        raise SpaceError(f"{path}: from: give base, an MLflow run id or a checkpoint file")
+    if start is not None and start != BASE and not RUN_ID.fullmatch(start):
+        start = str((path.parent / Path(start).expanduser()).resolve())
+    return start
+
+
+def _base(path: Path, spec: _SpaceFile, settings: dict[str, Any]) -> dict[str, Any]:
+    """`base:`, checked as the plain sgd trial it makes with the space's own settings."""
+    base = dict(spec.base or {})
+    top, own = config_keys("sgd")
+    for key in base:
+        if key in NOT_FOR_BASE:
+            raise SpaceError(
+                f"{path}: base.{key}: the base phase trains on the space's data and model, on the "
+                "trials' device; set it at the top level or under fixed"
+            )
+        if key not in top | own:
+            raise SpaceError(
+                f"{path}: base.{key}: unknown key; the base phase is a plain sgd trial: "
+                f"{', '.join(sorted((top | own) - NOT_FOR_BASE))}"
+            )
+    try:
+        make_config("sgd", {**settings, **base})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = f".{first['loc'][-1]}" if first["loc"] else ""
+        message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        if first["loc"] and not isinstance(given, dict) and given is not None:
+            message += f" (got {given!r})"
+        raise SpaceError(f"{path}: base{key}: {message}") from err
+    except ValueError as err:
+        raise SpaceError(f"{path}: base: {err}") from err
+    return base
 
 
 def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:
@@ -338,6 +449,7 @@ def _check_corners(
     settings: dict[str, Any],
     searched: dict[str, Dist],
     fixed: dict[str, Any],
+    start: dict[str, Any] | None = None,
 ) -> None:
     """Every combination of range ends (and choices) must make a valid trial, budget included."""
     try:
@@ -346,7 +458,7 @@ def _check_corners(
         raise SpaceError(f"{path}: variants.{variant}: {err}") from err
     for values in corners:
         try:
-            make_config(variant, {**settings, **fixed, **values})
+            make_config(variant, {**settings, **fixed, **values}, start=start)
         except ValidationError as err:
             first = err.errors()[0]
             # Field errors carry their key; budget errors (whole-config) name their keys in the text.

@@ -12,6 +12,7 @@ from pydantic import Field, SerializeAsAny, model_validator
 
 from flatbasin.trainables.data import DataSpec
 from flatbasin.trainables.models import Init, ModelName
+from flatbasin.trainables.start import StartPoint
 from flatbasin.trainables.tta import TTA
 from flatbasin.trainables.variants import REGISTRY, Variant, VariantParams
 
@@ -39,6 +40,8 @@ class TrialConfig(DataSpec):
     threads: int | None = Field(
         None, ge=1, le=256
     )  # torch intra-op threads; None keeps torch's choice
+    # Post-convergence: the converged model this trial continues (set by --from, never by hand).
+    start: StartPoint | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -64,7 +67,11 @@ class TrialConfig(DataSpec):
         return self
 
     def build_variant(self) -> Variant:
-        return REGISTRY[self.variant](self.params, epochs=self.epochs, lr=self.lr)
+        cls = REGISTRY[self.variant]
+        if self.start is not None and cls.base_only:
+            # A converged start replaces the base phase: the variant runs its tail alone.
+            return cls(self.params, epochs=self.epochs, lr=self.lr, converged=True)
+        return cls(self.params, epochs=self.epochs, lr=self.lr)
 
     @property
     def data_spec(self) -> DataSpec:
@@ -72,18 +79,26 @@ class TrialConfig(DataSpec):
 
     def flat(self) -> dict[str, Any]:
         """Every setting under one flat name (variant parameters unprefixed), for logging."""
-        values = self.model_dump(mode="json", exclude={"params"})
+        values = self.model_dump(mode="json", exclude={"params", "start"})
+        if self.start is not None:
+            values |= {"from": self.start.source, "from_sha256": self.start.sha256}
         return {**values, **self.params.model_dump(mode="json")}
 
 
 def config_keys(variant: str) -> tuple[set[str], set[str]]:
-    """(top-level keys, variant parameter keys) accepted for `variant`."""
-    top = set(TrialConfig.model_fields) - {"params", "variant"}
+    """(top-level keys, variant parameter keys) a user may set for `variant` (not `start`: it is
+    --from's)."""
+    top = set(TrialConfig.model_fields) - {"params", "variant", "start"}
     return top, set(REGISTRY[variant].Params.model_fields)
 
 
-def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
-    """Build a config from flat `key: value` settings, routing each key to the trial or the variant."""
+def make_config(
+    variant: str, settings: dict[str, Any], start: StartPoint | dict[str, Any] | None = None
+) -> TrialConfig:
+    """Build a config from flat `key: value` settings, routing each key to the trial or the variant.
+
+    `start` is apart from the settings on purpose: only --from sets it, never a space file or --set.
+    """
     if variant not in REGISTRY:
         raise ValueError(
             f"unknown variant {variant!r}; choose one of: {', '.join(sorted(REGISTRY))}"
@@ -98,7 +113,9 @@ def make_config(variant: str, settings: dict[str, Any]) -> TrialConfig:
         )
     params = {k: v for k, v in settings.items() if k in own}
     trial = {k: v for k, v in settings.items() if k in top}
-    return TrialConfig.model_validate({**trial, "variant": variant, "params": params})
+    return TrialConfig.model_validate(
+        {**trial, "variant": variant, "params": params, "start": start}
+    )
 
 
 def sampled(search_config: dict[str, Any]) -> dict[str, Any]:
@@ -109,9 +126,12 @@ def sampled(search_config: dict[str, Any]) -> dict[str, Any]:
 
 def trial_config(search_config: dict[str, Any]) -> TrialConfig:
     """A search's sampled config -> TrialConfig: the shared settings, then the variant's sampled values
-    (nested under its name, as OptunaSearch unflattens the 'variant/key' names)."""
+    (nested under its name, as OptunaSearch unflattens the 'variant/key' names), and the converged
+    model a post-convergence search continues."""
     search_config = sampled(search_config)
     variant = search_config["variant"]
     return make_config(
-        variant, {**search_config.get("settings", {}), **search_config.get(variant, {})}
+        variant,
+        {**search_config.get("settings", {}), **search_config.get(variant, {})},
+        start=search_config.get("start"),
     )

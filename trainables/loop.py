@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +24,7 @@ from flatbasin.trainables.data import Data, load_data
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model
+from flatbasin.trainables.start import apply_start
 from flatbasin.trainables.tta import TTA, softmax, with_tta
 
 
@@ -159,6 +160,7 @@ def train(
     data: Data | None = None,
     resume: Path | None = None,
     on_epoch: EpochCallback | None = None,
+    start_weights: Mapping[str, Tensor] | None = None,  # the converged model config.start names
 ) -> TrialResult:
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -179,6 +181,15 @@ def train(
             resume, model, optimizer, averager, curve, order, config=config.model_dump(mode="json")
         )
         step, first_epoch, history = state.step, state.epoch, state.history
+    elif config.start is not None:  # post-convergence: continue the converged model, not the init
+        apply_start(model, config.start, start_weights)
+        if averager.update(model, 0):  # a member at step 0 is that model (cyclic_average's w_1)
+            for name, probe in averager.probes(model).items():
+                curve.add(
+                    name,
+                    predict(probe, data.inputs("val"), config.tta),
+                    predict(probe, data.inputs("test"), config.tta),
+                )
 
     seconds = {"averaging": 0.0, "eval": 0.0}
     diverged = False

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ray import tune
 
 from flatbasin.trainables.checkpoint import CheckpointError
-from flatbasin.trainables.config import trial_config
+from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.data import DataError, load_data
 from flatbasin.trainables.loop import EpochMetrics, TrialResult, resolve_device, train
 from flatbasin.trainables.sanity import TrialError
@@ -79,9 +79,12 @@ def warm_worker() -> None:
     torch.optim.SGD([weight], lr=0.1, momentum=0.9).step()
 
 
-def trainable(config: dict[str, Any]) -> None:
+def trainable(config: dict[str, Any], start_weights: dict[str, Any] | None = None) -> None:
+    """One trial. `start_weights`: a post-convergence search's converged model, which Tune hands
+    over from the object store (tune.with_parameters: put there once by the driver, fetched on any
+    node)."""
     try:
-        _run(config)
+        _run(config, start_weights)
     except PERMANENT as err:
         # Reported, not raised: the trial ends without a retry, and the driver stops the search.
         # Tune refuses a result without the search's metric (it raises in the driver, ending the
@@ -91,7 +94,7 @@ def trainable(config: dict[str, Any]) -> None:
         )
 
 
-def _run(config: dict[str, Any]) -> None:
+def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
     trial = trial_config(config)
     policy = CheckpointPolicy(
         int(config.get("checkpoint_every", 1)), float(config.get("checkpoint_interval_s", 0.0))
@@ -115,7 +118,7 @@ def _run(config: dict[str, Any]) -> None:
             _report(*pending.pop(), rungs, policy)
         pending.append((metrics, save))
 
-    result = train(trial, data=data, resume=resume, on_epoch=on_epoch)
+    result = train(trial, data=data, resume=resume, on_epoch=on_epoch, start_weights=start_weights)
     if pending and pending[-1][0].epoch != result.history[-1].epoch:  # diverged: no callback for it
         _report(*pending.pop(), rungs, policy)
     save = pending[-1][1] if pending else None
@@ -149,3 +152,21 @@ def _report(metrics: EpochMetrics, save: Any, rungs: list[int], policy: Checkpoi
     with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
         save(Path(tmp) / CHECKPOINT_FILE)
         tune.report(epoch_metrics(metrics, rungs), checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def train_base(config: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The base phase of a post-convergence search, trained once: one plain trial, run as a Ray task
+    with a trial's resources (or in a local driver's own process). Returns its record and its last
+    checkpoint's bytes (empty when it diverged), which the driver records as the search's base
+    run."""
+    trial = TrialConfig.model_validate(config)
+    data = load_data(trial.data_spec, str(resolve_device(trial.device)))
+    with tempfile.TemporaryDirectory(prefix="flatbasin-base-") as tmp:
+        path = Path(tmp) / CHECKPOINT_FILE
+
+        def on_epoch(metrics: EpochMetrics, save: Any) -> None:
+            if metrics.epoch == trial.epochs:
+                save(path)
+
+        result = train(trial, data=data, on_epoch=on_epoch)
+        return result.to_json(), path.read_bytes() if path.is_file() else b""

@@ -34,11 +34,18 @@ class Variant(ABC, Generic[P]):
     Params: ClassVar[type[VariantParams]]
     # Parameters that make the variant fit a 2-epoch smoke run (used by the contract test and `--smoke`).
     smoke: ClassVar[dict[str, Any]] = {}
+    # A variant with a base phase (train normally, then an averaging tail) names the settings that
+    # shape only that phase. Given a converged model (post-convergence, TrialConfig.start) it is
+    # built with converged=True and runs its tail alone, so a search from a converged model leaves
+    # these out. Variants without a base phase continue the converged weights with their own
+    # schedule.
+    base_only: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, params: P, *, epochs: int, lr: float):
+    def __init__(self, params: P, *, epochs: int, lr: float, converged: bool = False):
         self.params = params
         self.epochs = epochs
         self.lr = lr
+        self.converged = converged  # no base phase: the budget is the tail's (see base_only)
 
     @abstractmethod
     def schedule(self, steps_per_epoch: int) -> schedules.Schedule: ...
@@ -66,15 +73,21 @@ class Variant(ABC, Generic[P]):
 
 
 def cycle_split(
-    epochs: int, base_frac: float, cycles: int, field: str = "cycles"
+    epochs: int, base_frac: float, cycles: int, field: str = "cycles", converged: bool = False
 ) -> tuple[int, int]:
     """(base epochs, epochs per cycle): whole-epoch cycles filling the budget after the base phase.
 
     Cycle length is derived from the budget (budget after the base phase / cycles), never chosen apart
-    from it; leftover epochs go to the base phase.
+    from it; leftover epochs go to the base phase. A converged start has no base phase: the whole
+    budget is the tail's, and only the leftover epochs come before the cycles.
     """
-    base = max(1, round(base_frac * epochs))
+    base = 0 if converged else max(1, round(base_frac * epochs))
     cycle_epochs = (epochs - base) // cycles
+    if cycle_epochs < 1 and converged:
+        raise BudgetError(
+            f"{field}={cycles} does not fit the budget: {epochs} epoch(s) after convergence, and "
+            f"each cycle needs at least 1; lower {field} or raise epochs"
+        )
     if cycle_epochs < 1:
         raise BudgetError(
             f"{field}={cycles} does not fit the budget: {epochs} epochs with base_frac={base_frac} "

@@ -3,6 +3,7 @@
 Train normally, then K cycles of a large learning rate (to leave the current minimum) followed by a
 small one (to settle); keep the weights w_i at each cycle end and deploy m(w-bar) after a BN pass.
 During the cycles the loss adds prox * ||w - w-bar||^2 (seed eq. 8) on top of the optimiser's L2.
+From a converged model (post-convergence) the base phase is that model: w_1 joins at step 0.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class CyclicAverage(Variant[CyclicAverageParams]):
     name = "cyclic_average"
     Params = CyclicAverageParams
     smoke = {"cycles": 1}
+    base_only = frozenset({"lr", "base_frac"})
 
-    def __init__(self, params: CyclicAverageParams, *, epochs: int, lr: float):
-        super().__init__(params, epochs=epochs, lr=lr)
-        self.base_epochs, self.cycle_epochs = cycle_split(epochs, params.base_frac, params.cycles)
+    def __init__(
+        self, params: CyclicAverageParams, *, epochs: int, lr: float, converged: bool = False
+    ):
+        super().__init__(params, epochs=epochs, lr=lr, converged=converged)
+        self.base_epochs, self.cycle_epochs = cycle_split(
+            epochs, params.base_frac, params.cycles, converged=converged
+        )
 
     def _steps(self, steps_per_epoch: int) -> tuple[int, int, int]:
         base, cycle = self.base_epochs * steps_per_epoch, self.cycle_epochs * steps_per_epoch
@@ -51,16 +57,20 @@ class CyclicAverage(Variant[CyclicAverageParams]):
     def schedule(self, steps_per_epoch: int) -> schedules.Schedule:
         p = self.params
         base, cycle, large = self._steps(steps_per_epoch)
-        return schedules.Then(
-            schedules.Cosine(self.lr, p.lr_small, base),  # "train normally to convergence"
-            base,
-            schedules.TwoLevel(p.lr_large, p.lr_small, cycle, large),
+        # "Train normally to convergence"; from a converged model only the leftover epochs (budget
+        # not divisible by the cycles) come first, at lr_small, so the cycles still end the budget.
+        first = (
+            schedules.Constant(p.lr_small)
+            if self.converged
+            else schedules.Cosine(self.lr, p.lr_small, base)
         )
+        return schedules.Then(first, base, schedules.TwoLevel(p.lr_large, p.lr_small, cycle, large))
 
     def join_steps(self, steps_per_epoch: int) -> list[int]:
         base, cycle, _ = self._steps(steps_per_epoch)
         ends = [base + k * cycle for k in range(1, self.params.cycles + 1)]
-        return [base, *ends] if self.params.average_converged else ends
+        converged_at = 0 if self.converged else base  # w_1: the converged model
+        return [converged_at, *ends] if self.params.average_converged else ends
 
     def averager(self, model: nn.Module, steps_per_epoch: int, bn_batches: BatchSource) -> Averager:
         return EqualAverage(model, self.join_steps(steps_per_epoch), bn_batches)
@@ -74,7 +84,7 @@ class CyclicAverage(Variant[CyclicAverageParams]):
     def plan(self) -> dict[str, float | int]:
         e = self.cycle_epochs
         return {
-            "base_epochs": self.base_epochs,
+            ("lead_epochs" if self.converged else "base_epochs"): self.base_epochs,
             "cycle_epochs": e,
             "epochs_large": round(self.params.large_frac * e, 3),
             "epochs_small": round((1 - self.params.large_frac) * e, 3),

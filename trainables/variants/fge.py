@@ -1,7 +1,8 @@
 """`fge`: Fast Geometric Ensembling (Garipov et al. 2018).
 
 After a base phase, short triangular cycles between lr_1 and lr_2; a member at each cycle's low point,
-deployed as a softmax ensemble (members in the order they were collected).
+deployed as a softmax ensemble (members in the order they were collected). From a converged model
+(post-convergence) the cycles start at once.
 """
 
 from __future__ import annotations
@@ -32,17 +33,24 @@ class FGE(Variant[FGEParams]):
     name = "fge"
     Params = FGEParams
     smoke = {"cycles": 1}
+    base_only = frozenset({"lr", "base_frac"})
 
-    def __init__(self, params: FGEParams, *, epochs: int, lr: float):
-        super().__init__(params, epochs=epochs, lr=lr)
-        self.base_epochs, self.cycle_epochs = cycle_split(epochs, params.base_frac, params.cycles)
+    def __init__(self, params: FGEParams, *, epochs: int, lr: float, converged: bool = False):
+        super().__init__(params, epochs=epochs, lr=lr, converged=converged)
+        self.base_epochs, self.cycle_epochs = cycle_split(
+            epochs, params.base_frac, params.cycles, converged=converged
+        )
 
     def schedule(self, steps_per_epoch: int) -> schedules.Schedule:
         base, cycle = self.base_epochs * steps_per_epoch, self.cycle_epochs * steps_per_epoch
         p = self.params
-        return schedules.Then(
-            schedules.Cosine(self.lr, p.lr_1, base), base, schedules.Triangle(p.lr_1, p.lr_2, cycle)
+        # From a converged model only the leftover epochs come first, at the low lr_2.
+        first = (
+            schedules.Constant(p.lr_2)
+            if self.converged
+            else schedules.Cosine(self.lr, p.lr_1, base)
         )
+        return schedules.Then(first, base, schedules.Triangle(p.lr_1, p.lr_2, cycle))
 
     def join_steps(self, steps_per_epoch: int) -> list[int]:
         base, cycle = self.base_epochs * steps_per_epoch, self.cycle_epochs * steps_per_epoch
@@ -59,4 +67,5 @@ class FGE(Variant[FGEParams]):
         )
 
     def plan(self) -> dict[str, float | int]:
-        return {"base_epochs": self.base_epochs, "cycle_epochs": self.cycle_epochs}
+        lead = "lead_epochs" if self.converged else "base_epochs"
+        return {lead: self.base_epochs, "cycle_epochs": self.cycle_epochs}

@@ -2,7 +2,8 @@
 
 The reference code's base schedule until the averaging phase, then a constant or cyclic SWA learning
 rate; an equal average of the weights every `swa_every` epochs (cycle ends in cyclic mode), with batch
-norm statistics recomputed for the average.
+norm statistics recomputed for the average. From a converged model (post-convergence) the whole
+budget is the averaging phase.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ class SWA(Variant[SWAParams]):
     name = "swa"
     Params = SWAParams
     smoke = {"swa_start_frac": 0.5}
+    base_only = frozenset({"lr", "swa_start_frac"})
 
-    def __init__(self, params: SWAParams, *, epochs: int, lr: float):
-        super().__init__(params, epochs=epochs, lr=lr)
-        averaging = epochs - max(1, round(params.swa_start_frac * epochs))
+    def __init__(self, params: SWAParams, *, epochs: int, lr: float, converged: bool = False):
+        super().__init__(params, epochs=epochs, lr=lr, converged=converged)
+        base = 0 if converged else max(1, round(params.swa_start_frac * epochs))
+        averaging = epochs - base
         self.models = averaging // params.swa_every
+        if self.models < 1 and converged:
+            raise BudgetError(
+                f"swa_every={params.swa_every} does not fit the budget: {epochs} epoch(s) after "
+                "convergence leave no whole period to average over; lower swa_every or raise epochs"
+            )
         if self.models < 1:
             raise BudgetError(
                 f"swa_every={params.swa_every} does not fit the budget: swa_start_frac="
@@ -56,7 +64,14 @@ class SWA(Variant[SWAParams]):
             tail = schedules.Constant(p.swa_lr)
         else:
             tail = schedules.SWACyclic(p.swa_lr_max, p.swa_lr, p.swa_every * steps_per_epoch)
-        return schedules.Then(schedules.SWABase(self.lr, p.swa_lr, start), start, tail)
+        # The reference code's decay to swa_lr; from a converged model only the leftover epochs come
+        # first, already at swa_lr (where that decay ends).
+        first = (
+            schedules.Constant(p.swa_lr)
+            if self.converged
+            else schedules.SWABase(self.lr, p.swa_lr, start)
+        )
+        return schedules.Then(first, start, tail)
 
     def join_steps(self, steps_per_epoch: int) -> list[int]:
         start, every = self.start_epoch * steps_per_epoch, self.params.swa_every * steps_per_epoch
