@@ -1,5 +1,9 @@
 """The one training loop. Every variant runs through `train`; a variant only supplies the schedule,
 the averager and an optional loss term, so this file reads top to bottom like a plain PyTorch loop.
+
+Three small hooks let a variant shape the epochs without special cases here, each a pure function of
+the recorded history so that a resumed trial makes the same decisions: `phase(history)` (a data epoch,
+or one the variant runs itself without data), `epoch_without_data(...)`, and `stop(history)`.
 """
 
 from __future__ import annotations
@@ -7,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,17 +25,19 @@ from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, accuracy
 from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.history import seconds_to_best
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model
+from flatbasin.trainables.variants.base import DATA_PHASE
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int  # 1-based: metrics after this many epochs
-    step: int
-    train_loss: float
-    train_acc: float
+    step: int  # optimizer steps so far (an epoch without data takes none)
+    train_loss: float | None  # None in an epoch without a pass over the data
+    train_acc: float | None
     val_loss: float  # of the live weights
     val_acc: float
     lr: float  # of the last step of the epoch
@@ -39,6 +45,10 @@ class EpochMetrics:
     members: int  # models averaged or ensembled so far
     lr_low: float | None = None  # the lowest and highest lr of the epoch's steps: with cycles
     lr_high: float | None = None  # shorter than an epoch the last step's lr alone says little
+    phase: str = DATA_PHASE  # or the variant's own epoch without data (prior_guided: "focus")
+    # Wall-clock seconds of training since the trial started, carried over a resume. Left out of
+    # equality: a resumed trial is the same trial, bit for bit, whatever the clock said.
+    elapsed_s: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -54,7 +64,8 @@ class TrialResult:
     plan: dict[str, float | int]
     threads: int
     device: str
-    seconds: dict[str, float] = field(default_factory=dict)  # total, averaging (joins + BN), eval
+    # total, averaging (joins + BN), eval, to_best (training time to the best epoch's end)
+    seconds: dict[str, float] = field(default_factory=dict)
     model: str = ""  # the model built: `auto` resolved for the data (cnn1d, small_cnn, resnet18)
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +92,8 @@ DIVERGED_SCORE = 0.0
 
 # Called after every epoch with the metrics and a function that writes a checkpoint to a path.
 EpochCallback = Callable[[EpochMetrics, Callable[[Path], None]], None]
+# Called after every backward pass, before the optimizer step: where the gradients can be read.
+BackwardCallback = Callable[[nn.Module], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +157,10 @@ def train(
     data: Data | None = None,
     resume: Path | None = None,
     on_epoch: EpochCallback | None = None,
+    on_backward: BackwardCallback | None = None,
 ) -> TrialResult:
+    """Train one trial. It ends after `config.epochs` epochs, at the variant's stop rule (early
+    stopping), or at the first non-finite loss (a diverged result, not an exception)."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     if config.threads is not None:
@@ -155,7 +171,7 @@ def train(
 
     check_data(config, data)  # a TrialError before the first step, not a traceback mid-epoch
     model, optimizer, averager, curve, order = assemble(config, data, device)
-    check_model(config, data, model)
+    check_model(config, data, model, variant)
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
@@ -167,12 +183,25 @@ def train(
 
     seconds = {"averaging": 0.0, "eval": 0.0}
     diverged = False
+    # Training time so far, carried over a resume so that seconds_to_best covers the whole trial.
+    clock = time.perf_counter() - (history[-1].elapsed_s if history else 0.0)
     for epoch in range(first_epoch, config.epochs):
+        if variant.stop(history):  # early stopping; checked first, so a resumed trial stops too
+            break
+        phase = variant.phase(history)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         lr_low, lr_high = math.inf, -math.inf
-        for x, y in data.train_batches(config.batch_size, order, config.augment):
+        batches: Iterable[tuple[Tensor, Tensor]] = ()
+        if phase == DATA_PHASE:
+            batches = data.train_batches(config.batch_size, order, config.augment)
+        else:
+            # The variant updates the weights itself, without a forward or backward pass over the
+            # data: no optimizer step, no batch drawn (the batch-order RNG is left as it is).
+            lr_low = lr_high = lr_at(step)
+            variant.epoch_without_data(phase, model, lr_low, steps_per_epoch)
+        for x, y in batches:
             lr = lr_at(step)
             lr_low, lr_high = min(lr_low, lr), max(lr_high, lr)
             for group in optimizer.param_groups:
@@ -184,6 +213,8 @@ def train(
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if on_backward is not None:
+                on_backward(model)
             optimizer.step()
             step += 1
             loss_sum += loss.detach()
@@ -199,8 +230,14 @@ def train(
             seconds["averaging"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
-        train_loss = loss_sum.item() / steps_per_epoch
-        diverged = not math.isfinite(train_loss)
+        train_loss: float | None = None
+        train_acc: float | None = None
+        if phase == DATA_PHASE:
+            train_loss = loss_sum.item() / steps_per_epoch
+            train_acc = correct.item() / (steps_per_epoch * config.batch_size)
+            diverged = not math.isfinite(train_loss)
+        else:
+            diverged = not all(bool(p.isfinite().all()) for p in model.parameters())
         val_probs = predict(model, data.inputs("val"))
         val_acc = accuracy(val_probs, data.y_val)
         score = curve.score()
@@ -215,14 +252,16 @@ def train(
             epoch=epoch + 1,
             step=step,
             train_loss=train_loss,
-            train_acc=correct.item() / (steps_per_epoch * config.batch_size),
+            train_acc=train_acc,
             val_loss=nll(val_probs, data.y_val),
             val_acc=val_acc,
-            lr=lr_at(step - 1),
+            lr=lr_at(step - 1) if phase == DATA_PHASE else lr_low,
             score=DIVERGED_SCORE if diverged else score,
             members=averager.count,
             lr_low=lr_low,
             lr_high=lr_high,
+            phase=phase,
+            elapsed_s=time.perf_counter() - clock,
         )
         history.append(metrics)
         seconds["eval"] += time.perf_counter() - tick
@@ -245,6 +284,9 @@ def train(
         test_acc = accuracy(predict(deployed, data.inputs("test")), data.y_test)
         points = curve.points() if curve.kind != "final" else [CurvePoint(1, score, test_acc)]
     seconds["total"] = time.perf_counter() - started
+    to_best = seconds_to_best(history)
+    if to_best is not None:
+        seconds["to_best"] = to_best
     return TrialResult(
         config=config,
         history=history,
