@@ -180,9 +180,9 @@ def train(
     last = result.history[-1].epoch if result.history else 0
     if result.diverged:
         console.print(f"diverged at epoch {last}: the loss is not finite", style="yellow")
-    elif last < config.epochs:
-        console.print(f"stopped early after epoch {last} of {config.epochs} (patience)")
     else:
+        if last < config.epochs:
+            console.print(f"stopped early after epoch {last} of {config.epochs} (patience)")
         print_curve(result)
         console.print(
             f"deployed model ({result.model}): val acc {result.score:.4f} (the score)   "
