@@ -216,7 +216,9 @@ def test_a_focus_epoch_that_blows_up_is_a_diverged_result(library_path, target, 
     growing = {k: -torch.ones_like(v) for k, v in library.slopes.items()}
     zeros = {k: torch.zeros_like(v) for k, v in library.intercepts.items()}
     FocusLibrary(library.layers, growing, zeros, library.meta).save(tmp_path / "growing.pt")
-    config = guided(tmp_path / "growing.pt", epochs=5, threshold=1.0, strength=100.0, focus_steps=100)
+    config = guided(
+        tmp_path / "growing.pt", epochs=5, threshold=1.0, strength=100.0, focus_steps=100
+    )
     result = train(config, data=target)
     assert result.diverged and [m.phase for m in result.history] == ["data", "data", "focus"]
     assert result.score == result.history[-1].score == 0.0 and result.test_acc is None
@@ -332,6 +334,20 @@ def test_preflight_refuses_a_library_that_does_not_fit_before_ray(library_path, 
         f"epochs: 4\ndataset: mnist1d\nvariants:\n  prior_guided:\n    library: {library_path}\n"
     )
     check_trials(load_space(space), local=True)  # fits: no error
+
+
+def test_search_with_a_library_that_does_not_fit_exits_2_before_ray_starts(library_path, tmp_path):
+    import ray
+
+    space = tmp_path / "guided.yaml"
+    space.write_text(f"epochs: 4\nvariants:\n  prior_guided:\n    library: {library_path}\n")
+    result = runner.invoke(app, ["search", str(space), "--storage", str(tmp_path / "runs"),
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "variants.prior_guided: focus library" in text and "conv layer 'features.0'" in text
+    assert "Traceback" not in result.output and not ray.is_initialized()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 # ----------------------------------------------------------------------------- decisions
