@@ -117,8 +117,14 @@ def build_config(variant: str, settings: dict[str, Any]):
 def print_epoch(m: Any, epochs: int) -> None:
     lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
     gap = "" if m.gen_gap is None else f"  gap {m.gen_gap:+.4f}"
+    # An epoch without a pass over the data (prior_guided's focus epochs) has no training loss.
+    trained = (
+        f"loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}"
+        if m.train_loss is not None
+        else f"{m.phase + ' epoch, no data pass':<31}"
+    )
     console.print(
-        f"epoch {m.epoch:>3}/{epochs}  loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}  "
+        f"epoch {m.epoch:>3}/{epochs}  {trained}  "
         f"val acc {m.val_acc:.4f}{gap}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
     )
 
@@ -154,7 +160,7 @@ def print_diversity(points: list[Any]) -> None:
 @app.command()
 def train(
     variant: Annotated[
-        str, typer.Option(help="sgd, swa, cyclic_average, snapshot, sgdr, fge, ema")
+        str, typer.Option(help="sgd, swa, cyclic_average, snapshot, sgdr, fge, ema, prior_guided")
     ],
     dataset: Annotated[
         str | None,
@@ -241,18 +247,22 @@ def train(
         )
     except (DataError, ValueError) as err:
         fail(str(err))
+    last = result.history[-1].epoch if result.history else 0
     if result.diverged:
-        console.print(
-            f"diverged at epoch {result.history[-1].epoch}: the loss is not finite", style="yellow"
-        )
+        console.print(f"diverged at epoch {last}: the loss is not finite", style="yellow")
     else:
+        if last < config.epochs:
+            console.print(f"stopped early after epoch {last} of {config.epochs} (patience)")
         print_curve(result)
         console.print(
             f"deployed model ({result.model}): val acc {result.score:.4f} (the score)   "
             f"test acc {result.test_acc:.4f}"
         )
+    to_best = result.seconds.get("to_best")
     console.print(
-        f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s); plan {result.plan}"
+        f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s)"
+        + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
+        + f"; plan {result.plan}"
     )
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
@@ -307,7 +317,7 @@ def search(
         str,
         typer.Argument(
             metavar="[SPACE]",
-            help="a space file, or a bundled space by name (compare, sgd, swa, cyclic_average, snapshot, sgdr, fge, ema)",
+            help="a space file, or a bundled space by name (compare, sgd, swa, cyclic_average, snapshot, sgdr, fge, ema, prior_guided)",
         ),
     ] = "compare",
     samples: Annotated[
@@ -541,6 +551,38 @@ def report(
     except UsageError as err:
         fail(str(err))
     console.print(f"Report:       {page}")
+
+
+@app.command("focus-library")
+def focus_library(
+    out: Annotated[Path, typer.Argument(metavar="OUT.pt", help="the library file to write")],
+    dataset: Annotated[
+        str | None, typer.Option(help="the source data set: similar to the target, not the same")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs of the harvesting run")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value of the sgd run, repeatable")
+    ] = None,
+    regression: Annotated[
+        str, typer.Option(help="elementwise (a slope and intercept per weight) or layer")
+    ] = "elementwise",
+    ridge: Annotated[
+        float, typer.Option(help="slope penalty, in units of the layer's mean variance of w")
+    ] = 0.1,
+) -> None:
+    """Fit a focus library for prior_guided: plain SGD on the source data, every conv layer's weights,
+    bias and gradients recorded at every iteration, one ridge regression per layer and kind."""
+    from flatbasin.search.focus import make_library
+
+    try:
+        settings = parse_settings(set_ or [])
+        for key, value in (("dataset", dataset), ("epochs", epochs), ("seed", seed)):
+            if value is not None:
+                settings[key] = value
+        make_library(out, settings, regression, ridge, console)
+    except UsageError as err:
+        fail(str(err))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Check data before training on it.")

@@ -135,15 +135,18 @@ def _host_port(address: str, target: RayTarget) -> tuple[str, int]:
 
 def check_trials(space: Space, *, local: bool) -> list[str]:
     """Load the data and build the model of every distinct trial setting at the corners of the space,
-    check each trial can run on them (classes, batch size, input shape), and that each distinct data
-    and model can learn at all: a sensible loss at initialisation and one small batch memorised
-    (sanity.check_learns, about a second each). Returns warnings for what is only suspicious.
+    check each trial can run on them (classes, batch size, input shape, and whatever the variant
+    needs of the model: prior_guided's focus library must have been fitted on its conv layers), and
+    that each distinct data and model can learn at all: a sensible loss at initialisation and one
+    small batch memorised (sanity.check_learns, about a second each). Returns warnings for what is
+    only suspicious.
 
-    On a cluster a data_dir this machine does not have is left to the nodes: the trial checks it where
-    it runs and reports a permanent error, which is not retried.
+    On a cluster a data_dir or a variant's file (a focus library) this machine does not have is left
+    to the nodes: the trial checks it where it runs and reports a permanent error, not retried.
     """
     from flatbasin.trainables.data import DataError, load_data
     from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
+    from flatbasin.trainables.variants import REGISTRY
 
     seen: set[tuple[object, ...]] = set()
     learned: set[tuple[object, ...]] = set()  # the learning check ignores batch size and dropout
@@ -151,7 +154,13 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
     try:
         for config in space.corner_configs():
             spec = config.data_spec
-            key = (spec, config.model, config.batch_size, config.dropout, config.init)
+            # What decides whether the variant can train the model (prior_guided: its focus
+            # library and the layers it updates) is part of the key: a library that does not fit
+            # the model is refused here, before Ray starts.
+            fits = tuple(
+                (k, str(getattr(config.params, k))) for k in REGISTRY[config.variant].model_params
+            )
+            key = (spec, config.model, config.batch_size, config.dropout, config.init, fits)
             if key in seen:
                 continue
             seen.add(key)
@@ -163,6 +172,9 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
                         f"{space.path}: device: cuda, but this machine has no CUDA device"
                     )
             if not local and spec.data_dir is not None and not spec.data_dir.expanduser().exists():
+                continue
+            files = [Path(getattr(config.params, k)) for k in REGISTRY[config.variant].file_params]
+            if not local and not all(f.expanduser().exists() for f in files):
                 continue
             try:
                 data = load_data(spec, "cpu")

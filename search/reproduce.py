@@ -86,6 +86,8 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
             (f"epoch {was['epoch']} {key}", was[key], getattr(now, key))
             for key in ("train_loss", "val_acc", "score")
         ]
+        if was.get("phase") is not None:  # prior_guided: the same epochs must be focus epochs
+            rows.append((f"epoch {was['epoch']} phase", was["phase"], now.phase))
     for was, point in zip(recorded["curve"], result.curve, strict=False):
         rows += [
             (f"curve {was['count']} val_acc", was["val_acc"], point.val_acc),
@@ -124,6 +126,9 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
         for k, v in asdict(m).items()
         if k in EPOCH_METRICS and v is not None
     ]
+    metrics += [Metric("focus", float(m.phase == "focus"), 0, m.epoch) for m in result.history]
+    if "to_best" in result.seconds:
+        metrics.append(Metric("seconds_to_best", result.seconds["to_best"], 0, 0))
     metrics += [Metric("curve/val_acc", p.val_acc, 0, p.count) for p in result.curve]
     metrics += [Metric("curve/test_acc", p.test_acc, 0, p.count) for p in result.curve]
     if result.test_acc is not None:

@@ -28,16 +28,12 @@ from flatbasin.search.figures import curve_figure  # also comparison.png, in tun
 from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.start import write_converged
 
+# Per-epoch metrics, step = epoch. train_loss and train_acc are absent in an epoch without a pass over
+# the data (prior_guided's focus epochs); elapsed_s is training time since the trial started. Each
+# epoch's phase is logged as the metric `focus` (1 in a focus epoch, 0 in a data epoch).
 EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "score",
-    "members",
-    "gen_gap",
-)
+    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members", "gen_gap", "elapsed_s",
+)  # fmt: skip
 ROLE, VARIANT, TRIAL_ID, SEARCH_KEY = (
     "flatbasin.role",
     "flatbasin.variant",
@@ -475,6 +471,11 @@ class Tracker:
             for key in EPOCH_METRICS
             if r.get(key) is not None
         ]
+        metrics += [
+            Metric("focus", float(r["phase"] == "focus"), now, int(r["epoch"]))
+            for r in new
+            if r.get("phase") is not None
+        ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
         self._logged[run_id].update(int(r["epoch"]) for r in new)
@@ -504,6 +505,11 @@ class Tracker:
             else []
         )
         metrics.append(Metric("final_score", float(final["score"]), now, 0))
+        # Early stopping ends a trial before its budget: how far it went, and how long to its best.
+        if final.get("epoch") is not None:
+            metrics.append(Metric("epochs_run", float(final["epoch"]), now, 0))
+        if final.get("seconds_to_best") is not None:
+            metrics.append(Metric("seconds_to_best", float(final["seconds_to_best"]), now, 0))
         for p in final["curve"]:
             metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
                         Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
@@ -581,6 +587,8 @@ def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
             "test_acc": final["test_acc"],
             "diverged": final["diverged"],
             "curve": final["curve"],
-            "history": [{k: r.get(k) for k in ("epoch", *EPOCH_METRICS)} for r in record.results],
+            "history": [
+                {k: r.get(k) for k in ("epoch", *EPOCH_METRICS, "phase")} for r in record.results
+            ],
         },
     }

@@ -362,6 +362,7 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
                 fixed[key] = value
             else:
                 searched[key] = dist
+        fixed, searched = _absolute_files(variant, fixed, searched)
         if start_from is None:
             _check_corners(path, variant, settings, searched, fixed)
         else:  # its trials run the tail alone (Space.continuing): check the corners they will have
@@ -418,6 +419,24 @@ def _base(path: Path, spec: _SpaceFile, settings: dict[str, Any]) -> dict[str, A
     except ValueError as err:
         raise SpaceError(f"{path}: base: {err}") from err
     return base
+
+
+def _absolute_files(
+    variant: str, fixed: dict[str, Any], searched: dict[str, Dist]
+) -> tuple[dict[str, Any], dict[str, Dist]]:
+    """File parameters (prior_guided's library) made absolute, from the folder the search starts in:
+    Ray runs each trial in a working folder of its own, where a relative path names nothing."""
+
+    def absolute(value: Any) -> Any:
+        return str(Path(value).expanduser().resolve()) if isinstance(value, str) else value
+
+    fixed, searched = dict(fixed), dict(searched)
+    for key in REGISTRY[variant].file_params:
+        if key in fixed:
+            fixed[key] = absolute(fixed[key])
+        if key in searched and searched[key].kind == "choice":
+            searched[key] = Dist("choice", tuple(absolute(v) for v in searched[key].values))
+    return fixed, searched
 
 
 def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:

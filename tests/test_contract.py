@@ -5,22 +5,44 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.focus import fit_focus_library
 from flatbasin.trainables.loop import DIVERGED_SCORE, assemble, train
 from flatbasin.trainables.variants import REGISTRY
 
 METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "gen_gap"}
 
 
-def smoke_config(name: str, **extra):
+def smoke_config(name: str, files: dict[str, Path] | None = None, **extra):
+    """`files`: what a variant that reads a file gets (prior_guided: a focus library fitted on the
+    model the test trains, from the `libraries` fixture)."""
+    own = {key: str((files or {})[key]) for key in REGISTRY[name].file_params}
     return make_config(
-        name, {**REGISTRY[name].smoke, "epochs": 2, "batch_size": 32, "threads": 1, **extra}
+        name, {**REGISTRY[name].smoke, "epochs": 2, "batch_size": 32, "threads": 1, **own, **extra}
     )
+
+
+@pytest.fixture(scope="module")
+def libraries(small, small_mnist1d, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """A focus library per test data set (small_cnn on digits, cnn1d on MNIST-1D), each from a
+    one-epoch harvest on the data's first 320 examples, for the variants with file parameters."""
+    folder = tmp_path_factory.mktemp("libraries")
+    made = {}
+    for dataset, data in (("digits", small), ("mnist1d", small_mnist1d)):
+        half = dataclasses.replace(data, x_train=data.x_train[:320], y_train=data.y_train[:320])
+        config = make_config(
+            "sgd", {"dataset": dataset, "epochs": 1, "batch_size": 32, "threads": 1}
+        )
+        library, _ = fit_focus_library(config, data=half)
+        library.save(folder / f"{dataset}.pt")
+        made[dataset] = {"library": folder / f"{dataset}.pt"}
+    return made
 
 
 def expected_curve_length(config, steps_per_epoch: int) -> int:
@@ -29,9 +51,9 @@ def expected_curve_length(config, steps_per_epoch: int) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_variant_trains_reports_and_resumes_bit_for_bit(name, small, tmp_path):
+def test_variant_trains_reports_and_resumes_bit_for_bit(name, small, tmp_path, libraries):
     """The killed run recomputes epoch 1 from scratch, so equality also shows determinism."""
-    config = smoke_config(name)
+    config = smoke_config(name, libraries["digits"])
     full = train(config, data=small)
 
     assert not full.diverged
@@ -68,10 +90,10 @@ def test_variant_trains_reports_and_resumes_bit_for_bit(name, small, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_divergence_is_a_result_not_a_crash(name, small):
+def test_divergence_is_a_result_not_a_crash(name, small, libraries):
     poisoned = dataclasses.replace(small, x_train=small.x_train.clone())
     poisoned.x_train[3] = float("inf")  # the loss turns non-finite in the first epoch
-    result = train(smoke_config(name), data=poisoned)
+    result = train(smoke_config(name, libraries["digits"]), data=poisoned)
     assert result.diverged
     assert len(result.history) == 1
     assert result.score == DIVERGED_SCORE == 0.0  # never above a real trial, however bad
@@ -89,8 +111,8 @@ def small_mnist1d():
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_variant_trains_on_1d_signals(name, small_mnist1d):
-    result = train(smoke_config(name, dataset="mnist1d"), data=small_mnist1d)
+def test_variant_trains_on_1d_signals(name, small_mnist1d, libraries):
+    result = train(smoke_config(name, libraries["mnist1d"], dataset="mnist1d"), data=small_mnist1d)
     assert not result.diverged and result.test_acc is not None
     assert all(
         math.isfinite(v) for m in result.history for k, v in asdict(m).items() if k in METRICS

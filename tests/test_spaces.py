@@ -19,7 +19,10 @@ SHIPPED = sorted((Path(__file__).parent.parent / "spaces").glob("*.yaml"))
 
 def test_there_is_a_space_per_variant_and_a_compare_space():
     assert {p.stem for p in SHIPPED} == {*REGISTRY, "compare"}
-    assert set(load_space(Path(SHIPPED[0]).parent / "compare.yaml").variants) == set(REGISTRY)
+    # compare runs as shipped, with no file made first: a variant that reads one (prior_guided's
+    # focus library) has its own space instead.
+    runs_without_files = {name for name, v in REGISTRY.items() if not v.file_params}
+    assert set(load_space(Path(SHIPPED[0]).parent / "compare.yaml").variants) == runs_without_files
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -1,5 +1,9 @@
 """The one training loop. Every variant runs through `train`; a variant only supplies the schedule,
 the averager and an optional loss term, so this file reads top to bottom like a plain PyTorch loop.
+
+Three small hooks let a variant shape the epochs without special cases here, each a pure function of
+the recorded history so that a resumed trial makes the same decisions: `phase(history)` (a data epoch,
+or one the variant runs itself without data), `epoch_without_data(...)`, and `stop(history)`.
 """
 
 from __future__ import annotations
@@ -7,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,19 +25,21 @@ from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, DiversityPoint, accuracy
 from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.history import seconds_to_best
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model
 from flatbasin.trainables.start import apply_start
 from flatbasin.trainables.tta import TTA, softmax, with_tta
+from flatbasin.trainables.variants.base import DATA_PHASE
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int  # 1-based: metrics after this many epochs
-    step: int
-    train_loss: float
-    train_acc: float
+    step: int  # optimizer steps so far (an epoch without data takes none)
+    train_loss: float | None  # None in an epoch without a pass over the data
+    train_acc: float | None
     val_loss: float  # of the live weights
     val_acc: float
     lr: float  # of the last step of the epoch
@@ -44,6 +50,10 @@ class EpochMetrics:
     # Accuracy on as many training examples as the validation split has, scored like val_acc (eval
     # mode, no augmentation, same TTA), minus val_acc. None in histories written before it existed.
     gen_gap: float | None = None
+    phase: str = DATA_PHASE  # or the variant's own epoch without data (prior_guided: "focus")
+    # Wall-clock seconds of training since the trial started, carried over a resume. Left out of
+    # equality: a resumed trial is the same trial, bit for bit, whatever the clock said.
+    elapsed_s: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -59,7 +69,8 @@ class TrialResult:
     plan: dict[str, float | int]
     threads: int
     device: str
-    seconds: dict[str, float] = field(default_factory=dict)  # total, averaging (joins + BN), eval
+    # total, averaging (joins + BN), eval, to_best (training time to the best epoch's end)
+    seconds: dict[str, float] = field(default_factory=dict)
     model: str = ""  # the model built: `auto` resolved for the data (cnn1d, small_cnn, resnet18)
     diversity: list[DiversityPoint] = field(default_factory=list)  # ensembles: first k members
 
@@ -88,6 +99,8 @@ DIVERGED_SCORE = 0.0
 
 # Called after every epoch with the metrics and a function that writes a checkpoint to a path.
 EpochCallback = Callable[[EpochMetrics, Callable[[Path], None]], None]
+# Called after every backward pass, before the optimizer step: where the gradients can be read.
+BackwardCallback = Callable[[nn.Module], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,7 +174,10 @@ def train(
     resume: Path | None = None,
     on_epoch: EpochCallback | None = None,
     start_weights: Mapping[str, Tensor] | None = None,  # the converged model config.start names
+    on_backward: BackwardCallback | None = None,
 ) -> TrialResult:
+    """Train one trial. It ends after `config.epochs` epochs, at the variant's stop rule (early
+    stopping), or at the first non-finite loss (a diverged result, not an exception)."""
     started = time.perf_counter()
     device = resolve_device(config.device)
     if config.threads is not None:
@@ -172,7 +188,7 @@ def train(
 
     check_data(config, data)  # a TrialError before the first step, not a traceback mid-epoch
     model, optimizer, averager, curve, order = assemble(config, data, device)
-    check_model(config, data, model)
+    check_model(config, data, model, variant)
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
@@ -193,12 +209,25 @@ def train(
 
     seconds = {"averaging": 0.0, "eval": 0.0}
     diverged = False
+    # Training time so far, carried over a resume so that seconds_to_best covers the whole trial.
+    clock = time.perf_counter() - (history[-1].elapsed_s if history else 0.0)
     for epoch in range(first_epoch, config.epochs):
+        if variant.stop(history):  # early stopping; checked first, so a resumed trial stops too
+            break
+        phase = variant.phase(history)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         lr_low, lr_high = math.inf, -math.inf
-        for x, y in data.train_batches(config.batch_size, order, config.augment):
+        batches: Iterable[tuple[Tensor, Tensor]] = ()
+        if phase == DATA_PHASE:
+            batches = data.train_batches(config.batch_size, order, config.augment)
+        else:
+            # The variant updates the weights itself, without a forward or backward pass over the
+            # data: no optimizer step, no batch drawn (the batch-order RNG is left as it is).
+            lr_low = lr_high = lr_at(step)
+            variant.epoch_without_data(phase, model, lr_low, steps_per_epoch)
+        for x, y in batches:
             lr = lr_at(step)
             lr_low, lr_high = min(lr_low, lr), max(lr_high, lr)
             for group in optimizer.param_groups:
@@ -210,6 +239,8 @@ def train(
                 loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if on_backward is not None:
+                on_backward(model)
             optimizer.step()
             step += 1
             loss_sum += loss.detach()
@@ -225,8 +256,14 @@ def train(
             seconds["averaging"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
-        train_loss = loss_sum.item() / steps_per_epoch
-        diverged = not math.isfinite(train_loss)
+        train_loss: float | None = None
+        train_acc: float | None = None
+        if phase == DATA_PHASE:
+            train_loss = loss_sum.item() / steps_per_epoch
+            train_acc = correct.item() / (steps_per_epoch * config.batch_size)
+            diverged = not math.isfinite(train_loss)
+        else:
+            diverged = not all(bool(p.isfinite().all()) for p in model.parameters())
         val_probs = predict(model, data.inputs("val"), config.tta)
         val_acc = accuracy(val_probs, data.y_val)
         score = curve.score()
@@ -241,15 +278,17 @@ def train(
             epoch=epoch + 1,
             step=step,
             train_loss=train_loss,
-            train_acc=correct.item() / (steps_per_epoch * config.batch_size),
+            train_acc=train_acc,
             val_loss=nll(val_probs, data.y_val),
             val_acc=val_acc,
-            lr=lr_at(step - 1),
+            lr=lr_at(step - 1) if phase == DATA_PHASE else lr_low,
             score=DIVERGED_SCORE if diverged else score,
             members=averager.count,
             lr_low=lr_low,
             lr_high=lr_high,
             gen_gap=fit_accuracy(model, data, config.tta) - val_acc,
+            phase=phase,
+            elapsed_s=time.perf_counter() - clock,
         )
         history.append(metrics)
         seconds["eval"] += time.perf_counter() - tick
@@ -272,6 +311,9 @@ def train(
         test_acc = accuracy(predict(deployed, data.inputs("test"), config.tta), data.y_test)
         points = curve.points() if curve.kind != "final" else [CurvePoint(1, score, test_acc)]
     seconds["total"] = time.perf_counter() - started
+    to_best = seconds_to_best(history)
+    if to_best is not None:
+        seconds["to_best"] = to_best
     return TrialResult(
         config=config,
         history=history,

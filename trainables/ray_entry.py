@@ -59,6 +59,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "plan": result.plan,
         "threads": result.threads,
         "seconds_total": result.seconds["total"],
+        "seconds_to_best": result.seconds.get("to_best"),  # training time to the best epoch's end
         "model_built": result.model,
     }
 

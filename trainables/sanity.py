@@ -1,6 +1,7 @@
 """Checks that a trial can run at all, made before its first step: the data has classes to tell apart,
-a batch fits the training split, and the model takes the input and gives one score per class; and,
-before a search, that the model can learn at all (`check_learns`).
+a batch fits the training split, the model takes the input and gives one score per class, and the
+variant can train that model (prior_guided: its focus library was fitted on the same conv layers);
+and, before a search, that the model can learn at all (`check_learns`).
 
 They fail in seconds at most with a message naming the setting, instead of a traceback epochs later
 or a search of trials that all score chance.
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
 from flatbasin.trainables.models import build_model
+from flatbasin.trainables.variants import Variant
 
 
 class TrialError(ValueError):
@@ -53,8 +55,11 @@ def check_data(config: TrialConfig, data: Data) -> None:
         )
 
 
-def check_model(config: TrialConfig, data: Data, model: nn.Module) -> None:
-    """The model takes two training examples and gives one score per class (state left untouched)."""
+def check_model(
+    config: TrialConfig, data: Data, model: nn.Module, variant: Variant | None = None
+) -> None:
+    """The model takes two training examples and gives one score per class (state left untouched),
+    and the variant (`config`'s own when not given) can train it."""
     probe = data.x_train[:2].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()  # no batch-norm statistics updated, no dropout drawn: the trial's state is untouched
@@ -74,6 +79,10 @@ def check_model(config: TrialConfig, data: Data, model: nn.Module) -> None:
             f"model '{config.model}' gives outputs of shape {tuple(out.shape[1:])} for "
             f"'{config.dataset}', which has {data.num_classes} classes"
         )
+    try:
+        (variant or config.build_variant()).check(model)
+    except ValueError as err:
+        raise TrialError(str(err)) from err
 
 
 # The learning check (Karpathy's "overfit one batch"): numbers chosen so that every model flatbasin

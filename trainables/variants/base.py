@@ -1,14 +1,17 @@
 """The variant interface: validated parameters, a schedule, an averager, and where the cycles end.
 
 A variant never touches the loop: it answers `lr_at(step)` (through `schedule`), says which model to
-keep and deploy (through `averager`), and may add a term to the loss (`penalty`).
+keep and deploy (through `averager`), and may add a term to the loss (`penalty`). It may also decide,
+from the recorded history alone, what each epoch is (`phase`, `epoch_without_data`) and when the trial
+ends early (`stop`); and refuse a model it cannot train (`check`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import ConfigDict, Field, field_validator
 from torch import Tensor, nn
@@ -16,6 +19,11 @@ from torch import Tensor, nn
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource
 from flatbasin.trainables.strict import NoBoolNumbers
+
+if TYPE_CHECKING:
+    from flatbasin.trainables.loop import EpochMetrics
+
+DATA_PHASE = "data"  # an epoch of ordinary steps over the training data
 
 
 class VariantParams(NoBoolNumbers):
@@ -40,6 +48,12 @@ class Variant(ABC, Generic[P]):
     # these out. Variants without a base phase continue the converged weights with their own
     # schedule.
     base_only: ClassVar[frozenset[str]] = frozenset()
+    # Parameters naming a file the trial reads (prior_guided's focus library). A space file's relative
+    # paths are made absolute on the driver (Ray runs trials in other working folders), and a variant
+    # with one cannot join a space that must run with no file made beforehand (compare.yaml).
+    file_params: ClassVar[tuple[str, ...]] = ()
+    # Parameters that `check(model)` depends on: preflight checks each distinct value once.
+    model_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: P, *, epochs: int, lr: float, converged: bool = False):
         self.params = params
@@ -70,6 +84,27 @@ class Variant(ABC, Generic[P]):
     def plan(self) -> dict[str, float | int]:
         """Quantities derived from the budget, for the record (cycle lengths in epochs and the like)."""
         return {}
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError, naming what is wrong, when this variant cannot train `model`. Called
+        before the first step and by the search's preflight on the driver; nothing for most."""
+
+    def phase(self, history: Sequence[EpochMetrics]) -> str:
+        """What the next epoch is: "data" (steps over the training data), or a name the variant
+        handles in `epoch_without_data`. A pure function of the recorded history: a trial resumed
+        from a checkpoint decides exactly as the uninterrupted one did."""
+        return DATA_PHASE
+
+    def epoch_without_data(
+        self, phase: str, model: nn.Module, lr: float, steps_per_epoch: int
+    ) -> None:
+        """Run an epoch of `phase` on the weights in place, without a pass over the data; `lr` is the
+        schedule's rate at the current step. Only variants whose `phase` names one implement it."""
+        raise NotImplementedError(f"variant '{self.name}' has no epoch of phase {phase!r}")
+
+    def stop(self, history: Sequence[EpochMetrics]) -> bool:
+        """True to end the trial before its budget (early stopping); a pure function of the history."""
+        return False
 
 
 def cycle_split(
