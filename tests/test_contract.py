@@ -121,9 +121,9 @@ def test_variant_trains_on_1d_signals(name, small_mnist1d, libraries):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_variant_evaluates_with_tta_and_ensembles_report_diversity(name, small):
+def test_variant_evaluates_with_tta_and_ensembles_report_diversity(name, small, libraries):
     """TTA is an evaluation option of every variant; every ensemble reports its members' diversity."""
-    config = smoke_config(name, tta="flip_shift")
+    config = smoke_config(name, libraries["digits"], tta="flip_shift")
     result = train(config, data=small)
     assert not result.diverged and result.test_acc is not None
     assert result.score > 0.2, "flipped digits are no digits, but two epochs stay above chance"

@@ -22,7 +22,10 @@ from mlflow import MlflowClient
 
 from flatbasin.trainables.data import DataSpec, load_data
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("searched")]
+# Minutes per search on a loaded 2-core machine; the shared search may run in the first test's setup.
+pytestmark = [
+    pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("searched"), pytest.mark.timeout(900)
+]
 
 
 @pytest.fixture
@@ -200,6 +203,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert repro[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+@pytest.mark.timeout(1200)  # three searches in a row: minutes each on a loaded 2-core machine
 def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir, spawn, process_groups):
     """Ctrl-C, then SIGKILL, then the end, in one search of 8 trials:
 
