@@ -430,7 +430,7 @@ def test_resume_bit_for_bit_across_focus_epochs(library_path, target, tmp_path, 
 
 @pytest.mark.slow  # about 10 s: MLflow's first SQLite store, and the trial trained twice
 def test_tune_results_mlflow_and_reproduce_cope_with_focus_epochs_and_early_stops(
-    library_path, tmp_path
+    library_path, tmp_path, monkeypatch
 ):
     """What Ray reports for an early-stopped trial with focus epochs, written to MLflow as the
     search's writer does (the focus metric, no training loss in focus epochs, seconds_to_best), then
@@ -452,6 +452,7 @@ def test_tune_results_mlflow_and_reproduce_cope_with_focus_epochs_and_early_stop
     record = TrialRecord("t1", {"variant": "prior_guided", "settings": settings}, status="FINISHED")
     for row in rows:
         record.add({k: v for k, v in row.items() if k in KEPT})
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "guided", search_key=str(tmp_path))
     tracker.write(record)
