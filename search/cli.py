@@ -224,16 +224,21 @@ def train(
     from flatbasin.trainables.data import DataError
     from flatbasin.trainables.loop import train as run_trial
 
-    console.print(
+    legend = (
         "val acc: the weights being trained; gap: their accuracy on training examples minus val acc, "
         "both scored alike; deployed val acc: the model the variant ships now (the average or "
         "ensemble of its members; the search's score); lr: the epoch's range"
         + ("; every accuracy with test-time augmentation" if config.tta != "none" else "")
     )
-    if continuing:
-        console.print(continuing)
+
+    shown: list[bool] = []
 
     def on_epoch(metrics: Any, save: Any) -> None:
+        if not shown:  # with the first epoch, not before: an input the trial refuses before its
+            shown.append(True)  # first epoch (a library, a start) is then the only paragraph
+            console.print(legend)
+            if continuing:
+                console.print(continuing)
         print_epoch(metrics, config.epochs)
         if checkpoint is not None:
             save(checkpoint)

@@ -36,11 +36,16 @@ def check_folder(root: Path, image_size: int, console: Console) -> int:
         name = path.relative_to(root).parts[0] if path.is_relative_to(root) else "?"
         bad_per_class[name] = bad_per_class.get(name, 0) + 1
 
-    table = Table(title=f"{root}: {len(found.classes)} classes, {len(found.samples)} image files")
-    for column in ("class", "label", "images", "unreadable"):
+    table = Table(
+        title=f"{root}: {len(found.classes)} classes, {len(found.samples) + len(found.problems)} "
+        f"image files, {len(problems)} unreadable"
+    )
+    for column in ("class", "label", "readable", "unreadable"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for label, (name, count) in enumerate(found.counts().items()):
-        table.add_row(name, str(label), str(count), str(bad_per_class.get(name, 0)))
+        bad = bad_per_class.get(name, 0)
+        readable = count + sum(1 for p, _ in found.problems if p.is_relative_to(root / name)) - bad
+        table.add_row(name, str(label), str(readable), str(bad))
     console.print(table)
     for name in found.empty_classes:
         console.print(f"empty class: {name} (no image files below {root / name})", style="red")

@@ -5,6 +5,7 @@ weights, bias and gradients at every iteration, and fit the focus library `prior
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, get_args
 
@@ -31,7 +32,7 @@ def make_library(
         )
     if regression not in get_args(Regression):
         raise UsageError(f"--regression {regression!r}: choose {' or '.join(get_args(Regression))}")
-    if ridge < 0:
+    if not math.isfinite(ridge) or ridge < 0:
         raise UsageError(f"--ridge {ridge:g}: the penalty must be 0 or more")
     try:
         config = make_config("sgd", settings)

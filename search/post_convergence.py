@@ -124,7 +124,9 @@ def plan(space: Space, text: str | None, tracker: Tracker, resume: bool) -> Plan
         converged = _from_file(source.text, where)
         run_id = tracker.base_run() if resume else None  # the copy this search recorded
     if converged is not None:
-        check_fits(converged, tail.corner_configs(), where, _fingerprint(tracker.client, run_id))
+        # The client only when there is a run to read: making one creates a SQLite store.
+        recorded = _fingerprint(tracker.client, run_id) if run_id else None
+        check_fits(converged, tail.corner_configs(), where, recorded)
         if earlier is not None and earlier[1] and earlier[1] != converged.sha256:
             raise UsageError(
                 f"--resume: {where} holds other weights than the ones this search continues "

@@ -95,9 +95,10 @@ def load_checkpoint(
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {path} does not exist") from err
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+        # Not torch's text: it advises weights_only=False, which runs the file's code.
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint): "
-            f"{type(err).__name__}: {_first_line(err)}"
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
+            f"{type(err).__name__})"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None

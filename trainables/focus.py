@@ -201,10 +201,11 @@ class FocusLibrary:
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except Exception as err:  # RuntimeError, UnpicklingError, EOFError, ...: not a torch file
-            text = str(err).strip()
-            first = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+            # torch's own text is left out: it advises loading with weights_only=False, which
+            # runs whatever code the file holds.
             raise LibraryError(
-                f"{where} cannot be read (not a torch file, truncated or corrupt): {first}"
+                f"{where} cannot be read (not a torch file, truncated or corrupt; "
+                f"{type(err).__name__})"
             ) from err
         found = state.get("format") if isinstance(state, dict) else None
         if found != FORMAT:

@@ -73,10 +73,10 @@ def read_converged(path: Path) -> Converged:
     except IsADirectoryError as err:
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file") from err
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        text = str(err).strip().splitlines()
+        # Not torch's text: it advises weights_only=False, which runs the file's code.
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint): "
-            f"{type(err).__name__}: {text[0] if text else ''}"
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
+            f"{type(err).__name__})"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
