@@ -46,6 +46,7 @@ from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
 MIN_IMPORTANCE_TRIALS = 2
+FEW_TRIALS = 10  # fANOVA over fewer trials than this is drawn, with a warning in its title
 ONLY_ONE = "the only searched parameter: its importance is 1 by definition"
 
 
@@ -512,7 +513,11 @@ def write_files(report: Report, folder: Path) -> list[Path]:
     curves = figures.comparison_figure(report.curves, val_size=report.val_size)
     images["curves.png"] = _png(curves)
     # A study with one parameter gives it importance 1 by definition: the table says so, no bar.
-    panels = {f"{i.title} ({i.trials} trials)": i.values for i in report.importances if len(i.values) > 1}  # fmt: skip
+    panels = {
+        f"{i.title} ({i.trials} trials" + (": too few to trust, a rough guide only)" if i.trials < FEW_TRIALS else ")"): i.values
+        for i in report.importances
+        if len(i.values) > 1
+    }  # fmt: skip
     if panels:
         images["importances.png"] = _png(figures.importance_figure(panels))
     files = []
