@@ -324,13 +324,13 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
         fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().resolve())
     settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
     own_start = _from(path, spec)
-    if spec.base is not None and own_start != BASE:
+    start_from = start_from or own_start  # --from on the command line wins over the file's from:
+    if spec.base is not None and start_from != BASE:
         raise SpaceError(
-            f"{path}: base: sets the base phase that `from: base` trains; this space "
-            + (f"continues {own_start}" if own_start else "has no `from:`")
+            f"{path}: base: sets the base phase that `from: base` (or --from base) trains; this "
+            + (f"search continues {start_from}" if start_from else "space has no `from:`")
             + ", so there is no base phase to set; add `from: base` or remove base:"
         )
-    start_from = start_from or own_start
     variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]] = {}
     for variant, entries in spec.variants.items():
         if variant not in REGISTRY:
