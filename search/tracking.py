@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import read_mlflow_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -251,6 +251,18 @@ class Tracker:
 
     def find_parent(self) -> str | None:
         """The run of an earlier search with this storage key, if there is one; creates nothing."""
+        found = self._search_run("=")
+        return found.info.run_id if found else None
+
+    def other_search(self) -> str | None:
+        """The Tune folder of another search recorded under this experiment name (another
+        --storage), if there is one: a second search there would mix two searches in one experiment."""
+        found = self._search_run("!=")
+        return found.data.tags.get(SEARCH_KEY) if found else None
+
+    def _search_run(self, key_is: str) -> Run | None:
+        """A search's run in this experiment whose storage key is (`=`) or is not (`!=`) ours;
+        creates nothing (not even a SQLite file that is yet to exist)."""
         sqlite = self._sqlite_path()
         if sqlite is not None and not sqlite.exists():
             return None  # asking would make the database
@@ -259,26 +271,10 @@ class Tracker:
             return None
         found = self.client.search_runs(
             [found_experiment.experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{_quoted(self.search_key)}'",
+            filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` {key_is} '{_quoted(self.search_key)}'",
             max_results=1,
         )
-        return found[0].info.run_id if found else None
-
-    def other_search(self) -> str | None:
-        """The Tune folder of another search recorded under this experiment name (another
-        --storage), if there is one: a second search there would mix two searches in one experiment."""
-        sqlite = self._sqlite_path()
-        if sqlite is not None and not sqlite.exists():
-            return None
-        found_experiment = self.client.get_experiment_by_name(self.experiment)
-        if found_experiment is None:
-            return None
-        found = self.client.search_runs(
-            [found_experiment.experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` != '{_quoted(self.search_key)}'",
-            max_results=1,
-        )
-        return found[0].data.tags.get(SEARCH_KEY) if found else None
+        return found[0] if found else None
 
     def parent(self, params: dict[str, Any] | None = None, space_file: Path | None = None) -> str:
         """The search's run: found again by its storage key when a search is restored."""

@@ -409,12 +409,7 @@ def _base(path: Path, spec: _SpaceFile, settings: dict[str, Any]) -> dict[str, A
     try:
         make_config("sgd", {**settings, **base})
     except ValidationError as err:
-        first = err.errors()[0]
-        key = f".{first['loc'][-1]}" if first["loc"] else ""
-        message = first["msg"].removeprefix("Value error, ")
-        given = first.get("input")
-        if first["loc"] and not isinstance(given, dict) and given is not None:
-            message += f" (got {given!r})"
+        key, message = _first_problem(err)
         raise SpaceError(f"{path}: base{key}: {message}") from err
     except ValueError as err:
         raise SpaceError(f"{path}: base: {err}") from err
@@ -479,14 +474,20 @@ def _check_corners(
         try:
             make_config(variant, {**settings, **fixed, **values}, start=start)
         except ValidationError as err:
-            first = err.errors()[0]
-            # Field errors carry their key; budget errors (whole-config) name their keys in the text.
-            key = f".{first['loc'][-1]}" if first["loc"] else ""
+            key, message = _first_problem(err)
             at = f" (at {', '.join(f'{k}={short(v)}' for k, v in values.items())})" if values else ""
-            message = first["msg"].removeprefix("Value error, ")
-            given = first.get("input")
-            if first["loc"] and not isinstance(given, dict) and given is not None:
-                message += f" (got {short(given)})"
             raise SpaceError(f"{path}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{path}: variants.{variant}: {err}") from err
+
+
+def _first_problem(err: ValidationError) -> tuple[str, str]:
+    """('.key', 'what is wrong (got value)') of a config's first validation error. Field errors
+    carry their key; budget errors (whole-config) name their keys in the text."""
+    first = err.errors()[0]
+    key = f".{first['loc'][-1]}" if first["loc"] else ""
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    if first["loc"] and not isinstance(given, dict) and given is not None:
+        message += f" (got {short(given)})"
+    return key, message

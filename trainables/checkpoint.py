@@ -77,6 +77,28 @@ def save_checkpoint(
     os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A flatbasin checkpoint file's contents, or CheckpointError saying why it cannot be one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {path} does not exist") from err
+    except IsADirectoryError as err:
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file") from err
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+        # Not torch's text: it advises weights_only=False, which runs the file's code.
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
+            f"{type(err).__name__})"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
+        )
+    return state
+
+
 def load_checkpoint(
     path: Path,
     model: nn.Module,
@@ -89,22 +111,7 @@ def load_checkpoint(
 ) -> Resumed:
     from flatbasin.trainables.loop import EpochMetrics
 
-    device = next(model.parameters()).device
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"checkpoint {path} does not exist") from err
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
-        # Not torch's text: it advises weights_only=False, which runs the file's code.
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
-            f"{type(err).__name__})"
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise CheckpointError(
-            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
-        )
+    state = read_checkpoint(path, next(model.parameters()).device)
     differing = _differences(state["config"], config)
     if differing:
         raise CheckpointError(

@@ -18,7 +18,7 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from flatbasin.trainables.checkpoint import FORMAT, CheckpointError
+from flatbasin.trainables.checkpoint import CheckpointError, read_checkpoint
 from flatbasin.trainables.strict import NoBoolNumbers
 
 Weights = dict[str, Tensor]
@@ -66,23 +66,7 @@ def read_converged(path: Path) -> Converged:
     The live weights, not the variant's average or ensemble: they are where training stood, which is
     what a tail continues (and an ensemble is no single model to continue).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"checkpoint {path} does not exist") from err
-    except IsADirectoryError as err:
-        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file") from err
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        # Not torch's text: it advises weights_only=False, which runs the file's code.
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
-            f"{type(err).__name__})"
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else None
-        raise CheckpointError(
-            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
-        )
+    state = read_checkpoint(path)
     weights, config = state.get("model"), state.get("config")
     if not isinstance(weights, dict) or not all(isinstance(t, Tensor) for t in weights.values()):
         raise CheckpointError(f"checkpoint {path} holds no model weights")
