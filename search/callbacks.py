@@ -4,6 +4,7 @@ stopper that ends a search at the first permanent trial error."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -190,6 +191,7 @@ class Progress(Callback):
         self.best: tuple[float, str] | None = None
         self.began: dict[str, float] = {}  # trial id -> when it started (this driver's clock)
         self.durations: list[float] = []  # of the trials that ended while this driver watched
+        self.caught_up = False  # whether trials that ended before this driver (a resume) are counted
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (Progress, {"total": self.total, "every_s": self.every_s})
@@ -197,6 +199,25 @@ class Progress(Callback):
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
         return cls(state["total"], plain_console(), state["every_s"])
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.caught_up:  # a resumed search: count what ended before this driver started
+            self.caught_up = True
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    self._count_earlier(trial)
+
+    def _count_earlier(self, trial: Any) -> None:
+        last = trial.last_result or {}
+        self.ended.add(trial.trial_id)
+        if trial.status == "ERROR" or last.get("permanent_error"):
+            self.failed += 1
+            return
+        self.done += 1
+        self.diverged += bool(last.get("diverged"))
+        better = self.best is None or last.get("score", -math.inf) > self.best[0]
+        if last.get("final") and not last.get("diverged") and better:
+            self.best = (last["score"], sampled(trial.config)["variant"])
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.began.setdefault(trial.trial_id, time.monotonic())

@@ -7,6 +7,7 @@ lets a restored search, a retry after the server came back, and `flatbasin sync`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -24,6 +25,7 @@ from mlflow.utils.credentials import read_mlflow_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
+from flatbasin.search.errors import short
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.start import write_converged
@@ -52,6 +54,7 @@ STOP_REASONS = {
 CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
 # Post-convergence: the run whose checkpoint.pt holds the converged model a trial (and its search)
 # continues, the SHA-256 of those weights, and, on a base run, what the weights came from.
+SPACE_DIGEST = "flatbasin.space_digest"  # of a search: what its space file said (space_digest)
 BASE_RUN = "flatbasin.base_run"
 FROM_SHA = "flatbasin.from_sha256"
 BASE_SOURCE = "flatbasin.base_source"
@@ -189,6 +192,7 @@ class Tracker:
             return
         try:
             self.client.search_experiments(max_results=1)
+            found = self.client.get_experiment_by_name(self.experiment)
         except MlflowException as err:
             status = err.get_http_status_code()
             if status in (401, 403):
@@ -210,6 +214,14 @@ class Tracker:
             raise TrackingUnavailable(
                 f"MLflow tracking URI {self.uri} cannot be used: {_first_line(err)}"
             ) from err
+        if found is not None and (not found.experiment_id or found.name != self.experiment):
+            # An MLflow server answers a name it lacks with 404, and one it has with that
+            # experiment; a server that answers everything with an empty 200 is something else.
+            raise TrackingUnavailable(
+                f"{self.uri} answers MLflow's API with empty replies, so it is not an MLflow "
+                "tracking server (or not its root address); give the server's address, e.g. "
+                "http://HOST:5000"
+            )
 
     def _sqlite_path(self) -> Path | None:
         if not self.uri.startswith("sqlite:///"):
@@ -226,6 +238,7 @@ class Tracker:
                 f"sqlite:///{path / 'mlflow.db'}"
             )
         if path.exists():
+            self._check_mlflow_database(path)
             return False
         folder = path.parent
         if not folder.is_dir():
@@ -239,6 +252,26 @@ class Tracker:
                 f"MLflow tracking URI {self.uri}: the folder {folder} is not writable"
             )
         return True
+
+    def _check_mlflow_database(self, path: Path) -> None:
+        """An existing file must be MLflow's database (or empty): MLflow would otherwise add its
+        tables to whatever SQLite database, or fail on a file that is not one."""
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+                tables = {row[0] for row in db.execute("select name from sqlite_master")}
+        except sqlite3.Error as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.uri}: {path} is not a SQLite database ({err}); name "
+                "a new file or MLflow's own database"
+            ) from err
+        if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.uri}: {path} is a SQLite database of something else "
+                f"(tables {short(sorted(tables))}); MLflow would add its tables to it; name a new "
+                "file or MLflow's own database"
+            )
 
     @property
     def experiment_id(self) -> str:
@@ -276,8 +309,25 @@ class Tracker:
         )
         return found[0] if found else None
 
-    def parent(self, params: dict[str, Any] | None = None, space_file: Path | None = None) -> str:
-        """The search's run: found again by its storage key when a search is restored."""
+    def parent(
+        self,
+        params: dict[str, Any] | None = None,
+        space_file: Path | None = None,
+        space_digest: str = "",
+    ) -> str:
+        """The search's run: found again by its storage key when a search is restored. A store that
+        fails here (it answered the check, then went down or refused to write) is TrackingUnavailable."""
+        try:
+            return self._open_parent(params, space_file, space_digest)
+        except (MlflowException, OSError) as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {self.uri} failed when the search's run was made: "
+                f"{_first_line(err)}"
+            ) from err
+
+    def _open_parent(
+        self, params: dict[str, Any] | None, space_file: Path | None, space_digest: str
+    ) -> str:
         if self._parent is None:
             found = self.find_parent()
             if found:
@@ -292,6 +342,7 @@ class Tracker:
                         ROLE: "search",
                         SEARCH_KEY: self.search_key,
                         STATE: "running",
+                        **({SPACE_DIGEST: space_digest} if space_digest else {}),
                         **base_tags(),
                     },
                 )
@@ -303,6 +354,26 @@ class Tracker:
                 if space_file is not None:
                     self.client.log_artifact(self._parent, str(space_file))
         return self._parent
+
+    def recorded_space(self, run_id: str, file_name: str) -> tuple[str | None, Any]:
+        """(digest, content as read) of the space file a search started with; (None, None) for a
+        search recorded before digests were, and content None when the file was not logged."""
+        import mlflow.artifacts
+        import yaml
+
+        from flatbasin.spaces.loader import read_yaml
+
+        digest = self.client.get_run(run_id).data.tags.get(SPACE_DIGEST)
+        if digest is None:
+            return None, None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=file_name, dst_path=tmp, tracking_uri=self.uri
+                )
+                return digest, read_yaml(Path(local).read_text(encoding="utf-8"))
+            except (MlflowException, OSError, ValueError, yaml.YAMLError):
+                return digest, None
 
     def trial_variants(self) -> list[str]:
         """The variant of every search trial under the parent (confirmations not counted)."""

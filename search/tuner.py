@@ -13,11 +13,13 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
@@ -34,7 +36,7 @@ from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
-from flatbasin.search.tracking import Tracker, TrialRecord, curve_figure
+from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
@@ -138,8 +140,11 @@ def runtime_settings(space: Space, options: SearchOptions) -> Space:
     return space.with_settings(threads=threads, device=device)
 
 
-def check_new_or_resumable(tracker: Tracker, experiment_path: Path, resume: bool) -> None:
-    """--resume needs a search to resume; without it, a search of the same name is never merged into."""
+def check_new_or_resumable(
+    tracker: Tracker, experiment_path: Path, resume: bool, space: Space | None = None
+) -> None:
+    """--resume needs a search to resume, of the same space; without it, a search of the same name
+    is never merged into."""
     from ray import tune
 
     restorable = tune.Tuner.can_restore(str(experiment_path))
@@ -158,12 +163,33 @@ def check_new_or_resumable(tracker: Tracker, experiment_path: Path, resume: bool
             f"{other}, not {experiment_path}; continue it with --storage {Path(other).parent} "
             "--resume, or start a new one with --name NEW_NAME"
         )
+    if resume and earlier and space is not None:
+        check_same_space(tracker, earlier, space)
     if not resume and (restorable or earlier):
         where = f"{experiment_path}" + (f", MLflow run {earlier}" if earlier else "")
         raise UsageError(
             f"a search named '{experiment_path.name}' already exists ({where}); continue it with "
             f"--resume, or start a new one with --name NEW_NAME"
         )
+
+
+def check_same_space(tracker: Tracker, parent: str, space: Space) -> None:
+    """Tune resumes the space it pickled when the search started: an edited space file would be
+    silently ignored, so it is refused, naming what changed."""
+    from flatbasin.spaces.loader import changed_keys, read_yaml
+
+    digest, recorded = tracker.recorded_space(parent, space.path.name)
+    if digest is None or not space.digest or digest == space.digest:
+        return
+    changed = ""
+    if recorded is not None:
+        keys = changed_keys(recorded, read_yaml(space.path.read_text(encoding="utf-8")))
+        changed = f" ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
+    raise UsageError(
+        f"--resume: {space.path} has changed since the search '{tracker.experiment}' started"
+        f"{changed}; a resumed search continues the space it started with, so undo the change, or "
+        "start a new search with --name NEW_NAME"
+    )
 
 
 def resume_command(space: Space, options: SearchOptions) -> str:
@@ -202,7 +228,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     space = runtime_settings(space, options)
     tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
     tracker.check()
-    check_new_or_resumable(tracker, experiment_path, options.resume)
+    check_new_or_resumable(tracker, experiment_path, options.resume, space)
     # Post-convergence (--from or the space's `from:`): the source is resolved and checked here,
     # before Ray; the trials then run the tail only, so that is the space checked below.
     start = post_convergence.plan(space, options.start_from, tracker, options.resume)
@@ -214,23 +240,31 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         # path is absolute by now, so work from the storage folder, which outlives the search.
         storage.mkdir(parents=True, exist_ok=True)
         os.chdir(storage)
-    _init_ray(target.address)
-    check_cluster(options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial)
     samples = options.samples or space.samples
-    if samples < len(space.variants) and not options.resume:
-        console.print(
-            f"note: {samples} trial(s) for {len(space.variants)} variants: "
-            f"{', '.join(list(space.variants)[samples:])} will get none (the variants take turns)",
-            style="yellow",
-        )
-    parent = tracker.parent(
-        params={"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
-                "scheduler": options.scheduler, "concurrency": options.concurrency,
-                "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
-                **({"from": start.source.text} if start else {})},
-        space_file=space.path,
-    )  # fmt: skip
+    params = {"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
+              "scheduler": options.scheduler, "concurrency": options.concurrency,
+              "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
+              **({"from": start.source.text} if start else {})}  # fmt: skip
     try:
+        if local:
+            # Ray's start-up and the search's MLflow run (a new SQLite store builds its tables: about
+            # 2 s) at the same time; both are needed before the first trial.
+            with ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool:
+                made = pool.submit(tracker.parent, params, space.path, space.digest)
+                _init_ray(None)
+                parent = made.result()
+        else:  # nothing is recorded until the cluster is known to reach the store and storage
+            _init_ray(target.address)
+            check_cluster(
+                options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial
+            )
+            parent = tracker.parent(params, space.path, space.digest)
+        if samples < len(space.variants) and not options.resume:
+            console.print(
+                f"note: {samples} trial(s) for {len(space.variants)} variants: "
+                f"{', '.join(list(space.variants)[samples:])} will get none (the variants take turns)",
+                style="yellow",
+            )
         weights = None
         if start is not None:  # the base trained (or recorded) once, before any trial
             space, weights = post_convergence.begin(start, tracker, options, console)
@@ -241,14 +275,16 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
         # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
         # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
         # before Tune saved anything leaves no run behind (it holds nothing, and would only block
-        # running the same command again), its base run included.
+        # running the same command again), its base run included. A store that is down keeps what
+        # it has: the error that brought us here is the one to report.
         from ray import tune
 
-        restorable = tune.Tuner.can_restore(str(experiment_path))
-        if not restorable:
-            tracker.discard_base()
-        if restorable or not tracker.discard_parent():
-            tracker.end_parent("interrupted")
+        with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
+            restorable = tune.Tuner.can_restore(str(experiment_path))
+            if not restorable:
+                tracker.discard_base()
+            if restorable or not tracker.discard_parent():
+                tracker.end_parent("interrupted")
         raise
 
 

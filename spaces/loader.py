@@ -27,7 +27,9 @@ Post-convergence (every trial continues one converged model and `epochs` is the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -117,6 +119,7 @@ class Space:
     start_from: str | None = None  # `from:`: base, a run id, or a checkpoint file (absolute)
     base: dict[str, Any] = dataclasses.field(default_factory=dict)  # `base:` settings (from: base)
     start: dict[str, Any] | None = None  # the StartPoint every trial continues (set by the driver)
+    digest: str = ""  # of the file's content as read (not its comments or layout): see space_digest
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: the variant, then its parameters.
@@ -249,20 +252,41 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 (PyYAML's) reads 1e-3 as a string: a float needs a dot there. YAML 1.2 and every user
-# reads it as 0.001, so the 1.2 float forms are added to the strict loader.
+# Numbers as YAML 1.2 (and every user) reads them, not as PyYAML's YAML 1.1: `1e-3` is 0.001 (1.1
+# needs a dot), `010` is ten (1.1: octal 8), `1:30` is a string (1.1: sexagesimal 90); octal and hex
+# are spelled 0o17 and 0x1f. The 1.1 number resolvers are dropped and the 1.2 ones put in their place.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _INT,
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_StrictLoader.add_implicit_resolver(
+    _FLOAT,
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
     ),
     list("-+0123456789."),
 )
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if text.startswith(("0o", "0x")):
+        return int(text, 0)
+    return int(text, 10)  # leading zeros are decimal in YAML 1.2
+
+
+_StrictLoader.add_constructor(_INT, _yaml12_int)
 
 
 def read_yaml(text: str) -> Any:
@@ -374,7 +398,28 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
     name = check_name(spec.name or path.stem, f"{path}: name")
     base = _base(path, spec, settings)
     space = Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
-    return dataclasses.replace(space, start_from=start_from, base=base)
+    return dataclasses.replace(space, start_from=start_from, base=base, digest=space_digest(raw))
+
+
+def space_digest(raw: Any) -> str:
+    """What a space file says, hashed: a resumed search compares it with the one it started with
+    (Tune resumes the space it pickled, whatever the file says now). Comments and layout do not count."""
+    try:
+        canonical = json.dumps(raw, sort_keys=True, default=repr)
+    except TypeError:  # keys of mixed types cannot be sorted: hash them as Python writes them
+        canonical = repr(raw)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: Any, new: Any, where: str = "") -> list[str]:
+    """The dotted keys whose values differ between two read space files, deepest first found."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [where or "(the whole file)"]
+    keys = sorted(set(old) | set(new), key=str)
+    found: list[str] = []
+    for key in keys:
+        found += changed_keys(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+    return found
 
 
 # What the corners of a post-convergence space are checked with before the converged model is known.

@@ -7,10 +7,13 @@ contain. Every case fails before Ray starts, so the whole table runs in seconds,
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,12 +219,41 @@ SEARCH: dict[str, Case] = {
         GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
     ),
     "sqlite uri naming a folder": Case(GOOD, ("--tracking-uri", "sqlite:///{images}"), "is a folder"),
+    "sqlite uri naming a text file": Case(
+        GOOD, ("--tracking-uri", "sqlite:///{space}"), "is not a SQLite database"
+    ),
+    "a server that answers everything with {}": Case(
+        GOOD, ("--tracking-uri", "http://127.0.0.1:{empty}"), "not an MLflow tracking server"
+    ),
     "storage where no folder can be made": Case(GOOD, ("--storage", "/proc/flatbasin-runs"), "cannot create a folder in /proc"),
     "yes for the budget": Case("epochs: true\nvariants: {sgd: {}}\n", (), "epochs takes a number"),
     "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
     "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
     "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
 }
+
+
+@pytest.fixture(scope="module")
+def empty_server() -> Iterator[int]:
+    """A real HTTP server that answers every request 200 with an empty JSON object: not MLflow."""
+
+    class Empty(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Empty)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +307,15 @@ def fill(text: str, **values: object) -> str:
 
 
 @pytest.mark.parametrize("case", sorted(SEARCH), ids=str)
-def test_bad_search_input_exits_2_before_ray(case, tmp_path, images, ray_tmpdir, monkeypatch):
+def test_bad_search_input_exits_2_before_ray(
+    case, tmp_path, images, empty_server, ray_tmpdir, monkeypatch
+):
     spec = SEARCH[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sanity, "LEARN_BUDGET_S", 600.0)  # a loaded machine must not skip the check
     space = tmp_path / "space.yaml"
     port = closed_port()
-    values = {"images": images, "space": space, "port": port}
+    values = {"images": images, "space": space, "port": port, "empty": empty_server}
     if isinstance(spec.space, bytes):
         space.write_bytes(spec.space)
     elif spec.space is not None:
@@ -480,3 +514,22 @@ def test_the_installed_entry_point_says_the_same(tmp_path):
         [sys.executable, "-m", "flatbasin", "--version"], capture_output=True, text=True, timeout=60
     )
     assert version.returncode == 0 and version.stdout.startswith("flatbasin ")
+
+
+def test_resume_with_an_edited_space_is_refused(tmp_path):
+    """Tune resumes the space it pickled: an edited file would be ignored silently, so it is refused,
+    naming what changed; comments and layout are no change."""
+    from flatbasin.search.errors import UsageError
+    from flatbasin.search.tracking import Tracker
+    from flatbasin.search.tuner import check_same_space
+    from flatbasin.spaces import load_space
+
+    path = tmp_path / "edited.yaml"
+    path.write_text(GOOD)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "edited", search_key="k")
+    parent = tracker.parent(space_file=path, space_digest=load_space(path).digest)
+    path.write_text("# a comment, and another layout\n" + GOOD.replace(": ", ":  "))
+    check_same_space(tracker, parent, load_space(path))
+    path.write_text(GOOD.replace("epochs: 2", "epochs: 3"))
+    with pytest.raises(UsageError, match=r"has changed since .*\(epochs\).*--name NEW_NAME"):
+        check_same_space(tracker, parent, load_space(path))

@@ -31,3 +31,20 @@ def test_counts_and_time_left(monkeypatch):
     progress.on_trial_result(0, [b, c], b, {"permanent_error": "DataError: x", "score": 0.0})
     progress.on_trial_complete(0, [b, c], b)
     assert "1/6 done · 1 running · 1 failed" in out.getvalue().splitlines()[-1]
+
+
+def test_a_resumed_search_counts_the_trials_that_ended_before_it():
+    out = io.StringIO()
+    progress = Progress(6, Console(file=out, width=200), every_s=1e9)
+    earlier = [
+        SimpleNamespace(trial_id=i, status="TERMINATED", config={"variant": "swa"}, last_result=r)
+        for i, r in (("a", {"final": True, "score": 0.91}), ("b", {"final": True, "score": 0.93}),
+                     ("c", {"permanent_error": "DataError: x"}))
+    ]  # fmt: skip
+    d = SimpleNamespace(trial_id="d", status="RUNNING", config={"variant": "sgd"}, last_result={})
+    progress.on_step_begin(0, [*earlier, d])
+    progress.on_step_begin(1, [*earlier, d])  # counted once
+    d.status = "TERMINATED"
+    progress.on_trial_complete(1, [*earlier, d], d)
+    line = out.getvalue().splitlines()[-1]
+    assert "3/6 done · 0 running · 1 failed" in line and "best 0.9300 (swa)" in line, line

@@ -139,3 +139,15 @@ def test_exponent_floats_are_numbers(tmp_path):
     space = load_space(path)
     searched, fixed = space.variants["sgd"]
     assert searched["lr"].values == (0.001, 0.1) and fixed["weight_decay"] == 0.0005
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("010", 10), ("0o17", 15), ("0x1f", 31), ("1_000", 1000), ("-.5", -0.5), ("1:30", "1:30"),
+     ("0b11", "0b11"), ("+7", 7)],
+)  # fmt: skip
+def test_numbers_read_as_yaml_1_2(text, value):
+    """YAML 1.1 reads 010 as octal 8 and 1:30 as 90 (base 60); a space file reads them as written."""
+    from flatbasin.spaces.loader import read_yaml
+
+    assert read_yaml(f"x: {text}") == {"x": value}
