@@ -90,19 +90,6 @@ def option_names(text: str) -> str:
     return re.sub(r"--([a-z]+(?:_[a-z]+)+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
 
 
-def writable_file(option: str, path: Path) -> None:
-    """A file the command will write: its folder must exist and take files; it may not be a folder."""
-    import os
-
-    if path.is_dir():
-        raise UsageError(f"{option} {path}: is a folder; give a file name")
-    folder = path.expanduser().resolve().parent
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"{option} {path}: not writable")
-
-
 def build_config(variant: str, settings: dict[str, Any]):
     from flatbasin.trainables.config import make_config
 
@@ -215,6 +202,8 @@ def train(
             config, start_weights, continuing = continue_config(
                 variant, settings, start_from, tracking_uri_or_default(tracking_uri)
             )
+        from flatbasin.search.preflight import writable_file
+
         for option, path in (("--json", json_out), ("--checkpoint", checkpoint)):
             if path is not None:
                 writable_file(option, path)  # found now, not after the training
@@ -308,7 +297,7 @@ def lr_find(
                 settings[key] = value
         config = build_config(variant, settings)
         options = LrFindOptions(start=start, end=end, steps=steps, plot=plot, write=write)
-        check_options(options)
+        check_options(options, config)
         suggested = run_lr_find(config, options, console)
     except UsageError as err:
         fail(str(err))
@@ -575,6 +564,7 @@ def focus_library(
     ridge: Annotated[
         float, typer.Option(help="slope penalty, in units of the layer's mean variance of w")
     ] = 0.1,
+    overwrite: Annotated[bool, typer.Option(help="replace OUT.pt if it exists")] = False,
 ) -> None:
     """Fit a focus library for prior_guided: plain SGD on the source data, every conv layer's weights,
     bias and gradients recorded at every iteration, one ridge regression per layer and kind."""
@@ -585,7 +575,7 @@ def focus_library(
         for key, value in (("dataset", dataset), ("epochs", epochs), ("seed", seed)):
             if value is not None:
                 settings[key] = value
-        make_library(out, settings, regression, ridge, console)
+        make_library(out, settings, regression, ridge, console, overwrite=overwrite)
     except UsageError as err:
         fail(str(err))
 

@@ -18,7 +18,12 @@ from flatbasin.trainables.focus import FocusLibrary, Regression
 
 
 def make_library(
-    out: Path, settings: dict[str, Any], regression: str, ridge: float, console: Console
+    out: Path,
+    settings: dict[str, Any],
+    regression: str,
+    ridge: float,
+    console: Console,
+    overwrite: bool = False,
 ) -> FocusLibrary:
     """Harvest, fit, write OUT and print the fit per layer; bad input raises UsageError before the
     harvesting run starts, a run that cannot work (its data, model, a divergence) after it."""
@@ -26,10 +31,15 @@ def make_library(
     from flatbasin.trainables.data import DataError
     from flatbasin.trainables.focus import LibraryError, fit_focus_library
 
+    from flatbasin.search.preflight import writable_file
+
     if out.is_dir():
         raise UsageError(
             f"{out} is a folder; name the library file to write, e.g. {out / 'focus.pt'}"
         )
+    if out.exists() and not overwrite:  # a library may have taken an hour: never lost silently
+        raise UsageError(f"{out} exists; name a new file, or pass --overwrite to replace it")
+    writable_file("OUT.pt", out)
     if regression not in get_args(Regression):
         raise UsageError(f"--regression {regression!r}: choose {' or '.join(get_args(Regression))}")
     if not math.isfinite(ridge) or ridge < 0:

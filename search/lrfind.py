@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # matplotlib and torch load when the command runs, not when t
     from flatbasin.trainables.lr_range import Suggestion, Sweep
 
 MAX_LR = 10.0  # the trial settings' own cap on every learning rate (TrialConfig.lr, variant lrs)
-MIN_STEPS = 10
+MIN_STEPS = 50  # lr_range.WARM_STEPS (35) left out of the suggestion, then 15 to read a slope on
 
 # How --write maps the two bounds onto a variant's own learning rates. A cycle's high learning rate
 # ("high") is a training learning rate like lr and gets the same range, [small, large]; its low end
@@ -57,9 +57,10 @@ class LrFindOptions:
     write: Path | None
 
 
-def check_options(options: LrFindOptions) -> None:
+def check_options(options: LrFindOptions, config: TrialConfig) -> None:
     """Every option refused before a single step is trained, naming the option and what is allowed."""
     from flatbasin.spaces import SpaceError, load_space
+    from flatbasin.trainables.lr_range import WARM_STEPS
 
     start, end, steps, write = options.start, options.end, options.steps, options.write
 
@@ -73,8 +74,8 @@ def check_options(options: LrFindOptions) -> None:
         raise UsageError(f"--start ({start:g}) must be below --end ({end:g})")
     if steps < MIN_STEPS:
         raise UsageError(
-            f"--steps {steps}: at least {MIN_STEPS} (the smoothed loss needs steps to show a slope; "
-            "the default is 200)"
+            f"--steps {steps}: at least {MIN_STEPS} (the first {WARM_STEPS} only fill the smoothed "
+            "loss's average, and a slope needs steps after them; the default is 200)"
         )
     check_plot_path(options.plot)
     if write is not None:
@@ -90,18 +91,21 @@ def check_options(options: LrFindOptions) -> None:
             load_space(write)  # a broken space fails now, not after the sweep
         except SpaceError as err:
             raise UsageError(f"--write: {err}") from err
+        differ = differences(write, config)
+        if differ:  # bounds measured on another model, data or batch size do not carry over
+            raise UsageError(
+                f"--write {write}: the space trains otherwise than this test would: "
+                + "; ".join(differ)
+                + "; run the test as the space trains, so that its bounds carry over"
+            )
 
 
 def check_plot_path(plot: Path) -> None:
+    from flatbasin.search.preflight import writable_file
+
     if plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {plot}: the figure is a PNG; give a path ending in .png")
-    folder = plot.expanduser().absolute().parent
-    if plot.is_dir():
-        raise UsageError(f"--plot {plot}: is a folder; give a file name ending in .png")
-    if not folder.is_dir():
-        raise UsageError(f"--plot {plot}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (plot.exists() and not os.access(plot, os.W_OK)):
-        raise UsageError(f"--plot {plot}: cannot write there (permission denied)")
+    writable_file("--plot", plot)
 
 
 def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -> bool:
@@ -161,8 +165,6 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
             console.print(f"{options.write} was not changed", style="yellow")
         return False
     if options.write is not None:
-        for note in differences(options.write, config):
-            console.print(f"note: {note}", style="yellow")
         changed, kept_comments = write_space(options.write, suggestion.small, suggestion.large)
         console.print(f"updated {options.write}:")
         for line in changed:
@@ -331,8 +333,8 @@ def differences(path: Path, config: TrialConfig) -> list[str]:
 
     settings = load_space(path).settings
     return [
-        f"the space sets {key}: {settings[key]} but the test ran with {getattr(config, key)}; "
-        f"the bounds may not carry over (run lr-find with --set {key}={settings[key]})"
+        f"it sets {key}: {settings[key]}, the test {getattr(config, key)} "
+        f"(--set {key}={settings[key]})"
         for key in MEASURED_WITH
         if key in settings and settings[key] != getattr(config, key)
     ]

@@ -22,25 +22,77 @@ PROBE_TIMEOUT_S = 3.0
 
 def check_storage(storage: Path) -> None:
     """--storage must be a folder we can create or write into (not a file, not read-only)."""
-    probe = storage
+    check_folder(storage, f"--storage {storage}", "give a folder for Tune's results")
+
+
+def check_folder(folder: Path, what: str, advice: str) -> None:
+    """`folder` exists as a folder we can write into, or can be made. `what` starts the message."""
+    probe = folder
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
-    if probe == storage and not storage.is_dir():
-        raise UsageError(
-            f"--storage {storage}: is a file, not a folder; give a folder for Tune's results"
-        )
-    if probe != storage and not probe.is_dir():
-        raise UsageError(f"--storage {storage}: {probe} is a file, so the folder cannot be created")
+    if probe == folder and not folder.is_dir():
+        raise UsageError(f"{what}: is a file, not a folder; {advice}")
+    if probe != folder and not probe.is_dir():
+        raise UsageError(f"{what}: {probe} is a file, so the folder cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--storage {storage}: {probe} is not writable")
+        raise UsageError(f"{what}: {probe} is not writable")
     try:  # root passes os.access everywhere, and /proc or a read-only mount still refuse: try it
         tempfile.TemporaryDirectory(dir=probe, prefix=".flatbasin-probe-").cleanup()
     except OSError as err:
         raise UsageError(
-            f"--storage {storage}: cannot create a folder in {probe} ({err.strerror or err})"
+            f"{what}: cannot create a folder in {probe} ({err.strerror or err})"
         ) from err
+
+
+def writable_file(option: str, path: Path) -> None:
+    """A file a command will write: its folder must exist and take files; it may not be a folder."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    folder = path.expanduser().absolute().parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"{option} {path}: {folder} {what}")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: cannot write there (permission denied)")
+
+
+# Ray's longest socket path: {temp}/session_{date and time, 26 characters}_{pid}/sockets/plasma_store
+SOCKET_PATH_MAX = 107  # bytes, what AF_UNIX allows on Linux
+
+
+def check_local_ray() -> None:
+    """What a new local Ray writes before it can start: its temporary folder (whose socket paths
+    must be short) and, unless token authentication is off or given, ~/.ray for its token."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    source = next((f"${v}" for v in ("RAY_TMPDIR", "TMPDIR") if os.environ.get(v)), "/tmp")
+    temp = Path(get_default_ray_temp_dir())
+    socket_path = f"{temp}/session_{'0' * 26}_{os.getpid()}/sockets/plasma_store"
+    if len(os.fsencode(socket_path)) > SOCKET_PATH_MAX:
+        raise UsageError(
+            f"Ray's temporary folder {temp} (under {source}) is too long: its socket paths would "
+            f"take {len(os.fsencode(socket_path))} bytes, over the {SOCKET_PATH_MAX} a Unix socket "
+            "allows; set RAY_TMPDIR to a short folder, e.g. /tmp/ray-$USER"
+        )
+    check_folder(temp, f"Ray's temporary folder {temp} (under {source})", "set RAY_TMPDIR")
+    token_given = any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or token_given:
+        return
+    try:
+        token = Path.home() / ".ray" / "auth_token"
+    except RuntimeError as err:  # no $HOME and no home in the password database
+        raise UsageError(
+            f"Ray keeps its authentication token in ~/.ray, but there is no home folder ({err}); "
+            "set HOME to a writable folder"
+        ) from err
+    if not token.exists():
+        check_folder(
+            token.parent,
+            f"Ray keeps its authentication token in {token.parent} (from HOME)",
+            "set HOME to a writable folder",
+        )
 
 
 def check_local_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import threading
@@ -213,9 +214,10 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    tune_log = logging.getLogger("ray.tune.tune")
-    if not any(isinstance(f, _OwnMessages) for f in tune_log.filters):
-        tune_log.addFilter(_OwnMessages())
+    for logger, own in (("ray.tune.tune", _OwnMessages), ("ray.tune.execution.tune_controller", _TrialFailures)):
+        log = logging.getLogger(logger)
+        if not any(isinstance(f, own) for f in log.filters):
+            log.addFilter(own())
     name = options.name or space.name
     storage = options.storage.expanduser().resolve()
     experiment_path = storage / name
@@ -225,6 +227,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     local = target.address is None
     if local:
         preflight.check_local_resources(options.cpus_per_trial, options.gpus_per_trial)
+        preflight.check_local_ray()
     space = runtime_settings(space, options)
     tracker = Tracker(options.tracking_uri, name, search_key=str(experiment_path))
     tracker.check()
@@ -295,6 +298,24 @@ class _OwnMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         return "Resume experiment with" not in text and "Trials did not complete" not in text
+
+
+class _TrialFailures(logging.Filter):
+    """Tune logs a failed trial with the worker's whole traceback; the user gets one line (the
+    exception), and the traceback stays in the trial's error.txt, which the summary names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Trial task failed for trial") or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the worker's exception
+        first = next((line for line in str(cause).splitlines() if line.strip()), "")
+        line = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {first}").strip()
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"{text}: {line if len(line) <= 300 else line[:299] + '…'}", (), None, None,
+        )  # fmt: skip
+        return True
 
 
 def resumable(space: Space, options: SearchOptions) -> bool:

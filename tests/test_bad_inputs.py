@@ -230,6 +230,16 @@ SEARCH: dict[str, Case] = {
     "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
     "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
     "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
+    # ---- what a local Ray writes before it starts
+    "a home where Ray cannot keep its token": Case(
+        GOOD, (), "token in /proc/.ray (from HOME)", env={"HOME": "/proc"}
+    ),
+    "a Ray temporary folder too long for sockets": Case(
+        GOOD, (), "over the 107 a Unix socket allows", env={"RAY_TMPDIR": "/tmp/" + "x" * 60}
+    ),
+    "a Ray temporary folder that cannot be made": Case(
+        GOOD, (), "cannot create a folder in /proc", env={"RAY_TMPDIR": "/proc/ray-tmp"}
+    ),
 }
 
 

@@ -201,7 +201,7 @@ def test_a_space_trained_otherwise_than_the_test_is_named(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(SPACE.replace("{batch_size: 64}", "{batch_size: 128}"))
     notes = differences(path, make_config("sgd", {"dataset": "mnist1d"}))
-    assert len(notes) == 1 and "batch_size: 128 but the test ran with 64" in notes[0]
+    assert len(notes) == 1 and "batch_size: 128, the test 64" in notes[0]
     assert "--set batch_size=128" in notes[0]
     assert differences(path, make_config("sgd", {"dataset": "mnist1d", "batch_size": 128})) == []
 
@@ -259,12 +259,15 @@ def test_cli_without_a_suggestion_exits_1_and_writes_no_space(tmp_path):
         (["--start", "0.1", "--end", "0.1"], "--start (0.1) must be below --end (0.1)"),
         (["--start", "0"], "--start 0: the first learning rate must be a positive number"),
         (["--end", "100"], "--end 100: at most 10"),
-        (["--steps", "5"], "--steps 5: at least 10"),
+        (["--steps", "5"], "--steps 5: at least 50"),
+        (["--steps", "20"], "--steps 20: at least 50"),
+        (["--write", "{tmp}/other.yaml"], "trains otherwise than this test would: it sets batch_size: 128"),
         (["--write", "{tmp}/missing.yaml"], "missing.yaml: does not exist"),
         (["--write", "{tmp}/bad.yaml"], "unknown variant"),
         (["--plot", "{tmp}/no/such/folder/x.png"], "does not exist"),
         (["--plot", "{tmp}/folder.png"], "folder.png: is a folder"),
         (["--plot", "{tmp}/x.jpg"], "the figure is a PNG"),
+        (["--plot", "{tmp}/notes.txt/x.png"], "notes.txt is a file, not a folder"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/x"], "does not exist"),
         (["--dataset", "mnist1d", "--set", "batch_size=5000"], "larger than the training split"),
     ],
@@ -272,6 +275,8 @@ def test_cli_without_a_suggestion_exits_1_and_writes_no_space(tmp_path):
 def test_bad_input_exits_2_naming_the_problem(tmp_path, args, needle):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "bad.yaml").write_text("variants: {nope: {}}\n")
+    (tmp_path / "other.yaml").write_text("fixed: {batch_size: 128}\nvariants: {sgd: {}}\n")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = runner.invoke(app, ["lr-find", "--set", "threads=1", "--plot", str(tmp_path / "f.png"), *args])  # fmt: skip
     assert result.exit_code == 2, result.output

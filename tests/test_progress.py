@@ -48,3 +48,24 @@ def test_a_resumed_search_counts_the_trials_that_ended_before_it():
     progress.on_trial_complete(1, [*earlier, d], d)
     line = out.getvalue().splitlines()[-1]
     assert "3/6 done · 0 running · 1 failed" in line and "best 0.9300 (swa)" in line, line
+
+
+def test_a_failed_trial_is_one_line_not_the_workers_traceback():
+    import logging
+    import sys
+
+    from ray.exceptions import RayTaskError
+
+    from flatbasin.search.tuner import _TrialFailures
+
+    cause = RuntimeError("Unable to set up cluster storage with the following settings:\nStorageContext<>")
+    try:
+        raise RayTaskError("train", "Traceback (most recent call last):\n  ...", cause)
+    except RayTaskError:
+        record = logging.LogRecord(
+            "ray.tune.execution.tune_controller", logging.ERROR, __file__, 1,
+            "Trial task failed for trial %s", ("sgd_1",), sys.exc_info(),
+        )  # fmt: skip
+    assert _TrialFailures().filter(record)
+    text = logging.Formatter().format(record)
+    assert text == "Trial task failed for trial sgd_1: RuntimeError: Unable to set up cluster storage with the following settings:", text

@@ -22,6 +22,9 @@ from scipy.signal import lfilter
 from torch import Tensor, nn
 
 BETA = 0.98  # smoothing of the recorded loss: an average over about 1 / (1 - BETA) = 50 steps
+# The first steps the suggestion leaves out: while the average still holds fewer than half its weight
+# in real losses (beta^(i+1) > 1/2, 35 steps at beta 0.98), batch noise looks like a slope.
+WARM_STEPS = math.ceil(math.log(0.5) / math.log(BETA))
 DIVERGE_FACTOR = 4.0  # the sweep stops once the smoothed loss exceeds this multiple of its minimum
 MIN_FALL = 0.05  # a loss that never falls by this share of its start gives no suggestion
 SMALL_DIVISOR = 10.0  # the small suggestion is the large one over this
@@ -160,7 +163,7 @@ def suggest(
     finite = np.isfinite(smoothed)
     n = int(np.argmin(finite)) if not finite.all() else len(smoothed)  # the finite prefix
     if skip is None:
-        skip = math.ceil(math.log(0.5) / math.log(beta)) if 0 < beta < 1 else 0
+        skip = math.ceil(math.log(0.5) / math.log(beta)) if 0 < beta < 1 else 0  # WARM_STEPS
     if n - skip < 3:
         return Suggestion(None, None, None, None, f"too few steps to read a slope ({n} recorded)")
     lowest = skip + int(np.argmin(smoothed[skip:n]))
