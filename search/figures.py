@@ -186,12 +186,17 @@ def comparison_figure(
     finals: Mapping[str, Mapping[str, Any]],
     val_size: int | None = None,
     title: str = "validation accuracy of each variant's best trial",
+    confirmed: Mapping[str, tuple[float, float, int]] | None = None,
 ) -> Figure:
     """The best trial of each variant, validation accuracy against models averaged, on one axes.
 
     Curves are nudged sideways a little (a tenth of a step between variants) and carry their own
     marker so none hides another; variants with one deployed model are horizontal reference lines
     labelled "final model". The legend sits outside the axes and names each variant's final value.
+
+    `confirmed` (variant -> mean, sd, seeds of its confirmation runs): a search trial's score is
+    one seed's, picked as the best of several, so it flatters; each confirmed variant gets a bar at
+    the right, mean ± sd over fresh seeds, and the legend gives both numbers.
     """
     fig = _new_figure(8.6, 4.4)
     curves = {label: _points(final) for label, final in finals.items()}
@@ -201,11 +206,17 @@ def comparison_figure(
     values = [p["val_acc"] for points in curves.values() for p in points]
     val_size = val_size or infer_val_size(values)
     low, high = accuracy_limits(values, val_size)
+    confirmed = {k: v for k, v in (confirmed or {}).items() if k in curves}
+    if confirmed:
+        values += [m + sign * sd for m, sd, _ in confirmed.values() for sign in (-1, 1)]
+        low, high = accuracy_limits(values, val_size)
     max_count = max(p["count"] for points in curves.values() for p in points)
     if max_count <= 1:
-        return _final_models_figure(fig, curves, val_size, title, low, high)
+        return _final_models_figure(fig, curves, val_size, title, low, high, confirmed)
 
-    ax = fig.add_axes((0.09, 0.13, 0.57, 0.68))
+    if confirmed:  # room for the legend's second lines
+        fig.set_size_inches(9.8, 4.4)
+    ax = fig.add_axes((0.08, 0.13, 0.54, 0.68) if confirmed else (0.09, 0.13, 0.57, 0.68))
     multi = [label for label, points in curves.items() if len(points) > 1]
     offsets = {label: (i - (len(multi) - 1) / 2) * min(0.08, 0.4 / len(multi)) for i, label in enumerate(multi)}  # fmt: skip
     # Best first in the legend; drawn best last so it lies on top.
@@ -214,22 +225,36 @@ def comparison_figure(
         points, color = curves[label], variant_color(label, rank)
         final = points[-1]["val_acc"]
         z = 3 + len(order) - rank
+        models = "final model" if len(points) == 1 else f"{points[-1]['count']} models"
+        text = f"{label}: {final:.1%} ({models})"
+        if label in confirmed:
+            mean, sd, seeds = confirmed[label]
+            text += f"\n    confirmed: {mean:.1%} ± {sd:.1%}, {seeds} seeds"
+            x = max_count + 0.45 + 0.12 * (rank - (len(order) - 1) / 2) * (len(confirmed) > 1)
+            ax.errorbar([x], [mean], yerr=[sd], fmt="D", color=color, ms=6, capsize=4, lw=1.6,
+                        zorder=z, clip_on=False)  # fmt: skip
         if len(points) == 1:
             ax.axhline(final, color=color, lw=2, ls=(0, DASHES[rank % len(DASHES)]), zorder=z,
-                       label=f"{label}: {final:.1%} (final model)")  # fmt: skip
+                       label=text)  # fmt: skip
             continue
         xs = [p["count"] + offsets[label] for p in points]
         ax.plot(xs, [p["val_acc"] for p in points], color=color, lw=2, alpha=0.9, zorder=z,
-                marker=MARKERS[rank % len(MARKERS)], ms=7, mec="white", mew=0.8,
-                label=f"{label}: {final:.1%} ({points[-1]['count']} models)")  # fmt: skip
+                marker=MARKERS[rank % len(MARKERS)], ms=7, mec="white", mew=0.8, label=text)  # fmt: skip
     _count_axis(ax, max_count)
+    if confirmed:
+        ax.set_xlim(right=max_count + 0.9)
+        ax.axvline(max_count + 0.2, color="#bbbbbb", lw=0.8, ls=":")
+        ax.annotate("confirmed:\nmean ± sd", (max_count + 0.45, 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
+                    color="#555555")  # fmt: skip
     _percent_axis(ax, low, high)
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
               title="variant: deployed model", title_fontsize=9, alignment="left")  # fmt: skip
-    fig.suptitle(title, fontsize=12, x=0.09, ha="left", y=0.965)
-    fig.text(0.09, 0.855, step_note(val_size), fontsize=8.5, color="#555555")
+    left = ax.get_position().x0
+    fig.suptitle(title, fontsize=12, x=left, ha="left", y=0.965)
+    fig.text(left, 0.855, step_note(val_size), fontsize=8.5, color="#555555")
     return fig
 
 
@@ -240,8 +265,10 @@ def _final_models_figure(
     title: str,
     low: float,
     high: float,
+    confirmed: Mapping[str, tuple[float, float, int]],
 ) -> Figure:
-    """Every variant deploys one final model: a dot per variant, best on top, value written next to it."""
+    """Every variant deploys one final model: a dot per variant, best on top, value written next to
+    it; a confirmed variant's mean ± sd over fresh seeds as a bar just below its dot."""
     from matplotlib.ticker import PercentFormatter
 
     order = sorted(curves, key=lambda label: curves[label][-1]["val_acc"])
@@ -253,6 +280,13 @@ def _final_models_figure(
         ax.plot([value], [i], "o", ms=9, color=variant_color(label, i))
         ax.annotate(f"{value:.1%}", (value, i), xytext=(8, 0), textcoords="offset points",
                     va="center", fontsize=9)  # fmt: skip
+        if label in confirmed:
+            mean, sd, seeds = confirmed[label]
+            ax.errorbar([mean], [i - 0.28], xerr=[sd], fmt="D", ms=5, capsize=3,
+                        color=variant_color(label, i))  # fmt: skip
+            ax.annotate(f"confirmed {mean:.1%} ± {sd:.1%} ({seeds} seeds)", (mean + sd, i - 0.28),
+                        xytext=(6, 0), textcoords="offset points", va="center", fontsize=8,
+                        color="#555555")  # fmt: skip
     ax.set_yticks(range(len(order)), [f"{label} (final model)" for label in order])
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.set_xlim(low, high + 0.06 * (high - low))

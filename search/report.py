@@ -510,7 +510,11 @@ def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
 def write_files(report: Report, folder: Path) -> list[Path]:
     """curves.png, importances.png (when there are any) and report.html, the page last."""
     images: dict[str, bytes] = {}
-    curves = figures.comparison_figure(report.curves, val_size=report.val_size)
+    bars = {c.variant: (c.val_mean, c.val_std, c.seeds) for c in confirmed(report.confirmations)}
+    title = "validation accuracy of each variant's best search trial" + (
+        ", and of its confirmation runs" if bars else ""
+    )
+    curves = figures.comparison_figure(report.curves, report.val_size, title, confirmed=bars)
     images["curves.png"] = _png(curves)
     # A study with one parameter gives it importance 1 by definition: the table says so, no bar.
     panels = {
@@ -745,9 +749,11 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         _best_section(report),
         "<h2>Accuracy against models averaged</h2>"
         + _image(images, "curves.png", "validation accuracy of each variant's best trial")
-        + '<p class="muted">Each variant\'s best trial; curves are nudged sideways slightly so '
-        "none hides another. Variants that deploy one final model (sgd, ema) are horizontal "
-        "lines.</p>",
+        + '<p class="muted">Each variant\'s best search trial: one seed, chosen as the best of '
+        "several, so its score flatters; where the search confirmed its winners, the bars at the "
+        "right give their mean ± sd over fresh seeds, the numbers to compare. Curves are nudged "
+        "sideways slightly so none hides another. Variants that deploy one final model (sgd, "
+        "ema) are horizontal lines.</p>",
         _confirmed_section(report),
         _importance_section(report, images),
         _trials_section(report),

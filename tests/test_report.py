@@ -94,6 +94,26 @@ def test_figures_are_legible_and_cheap():
     assert [t.get_text() for t in bars.axes[0].get_yticklabels()] == ["swa_lr", "lr"]
 
 
+def test_confirmed_numbers_stand_beside_the_search_trials_curves():
+    """A search trial's score is one lucky seed: the confirmation's mean ± sd is drawn and named too."""
+    swa = {"curve": points([130, 135, 140])}
+    fig = figures.comparison_figure(
+        {"swa": swa, "sgd": {"curve": points([138])}}, confirmed={"swa": (0.9, 0.02, 3)}
+    )
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "confirmed: 90.0% ± 2.0%, 3 seeds" in labels[0] and "confirmed" not in labels[1], labels
+    renderer = drawn(fig)
+    assert ax.get_legend().get_window_extent(renderer).x1 <= fig.bbox.width  # nothing cut off
+    (bar,) = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    (x,), (y,) = bar.lines[0].get_data()
+    assert x > 3 and y == 0.9 and ax.get_ylim()[0] <= 0.88  # right of the curves, sd in view
+    finals = figures.comparison_figure(
+        {"sgd": {"curve": points([138])}}, confirmed={"sgd": (0.9, 0.02, 3)}
+    )
+    assert any("confirmed 90.0% ± 2.0% (3 seeds)" in t.get_text() for t in finals.axes[0].texts)
+
+
 def test_validation_size_is_inferred_only_from_enough_values():
     many = [acc(k) for k in (68, 100, 120, 131, 136, 137, 139, 141, 143)]
     assert figures.infer_val_size(many) == VAL
