@@ -27,11 +27,10 @@ def make_library(
 ) -> FocusLibrary:
     """Harvest, fit, write OUT and print the fit per layer; bad input raises UsageError before the
     harvesting run starts, a run that cannot work (its data, model, a divergence) after it."""
+    from flatbasin.search.preflight import writable_file
     from flatbasin.trainables.config import make_config
     from flatbasin.trainables.data import DataError
     from flatbasin.trainables.focus import LibraryError, fit_focus_library
-
-    from flatbasin.search.preflight import writable_file
 
     if out.is_dir():
         raise UsageError(
