@@ -1,36 +1,34 @@
-"""What a search costs beyond its trials: N short digits trials run serially in this process, then the
-same trials through `flatbasin search` with 2 CPUs (local Ray, MLflow on SQLite), side by side.
+"""What a search costs beyond its trials: N short digits trials run serially in one process, then the
+same trials three ways on 2 CPUs (local Ray, MLflow on SQLite), side by side in one invocation:
 
-    python benchmarks/search_overhead.py [--trials 16] [--epochs 4]
-    python benchmarks/search_overhead.py --warm-ab [--repeats 3]   # workers' warm-up hook off vs on
+- hand-written: the Ray Tune + OptunaSearch + MLflowLoggerCallback script a user writes, Tune's
+  defaults (a fresh actor per trial);
+- hand-written, reuse_actors=True;
+- `flatbasin search` on the same trials.
 
-Prints the search's time divided by the ideal (serial time / 2 CPUs), twice: for the trial phase
-(Tuner.fit, where trials, checkpoints and MLflow writes happen) and for the whole search, which adds Ray's
-start-up and the end: summary, comparison figure and the best model logged to MLflow.
+    python benchmarks/search_overhead.py [--trials 16] [--epochs 4] [--repeats 1]
+    python benchmarks/search_overhead.py --epochs 36     # trials of about 10 s
+
+Each run is a fresh Python process with its own Ray (Ray and Tune read environment variables once), and
+the rounds interleave the four so that a busy machine slows all of them alike. Prints, per way: the whole
+search as a multiple of the ideal (the serial time / 2 CPUs), the trial phase (Tuner.fit) likewise, the
+fixed seconds before and after Tuner.fit, and the seconds per trial beyond training (the trial phase on
+2 CPUs less the serial training time, per trial). Times start after imports, at the call that starts
+Ray (or run_search), and end when it returns.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault(
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"
-)  # local Ray on loopback, before Ray is imported
-
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
-from rich.console import Console
-
-from flatbasin.search.tuner import SearchOptions, run_search
-from flatbasin.spaces import load_space
-from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import DataSpec, load_data
-from flatbasin.trainables.loop import train
+from typing import Any
 
 SPACE = """
 name: overhead
@@ -40,13 +38,85 @@ variants:
   sgd:
     lr: {{loguniform: [0.02, 0.1]}}
 """
+WAYS = {
+    "hand": "hand-written, Tune defaults",
+    "hand-reuse": "hand-written, reuse_actors",
+    "flatbasin": "flatbasin search",
+}
 
 
-def search_once(args: argparse.Namespace, warm: bool) -> tuple[float, dict[str, float]]:
-    """One `flatbasin search` of the trials; (its wall time, its phases). Each in its own Ray."""
+def serial(args: argparse.Namespace) -> dict[str, float]:
+    """The trials one after another in this process, one thread each: the training time itself."""
+    import torch
+
+    from flatbasin.trainables.config import make_config
+    from flatbasin.trainables.data import DataSpec, load_data
+    from flatbasin.trainables.loop import train
+
+    torch.set_num_threads(1)  # one CPU per trial, as in the searches
+    data = load_data(DataSpec(), "cpu")
+    train(make_config("sgd", {"epochs": 1, "threads": 1}), data=data)  # warm-up
+    tick = time.perf_counter()
+    for i in range(args.trials):
+        train(make_config("sgd", {"epochs": args.epochs, "threads": 1, "seed": i}), data=data)
+    return {"total": time.perf_counter() - tick}
+
+
+def hand_trial(config: dict[str, Any]) -> None:
+    """The trial a hand-written script runs: flatbasin's training loop, reported every epoch."""
+    from ray import tune
+
+    from flatbasin.trainables.config import make_config
+    from flatbasin.trainables.loop import train
+
+    trial = make_config("sgd", {"epochs": config["epochs"], "lr": config["lr"], "threads": 1})
+    train(trial, on_epoch=lambda metrics, save: tune.report({"score": metrics.score}))
+
+
+def hand_written(args: argparse.Namespace, reuse: bool) -> dict[str, float]:
     import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search.optuna import OptunaSearch
 
-    os.environ["FLATBASIN_WARM_WORKERS"] = "1" if warm else "0"
+    with tempfile.TemporaryDirectory() as tmp:
+        tick = time.perf_counter()
+        ray.init(address="local")
+        tuner = tune.Tuner(
+            hand_trial,
+            param_space={"lr": tune.loguniform(0.02, 0.1), "epochs": args.epochs},
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(), metric="score", mode="max", num_samples=args.trials,
+                max_concurrent_trials=2, reuse_actors=reuse,
+            ),
+            run_config=tune.RunConfig(
+                name="hand", storage_path=f"{tmp}/runs", verbose=0,
+                callbacks=[MLflowLoggerCallback(f"sqlite:///{tmp}/mlflow.db", experiment_name="hand")],
+            ),
+        )  # fmt: skip
+        fit_started = time.perf_counter()
+        results = tuner.fit()
+        fit_ended = time.perf_counter()
+        assert not results.errors and len(results) == args.trials, results.errors
+        ray.shutdown()
+        ended = time.perf_counter()
+    return {
+        "total": ended - tick,
+        "before": fit_started - tick,
+        "trials": fit_ended - fit_started,
+        "after": ended - fit_ended,
+    }
+
+
+def flatbasin_search(args: argparse.Namespace) -> dict[str, float]:
+    import ray
+    from rich.console import Console
+
+    from flatbasin.search.cluster import local_ray_on_loopback
+    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.spaces import load_space
+
+    local_ray_on_loopback()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "overhead.yaml"
         path.write_text(SPACE.format(trials=args.trials, epochs=args.epochs))
@@ -55,63 +125,61 @@ def search_once(args: argparse.Namespace, warm: bool) -> tuple[float, dict[str, 
         )
         tick = time.perf_counter()
         outcome = run_search(load_space(path), options, Console(quiet=True))
-        wall = time.perf_counter() - tick
         ray.shutdown()
-    return wall, outcome.seconds
+        ended = time.perf_counter()
+    assert not outcome.errors and outcome.best, outcome
+    seconds = outcome.seconds
+    return {
+        "total": ended - tick,
+        "before": seconds["start-up"],
+        "trials": seconds["trials"],
+        "after": ended - tick - seconds["start-up"] - seconds["trials"],
+    }
 
 
-def warm_ab(args: argparse.Namespace) -> None:
-    """Searches with and without the workers' warm-up hook, alternating, `--repeats` pairs."""
-    rows: dict[bool, list[tuple[float, dict[str, float]]]] = {True: [], False: []}
-    for _ in range(args.repeats):
-        for warm in (False, True):
-            rows[warm].append(search_once(args, warm))
-    for warm in (False, True):
-        trials = statistics.median(s["trials"] for _, s in rows[warm])
-        wall = statistics.median(w for w, _ in rows[warm])
-        print(
-            f"warm-up hook {'on ' if warm else 'off'}: trial phase {trials:.1f} s, whole search {wall:.1f} s (medians)"
-        )
-    ratios = [
-        on[1]["trials"] / off[1]["trials"] for on, off in zip(rows[True], rows[False], strict=True)
-    ]
-    print(
-        f"trial phase with / without the hook: {statistics.median(ratios):.2f} (median of {len(ratios)} pairs)"
-    )
+def measure(way: str, args: argparse.Namespace) -> dict[str, float]:
+    """One run in a fresh process; its seconds."""
+    command = [sys.executable, __file__, "--one", way, "--trials", str(args.trials),
+               "--epochs", str(args.epochs)]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{way} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument(
-        "--warm-ab", action="store_true", help="compare the workers' warm-up hook on/off"
-    )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all four runs")
+    parser.add_argument("--one", choices=["serial", *WAYS], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.warm_ab:
-        warm_ab(args)
+    if args.one:
+        run = {"serial": serial, "hand": lambda a: hand_written(a, reuse=False),
+               "hand-reuse": lambda a: hand_written(a, reuse=True), "flatbasin": flatbasin_search}  # fmt: skip
+        print(json.dumps(run[args.one](args)))
         return
 
-    torch.set_num_threads(1)  # one CPU per trial, as in the search
-    data = load_data(DataSpec(), "cpu")
-    train(make_config("sgd", {"epochs": 1, "threads": 1}), data=data)  # warm-up
-    tick = time.perf_counter()
-    for i in range(args.trials):
-        train(make_config("sgd", {"epochs": args.epochs, "threads": 1, "seed": i}), data=data)
-    serial = time.perf_counter() - tick
-    search, seconds = search_once(args, warm=True)
-    ideal = serial / 2
-    trials = seconds["trials"]
-    print(
-        f"{args.trials} sgd trials of {args.epochs} epochs on digits ({serial / args.trials:.2f} s each serially)"
-    )
-    print(f"serial {serial:.1f} s; ideal on 2 CPUs {ideal:.1f} s")
-    print("search phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    print(f"trial phase (Tuner.fit) / ideal = {trials / ideal:.2f}")
-    print(
-        f"whole search (Ray start-up, MLflow summary and model included) / ideal = {search / ideal:.2f}"
-    )
+    rounds: list[dict[str, dict[str, float]]] = []
+    for _ in range(args.repeats):
+        rounds.append({way: measure(way, args) for way in ("serial", *WAYS)})
+    per_trial = statistics.median(r["serial"]["total"] for r in rounds) / args.trials
+    print(f"{args.trials} sgd trials of {args.epochs} epochs on digits, {per_trial:.2f} s each "
+          f"serially; ideal = serial / 2 CPUs; medians of {args.repeats} round(s)")  # fmt: skip
+    print(f"{'':30} {'whole/ideal':>11} {'trials/ideal':>12} {'before s':>9} {'after s':>8} "
+          f"{'s/trial beyond training':>24}")  # fmt: skip
+    for way, label in WAYS.items():
+
+        def med(f: Any, way: str = way) -> float:
+            return statistics.median(f(r[way], r["serial"]["total"]) for r in rounds)
+
+        print(
+            f"{label:30} {med(lambda w, s: w['total'] / (s / 2)):11.2f} "
+            f"{med(lambda w, s: w['trials'] / (s / 2)):12.2f} {med(lambda w, s: w['before']):9.1f} "
+            f"{med(lambda w, s: w['after']):8.1f} "
+            f"{med(lambda w, s: (2 * w['trials'] - s) / args.trials):24.2f}"
+        )
 
 
 if __name__ == "__main__":

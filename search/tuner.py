@@ -108,14 +108,10 @@ def _init_ray(address: str | None) -> None:
         # A new Ray on this machine, always: never one that $RAY_ADDRESS or Ray's current-cluster
         # file names (a stale file made a search hang for minutes). Loopback: local_ray_on_loopback.
         os.environ.pop("RAY_ADDRESS", None)
-        # Workers import torch and the training code while the driver sets up Tune (measured by
-        # benchmarks/search_overhead.py --warm-ab; FLATBASIN_WARM_WORKERS=0 turns it off there).
-        warm = os.environ.get("FLATBASIN_WARM_WORKERS", "1") != "0"
-        hook = {"worker_process_setup_hook": "flatbasin.trainables.ray_entry.warm_worker"}
-        ray.init(
-            address="local", include_dashboard=False, log_to_driver=False,
-            runtime_env=hook if warm else None,
-        )  # fmt: skip
+        # No job runtime_env (an earlier worker set-up hook that imported torch was one): Ray only
+        # hands a prestarted worker to an actor whose runtime_env is empty, so with one every trial
+        # actor was a new process and the warmed workers sat idle (checked by their pids).
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def trial_name(trial: Any) -> str:

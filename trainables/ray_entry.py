@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 from ray import tune
 
@@ -67,17 +66,6 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
 # Errors that say this trial can never run as configured (its data, model or checkpoint): retrying the
 # trial, as Tune does for a lost worker, would only repeat them.
 PERMANENT = (DataError, TrialError, CheckpointError, ValidationError)
-
-
-def warm_worker() -> None:
-    """Ray's worker_process_setup_hook for a local search: each worker process Ray starts imports
-    torch and the training code and takes one optimizer step while the driver still sets up Tune,
-    instead of inside the first trial it runs (torch defers some imports to the first step)."""
-    import torch.nn.functional as F
-
-    weight = torch.zeros(2, 2, requires_grad=True)
-    F.cross_entropy(weight, torch.tensor([0, 1])).backward()
-    torch.optim.SGD([weight], lr=0.1, momentum=0.9).step()
 
 
 def trainable(config: dict[str, Any], start_weights: dict[str, Any] | None = None) -> None:
