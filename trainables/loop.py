@@ -191,8 +191,8 @@ def train(
 
     check_data(config, data)  # a TrialError before the first step, not a traceback mid-epoch
     run = runtime(config, data, device)  # precision, memory format, compilation: decided here only
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one batch shape all trial long: time the kernels once
+    if device.type == "cuda":  # one batch shape all trial long: time the conv kernels once
+        torch.backends.cudnn.benchmark = True
     model, optimizer, averager, curve, order = assemble(config, data, device, run.memory_format)
     check_model(config, data, model, variant)
     forward = run.training_forward(model)
