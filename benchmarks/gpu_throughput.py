@@ -88,7 +88,7 @@ def bare(config: TrialConfig, data: Data, run: accel.Runtime) -> float:
     """The fast loop anyone would write for this model; returns its wall time in seconds."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.shape, data.num_classes)
-    model = model.to(run.device, memory_format=run.memory_format)
+    model = model.to(run.device).to(memory_format=run.memory_format)
     fused = {"fused": True} if run.device.type == "cuda" else {}
     opt = torch.optim.SGD(
         model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4, **fused

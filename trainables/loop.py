@@ -150,7 +150,7 @@ def assemble(
     The averager copies the model after it is on `device` in `memory_format`, so the averages are
     laid out like the weights they follow."""
     torch.manual_seed(config.seed)  # model initialisation, then dropout
-    model = build(config, data).to(device, memory_format=memory_format)
+    model = build(config, data).to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(),
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
