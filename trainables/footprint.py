@@ -113,13 +113,14 @@ def footprint(config: TrialConfig, probe: Probe, data: Data, eval_batch_size: in
 
     Training batch: the probe's saved bytes extended linearly to `batch_size`. Evaluation batch:
     twice the widest layer's input plus output (a residual branch keeps its input alive beside
-    them) times `eval_batch_size`. Averages: as many copies of the weights as the variant's
+    them) times `eval_batch_size`, or the largest split scored when it is smaller. Averages: as many copies of the weights as the variant's
     averager keeps at most. Not counted: cuDNN's algorithm workspaces, the gradients of activations
     in flight during the backward pass (a layer or two), prior_guided's focus library;
     ALLOCATOR_SLACK and CUDA_CONTEXT_BYTES stand for them. torch.compile usually needs less.
     """
     steps = data.steps_per_epoch(config.batch_size)
     averager = config.build_variant().averager(probe.model, steps, lambda: iter(()))
+    largest_split = max(len(data.x_val), len(data.x_test))  # scored in batches of eval_batch_size
     return Footprint(
         weights=probe.weights,
         gradients=probe.gradients,
@@ -127,7 +128,7 @@ def footprint(config: TrialConfig, probe: Probe, data: Data, eval_batch_size: in
         averages=averager.model_copies() * probe.weights,
         data=_bytes([getattr(data, k) for k in _DATA]),
         training_batch=math.ceil(probe.fixed + probe.per_example * config.batch_size),
-        evaluation_batch=2 * probe.widest * eval_batch_size,
+        evaluation_batch=2 * probe.widest * min(eval_batch_size, largest_split),
     )
 
 
