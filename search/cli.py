@@ -116,6 +116,14 @@ def print_epoch(m: Any, epochs: int) -> None:
     )
 
 
+def runtime_summary(runtime: dict[str, Any]) -> str:
+    """'bf16, channels-last, compiled': how the trial ran (accel.Runtime.record)."""
+    parts = [str(runtime.get("precision", "fp32"))]
+    parts += ["channels-last"] if runtime.get("channels_last") else []
+    parts += ["compiled"] if runtime.get("compile") else []
+    return ", ".join(parts)
+
+
 def print_curve(result: Any) -> None:
     table = Table(title=f"{result.config.variant}: accuracy vs. models averaged / ensembled")
     table.add_column("count", justify="right")
@@ -152,7 +160,7 @@ def train(
     dataset: Annotated[
         str | None,
         typer.Option(
-            help="digits (bundled), cifar10, cifar100, mnist, fashion_mnist, svhn, image_folder"
+            help="digits (bundled), cifar10, cifar100, mnist, fashion_mnist, svhn, image_folder, synthetic"
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="epoch budget")] = None,
@@ -254,7 +262,8 @@ def train(
         )
     to_best = result.seconds.get("to_best")
     console.print(
-        f"{result.seconds['total']:.1f} s on {result.device}, {result.threads} thread(s)"
+        f"{result.seconds['total']:.1f} s on {result.device} ({runtime_summary(result.runtime)}), "
+        f"{result.threads} thread(s)"
         + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
         + f"; plan {result.plan}"
     )

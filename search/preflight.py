@@ -12,10 +12,15 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from flatbasin.search.errors import UsageError
 from flatbasin.spaces import Space
+
+if TYPE_CHECKING:
+    from flatbasin.trainables.config import TrialConfig
+    from flatbasin.trainables.footprint import Footprint
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -112,6 +117,136 @@ def check_local_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
                 f"--gpus-per-trial {gpus_per_trial:g}: this machine has {gpus} CUDA GPU(s)"
                 + ("; run without --gpus-per-trial to train on the CPU" if gpus == 0 else "")
             )
+
+
+# Ray counts a fractional resource in steps of 1/10,000 of a unit.
+RAY_RESOURCE_STEP = 10_000
+# A share of a GPU may leave at most this much of it unused by the trials it packs.
+MAX_UNUSED_SHARE = 0.01
+
+
+def check_gpu_share(gpus_per_trial: float) -> float:
+    """--gpus-per-trial must pack whole trials onto GPUs, or name whole GPUs.
+
+    A share below 1 says how many trials share a GPU: 1/share of them, which must be a whole
+    number. Ray accepts any share and places trials while their shares add up to at most 1, so 0.3
+    runs three trials per GPU and leaves a tenth of it to nobody, while 0.34 runs only two; what was
+    meant is 1/3 (0.3333) or 0.25, and it is better said. Values whose trials leave less than 1% of
+    a GPU unused pass (0.333 for a third), as long as Ray, counting in steps of 1/10,000, still fits
+    them all (0.3334 does not: three of them are more than one GPU). Above 1, only whole GPUs: a
+    trial trains on one device, so a share of a second GPU would sit idle.
+    """
+    if gpus_per_trial == 0 or (gpus_per_trial >= 1 and float(gpus_per_trial).is_integer()):
+        return gpus_per_trial
+    if gpus_per_trial > 1:
+        raise ValueError(
+            f"{gpus_per_trial:g} is more than one GPU but not a whole number; a trial trains on "
+            f"one device: give a share of one GPU (0.5, 0.25, ...) or whole GPUs"
+        )
+    if round(gpus_per_trial * RAY_RESOURCE_STEP) == 0:
+        raise ValueError(f"{gpus_per_trial:g} is below the smallest share Ray counts (0.0001)")
+    fitted = _ray_fits(gpus_per_trial)
+    unused = 1 - fitted * gpus_per_trial
+    if unused > MAX_UNUSED_SHARE:
+        near = " or ".join(f"{1 / k:.4g} ({k} per GPU)" for k in sorted({fitted, fitted + 1}))
+        raise ValueError(
+            f"{gpus_per_trial:g} does not divide a GPU into whole trials: Ray would fit {fitted} "
+            f"trial(s) on a GPU and leave {unused:.0%} of it unused; give 1/N of a GPU, such as "
+            f"{near}"
+        )
+    return gpus_per_trial
+
+
+def _ray_fits(gpus_per_trial: float) -> int:
+    """Trials of this share Ray places on one GPU."""
+    return RAY_RESOURCE_STEP // round(gpus_per_trial * RAY_RESOURCE_STEP)
+
+
+def trials_per_gpu(gpus_per_trial: float, concurrency: int) -> int:
+    """How many trials may share one GPU at once: as many as Ray fits (1/share, see
+    check_gpu_share), and never more than run at once in the whole search."""
+    if gpus_per_trial == 0 or gpus_per_trial >= 1:
+        return int(gpus_per_trial > 0)
+    return min(_ray_fits(gpus_per_trial), concurrency)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """What the packing check needs to know about the GPU the trials share."""
+
+    name: str
+    total_bytes: int
+    bf16: bool  # runs bf16 natively (compute capability 8.0 or later)
+
+
+def local_gpu() -> Gpu | None:
+    """The smallest CUDA GPU on this machine (a trial may land on any), or None without one. Read
+    from the device properties, which create no CUDA context: torch.cuda.mem_get_info would, and the
+    driver would hold half a gigabyte of the GPU the trials need for the whole search."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return None
+    smallest = min(
+        (torch.cuda.get_device_properties(i) for i in range(count)), key=lambda p: p.total_memory
+    )
+    return Gpu(smallest.name, smallest.total_memory, smallest.major >= 8)
+
+
+def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu: Gpu) -> None:
+    """Refuse, before Ray starts, a packing of trials per GPU whose memory cannot fit on `gpu`.
+
+    Every corner of the space is estimated (trainables/footprint.py: weights, gradients, optimiser
+    state, the averager's copies, the resident data set, one training or evaluation batch, the
+    CUDA context); the largest, times the trials that may share one GPU at once, must fit in the
+    GPU's memory. The model is probed once per data set, model, optimiser and precision (about a
+    second each on a CPU); batch size and variant parameters are arithmetic on the probe.
+    """
+    import torch
+
+    from flatbasin.trainables.accel import EVAL_BATCH_CUDA, autocast_dtype
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.footprint import footprint, probe, size
+
+    sharing = trials_per_gpu(gpus_per_trial, concurrency)
+    cuda = torch.device("cuda")
+    probes: dict[tuple[object, ...], Any] = {}
+    worst: tuple[int, TrialConfig, Footprint] | None = None
+    try:
+        for config in space.corner_configs():
+            try:
+                dtype = autocast_dtype(config.precision, cuda, gpu.bf16)
+            except ValueError as err:
+                raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
+            data = load_data(config.data_spec, "cpu")
+            key = (config.data_spec, config.model, config.dropout > 0, config.optimizer,
+                   config.momentum > 0, dtype)  # fmt: skip
+            if key not in probes:
+                probes[key] = probe(config, data, dtype)
+            found = footprint(config, probes[key], data, EVAL_BATCH_CUDA)
+            if worst is None or found.total > worst[0]:
+                worst = (found.total, config, found)
+    finally:
+        load_data.cache_clear()
+    if worst is None or sharing * worst[0] <= gpu.total_bytes:
+        return
+    need, config, parts = worst
+    fits = gpu.total_bytes // need
+    advice = (
+        f"give each trial a larger share (--gpus-per-trial {1 / fits:.4g}: {fits} per GPU) or run "
+        f"fewer at once (--concurrency {fits}), or lower batch_size"
+        if fits >= 1
+        else "not even one such trial fits: lower batch_size or choose a smaller model"
+    )
+    raise UsageError(
+        f"--gpus-per-trial {gpus_per_trial:g} with --concurrency {concurrency} puts {sharing} "
+        f"trial(s) on one GPU at once, but a {config.variant} trial of {space.path.name} "
+        f"(model {config.model}, batch_size {config.batch_size}, precision {config.precision}) "
+        f"needs about {size(need)} of GPU memory ({parts.parts()}), and {sharing} x {size(need)} = "
+        f"{size(sharing * need)} is more than the {size(gpu.total_bytes)} of {gpu.name}; {advice}. "
+        "The estimate is described in trainables/footprint.py"
+    )
 
 
 @dataclass(frozen=True)

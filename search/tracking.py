@@ -594,6 +594,9 @@ class Tracker:
         ]
         if final.get("model_built"):  # the `model` param may read `auto`: this is what was built
             tags.append(RunTag("flatbasin.model", str(final["model_built"])))
+        # The `precision` and `channels_last` params may read `auto` too: this is how it ran.
+        for key, value in (final.get("runtime") or {}).items():
+            tags.append(RunTag(f"flatbasin.runtime.{key}", str(value).lower()))
         self.client.log_batch(
             run_id, metrics=[] if run_id in self._final_metrics else metrics, tags=tags
         )
@@ -645,6 +648,7 @@ def trial_record(record: TrialRecord, final: dict[str, Any]) -> dict[str, Any]:
         "config": final["trial_config"],
         "seed": final["trial_config"]["seed"],
         "threads": final["threads"],
+        "runtime": final.get("runtime", {}),
         "data_fingerprint": final["data_fingerprint"],
         "flatbasin_version": flatbasin.__version__,
         "git_commit": git_commit(),

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
 from flatbasin.search import post_convergence, preflight
@@ -66,6 +66,11 @@ class SearchOptions(BaseModel):
     confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
     start_from: str | None = None  # --from: base, an MLflow run id or a checkpoint file (see
     # search/post_convergence.py); None: the space's `from:`, if it has one
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_trials_per_gpu(cls, gpus: float) -> float:
+        return preflight.check_gpu_share(gpus)
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,24 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     start = post_convergence.plan(space, options.start_from, tracker, options.resume)
     for warning in preflight.check_trials(start.space if start else space, local=local):
         stderr.print(f"warning: {warning}", style="yellow")
+    if options.gpus_per_trial > 1:
+        stderr.print(
+            f"warning: --gpus-per-trial {options.gpus_per_trial:g}: a trial trains on one device, "
+            "so all but one of its GPUs will sit idle",
+            style="yellow",
+        )
+    gpu = preflight.local_gpu() if local and options.gpus_per_trial > 0 else None
+    if gpu is not None:  # trials per GPU x each one's memory must fit
+        preflight.check_gpu_packing(
+            start.space if start else space, options.gpus_per_trial, options.concurrency, gpu
+        )
+    elif options.gpus_per_trial > 0:
+        stderr.print(
+            "note: the memory of the cluster's GPUs is not known here, so whether "
+            f"{preflight.trials_per_gpu(options.gpus_per_trial, options.concurrency)} trial(s) "
+            "fit on one GPU was not checked",
+            style="yellow",
+        )
 
     if not local:
         # A job's working directory is Ray's to clean up (it can vanish under a long search); every

@@ -196,6 +196,19 @@ SEARCH: dict[str, Case] = {
     "resume of nothing": Case(GOOD, ("--resume",), "no search to resume"),
     "too many cpus": Case(GOOD, ("--cpus-per-trial", "4096"), "--cpus-per-trial 4096"),
     "gpus without gpus": Case(GOOD, ("--gpus-per-trial", "1"), "--gpus-per-trial 1"),
+    "gpu share that wastes a gpu": Case(
+        GOOD, ("--gpus-per-trial", "0.3"), "--gpus-per-trial: 0.3 does not divide a GPU"
+    ),
+    "gpus above one, not whole": Case(
+        GOOD, ("--gpus-per-trial", "1.5"), "1.5 is more than one GPU but not a whole number"
+    ),
+    "channels_last on signals": Case(
+        "dataset: mnist1d\nfixed: {channels_last: true}\nvariants: {sgd: {}}\n", (),
+        "channels_last applies to images",
+    ),
+    "synthetic_images on fixed data": Case(
+        "fixed: {synthetic_images: 100}\nvariants: {sgd: {}}\n", (), "synthetic_images",
+    ),
     "zero concurrency": Case(GOOD, ("--concurrency", "0"), "--concurrency"),
     "unknown scheduler": Case(GOOD, ("--scheduler", "hyperband"), "--scheduler"),
     "negative time budget": Case(GOOD, ("--time-budget", "-5"), "--time-budget: "),
@@ -408,6 +421,11 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "unknown tta": (["--set", "tta=mirror"], "tta: Input should be 'none' or 'flip_shift'"),
     "batch larger than digits": (["--set", "batch_size=4000"], "batch_size 4000"),
     "resnet on 8x8": (["--set", "model=resnet18"], "resnet18"),
+    "airbench on 8x8": (["--set", "model=airbench"], "airbench"),
+    "unknown precision": (["--set", "precision=fp16"], "precision: Input should be 'auto', 'fp32' or 'bf16'"),
+    "channels_last on signals": (
+        ["--dataset", "mnist1d", "--set", "channels_last=true"], "channels_last applies to images"
+    ),
     "missing data_dir": (
         ["--dataset", "image_folder", "--data-dir", "/nonexistent/fb-images"],
         "/nonexistent/fb-images",

@@ -151,7 +151,9 @@ def test_image_folder_refuses_an_empty_class_and_bad_files_together(tmp_path):
     (tmp_path / "bird").mkdir()
     (tmp_path / "bird" / "readme.txt").write_text("no images")
     (tmp_path / "cat" / "bad.png").write_text("not an image")
-    with pytest.raises(DataError, match=r"without images: bird.*1 unreadable file\(s\): cat/bad\.png"):
+    with pytest.raises(
+        DataError, match=r"without images: bird.*1 unreadable file\(s\): cat/bad\.png"
+    ):
         load_data(DataSpec(dataset="image_folder", data_dir=tmp_path), "cpu")
 
 
@@ -240,7 +242,9 @@ def test_mnist1d_fingerprint_follows_the_generation_parameters(mnist1d):
 
 
 def test_data_seed_is_refused_for_fixed_data():
-    with pytest.raises(ValueError, match=r"data_seed\n.*applies only to mnist1d"):
+    with pytest.raises(
+        ValueError, match=r"data_seed\n.*applies only to generated data \(mnist1d, synthetic\)"
+    ):
         DataSpec(dataset="digits", data_seed=7)
 
 

@@ -3,11 +3,16 @@
 An averager is told about every completed optimizer step (`update(model, step)`, step counted from 1)
 and says whether a new member joined. Members join at steps the variant chose (cycle ends); EMA
 updates every step. `probes` are the modules whose predictions make the newest curve entry.
+
+Averages are kept in fp32 whatever precision the forward pass runs in: they copy the parameters,
+which autocast never changes. An update between joins never waits for the GPU (AveragedModel keeps
+its `n_averaged` counter on the CPU, so `count` reads it without a device round trip).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
@@ -43,6 +48,10 @@ class Averager(ABC):
 
     @property
     def count(self) -> int:
+        return 0
+
+    def model_copies(self) -> int:
+        """Copies of the model (parameters and buffers) it holds at most: for the memory estimate."""
         return 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,6 +104,9 @@ class EqualAverage(Averager):
     def count(self) -> int:
         return int(self.average.n_averaged)
 
+    def model_copies(self) -> int:
+        return 1
+
     def mean_parameters(self) -> list[Tensor]:
         """w-bar, aligned with model.parameters() (AveragedModel keeps the copy under .module)."""
         return list(self.average.module.parameters())
@@ -112,16 +124,32 @@ class EMA(Averager):
     curve_kind = "final"
 
     def __init__(self, model: nn.Module, decay: float):
-        self.average = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
-        )
+        self.ema_step = get_ema_multi_avg_fn(decay)
+        self.average = AveragedModel(model, multi_avg_fn=self.ema_step, use_buffers=True)
 
     def update(self, model: nn.Module, step: int) -> bool:
-        self.average.update_parameters(model)
+        if int(self.average.n_averaged) == 0:
+            self.average.update_parameters(model)  # the first update copies the weights
+            return False
+        # update_parameters' own EMA step, less its copy of the CPU counter to the GPU on every
+        # call (which the EMA ignores): a blocking copy there would make every step wait.
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        averaged = itertools.chain(self.average.module.parameters(), self.average.module.buffers())
+        live = itertools.chain(model.parameters(), model.buffers())
+        for mine, theirs in zip(averaged, live, strict=True):
+            group = groups.setdefault((mine.device, mine.dtype), ([], []))
+            group[0].append(mine.detach())
+            group[1].append(theirs.detach())
+        for mine_list, theirs_list in groups.values():
+            self.ema_step(mine_list, theirs_list, self.average.n_averaged)
+        self.average.n_averaged += 1
         return False
 
     def deployed(self, model: nn.Module) -> nn.Module:
         return self.average
+
+    def model_copies(self) -> int:
+        return 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average.state_dict()}
@@ -203,6 +231,10 @@ class Snapshots(Averager):
     @property
     def count(self) -> int:
         return len(self.members)
+
+    def model_copies(self) -> int:
+        """The template, every member, and the weight average when it keeps one."""
+        return 1 + len(self.join_steps) + (self.average is not None)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"members": self.members}

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, model_validator
 
+from flatbasin.trainables.accel import Precision, Toggle
 from flatbasin.trainables.data import DataSpec
 from flatbasin.trainables.models import Init, ModelName
 from flatbasin.trainables.start import StartPoint
@@ -37,6 +38,10 @@ class TrialConfig(DataSpec):
     tta: TTA = "none"  # evaluation only: flip_shift averages fixed views' softmax (tta.py)
     seed: int = Field(0, ge=0, le=2**32 - 1)  # model init, batch order, augmentation, dropout
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How the device runs it (trainables/accel.py); the defaults change nothing on a CPU.
+    precision: Precision = "auto"  # bf16 autocast on a GPU that runs it natively, else fp32
+    channels_last: Toggle = "auto"  # images in NHWC memory format; auto: on CUDA
+    compile: bool = False  # torch.compile the training forward pass (pays off on long GPU trials)
     threads: int | None = Field(
         None, ge=1, le=256
     )  # torch intra-op threads; None keeps torch's choice

@@ -2,7 +2,9 @@
 
 Images are (N, C, H, W), 1-D signals (MNIST-1D) are (N, C, L). Small sets fit in memory, so batches
 are index slices of one tensor: no DataLoader workers, no per-batch host-to-device copies (the airbench
-way). Loading happens once per worker process.
+way). Loading happens once per worker process. Augmentation works on whole batches on the device; its
+random draws come from the trial's CPU generator (checkpointed with the trial) and travel to the
+device without waiting for it (`_to`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +28,13 @@ from torch import Tensor
 from flatbasin.trainables.strict import NoBoolNumbers
 
 DatasetName = Literal[
-    "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder"
-]
+    "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder",
+    "synthetic",
+]  # fmt: skip
 MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
-BUILT_IN = ("mnist1d", "digits")  # made or shipped locally: no data_dir, no download
+BUILT_IN = ("mnist1d", "digits", "synthetic")  # made or shipped locally: no data_dir, no download
+GENERATED = ("mnist1d", "synthetic")  # drawn from data_seed
+SYNTHETIC_IMAGES = 60_000  # CIFAR-10's count; with test_frac 1/6, its 50,000 / 10,000 split
 
 
 class DataError(ValueError):
@@ -43,22 +49,35 @@ class DataSpec(NoBoolNumbers):
     dataset: DatasetName = "digits"
     data_dir: Path | None = None  # root for torchvision sets and image folders
     download: bool = False  # torchvision sets only, and only when asked
-    image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square
+    image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square (and
+    # synthetic images made at it)
+    synthetic_images: int = Field(SYNTHETIC_IMAGES, ge=20, le=1_000_000)  # synthetic only: how many
     val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
     test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
     split_seed: int = Field(0, ge=0, le=2**32 - 1)  # the same in every trial: the same split
-    data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d only: which draw
+    data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d, synthetic: which draw
 
     @field_validator("data_seed")
     @classmethod
     def _only_for_generated_data(cls, seed: int, info: ValidationInfo) -> int:
         dataset = info.data.get("dataset")
-        if seed != MNIST1D_SEED and dataset is not None and dataset != "mnist1d":
+        if seed != MNIST1D_SEED and dataset is not None and dataset not in GENERATED:
             raise ValueError(
-                f"applies only to mnist1d (generated data); '{dataset}' is fixed data, "
-                f"so leave data_seed at {MNIST1D_SEED}"
+                f"applies only to generated data ({', '.join(GENERATED)}); '{dataset}' is fixed "
+                f"data, so leave data_seed at {MNIST1D_SEED}"
             )
         return seed
+
+    @field_validator("synthetic_images")
+    @classmethod
+    def _only_for_synthetic(cls, count: int, info: ValidationInfo) -> int:
+        dataset = info.data.get("dataset")
+        if count != SYNTHETIC_IMAGES and dataset is not None and dataset != "synthetic":
+            raise ValueError(
+                f"applies only to the synthetic data set; '{dataset}' has the images it has, "
+                f"so leave synthetic_images out"
+            )
+        return count
 
     @field_validator("data_dir", "download")
     @classmethod
@@ -99,7 +118,7 @@ class Data:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled epoch; the last partial batch is dropped (batch norm needs whole batches)."""
         n = len(self.x_train)
-        order = torch.randperm(n, generator=generator).to(self.x_train.device)
+        order = _to(torch.randperm(n, generator=generator), self.x_train.device)
         for k in range(self.steps_per_epoch(batch_size)):
             idx = order[k * batch_size : (k + 1) * batch_size]
             x = self.x_train[idx]
@@ -122,14 +141,21 @@ class Data:
 _TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """A freshly drawn CPU tensor onto the device without waiting for the device: a blocking copy
+    to a GPU first waits for all queued work, which would make every training step wait. Safe for
+    pageable memory: CUDA stages the bytes before the call returns. A no-op on the CPU."""
+    return t.to(device, non_blocking=True)
+
+
 def flip_and_crop(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
     """Random horizontal flip and random translation by up to `pad` pixels (reflect padding)."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    flip = _to(torch.rand(n, generator=generator), x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = _to(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
+    dx = _to(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -141,7 +167,7 @@ def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 3) -> T
     """Roll each 1-D signal by a random -max_shift..max_shift samples. Circular, as MNIST-1D's own
     generator translates its digits; no flip, since a reversed signal is a different digit."""
     n, _, length = x.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n,), generator=generator).to(x.device)
+    shift = _to(torch.randint(-max_shift, max_shift + 1, (n,), generator=generator), x.device)
     index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length
     return x.gather(2, index[:, None, :].expand_as(x))
 
@@ -201,6 +227,24 @@ def _digits(spec: DataSpec) -> Raw:
         (pixels.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).round().astype(np.uint8)
     )  # 0..16 -> 0..255
     return images, target.astype(np.int64), None, None
+
+
+def _synthetic(spec: DataSpec) -> Raw:
+    """CIFAR-shaped stand-in data for throughput measurements, made locally from data_seed: each of
+    `synthetic_images` RGB images of image_size pixels is one of ten fixed random templates half
+    drowned in per-pixel noise. Learnable, so training looks like training, but its accuracy says
+    nothing about any real task. No test split of its own: test_frac carves one (1/6 gives
+    CIFAR-10's 50,000 / 10,000)."""
+    rng = np.random.default_rng(spec.data_seed)
+    shape = (3, spec.image_size, spec.image_size)
+
+    def random_bytes(count: int) -> np.ndarray:
+        return np.frombuffer(rng.bytes(count * math.prod(shape)), np.uint8).reshape(count, *shape)
+
+    templates = random_bytes(10)
+    labels = rng.integers(0, 10, spec.synthetic_images)
+    images = templates[labels] // 2 + random_bytes(spec.synthetic_images) // 2  # uint8 throughout
+    return images, labels.astype(np.int64), None, None
 
 
 def _root(spec: DataSpec) -> Path:
@@ -296,6 +340,7 @@ _LOADERS = {
     "mnist": _torchvision,
     "fashion_mnist": _torchvision,
     "svhn": _torchvision,
+    "synthetic": _synthetic,
 }
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatbasin.trainables.accel import resolve_device
 from flatbasin.trainables.averagers import Averager
 from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
@@ -28,7 +29,7 @@ from flatbasin.trainables.data import Data, load_data
 from flatbasin.trainables.history import seconds_to_best
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
-from flatbasin.trainables.sanity import build, check_data, check_model
+from flatbasin.trainables.sanity import build, check_data, check_model, runtime
 from flatbasin.trainables.start import apply_start
 from flatbasin.trainables.tta import TTA, softmax, with_tta
 from flatbasin.trainables.variants.base import DATA_PHASE
@@ -73,6 +74,8 @@ class TrialResult:
     seconds: dict[str, float] = field(default_factory=dict)
     model: str = ""  # the model built: `auto` resolved for the data (cnn1d, small_cnn, resnet18)
     diversity: list[DiversityPoint] = field(default_factory=list)  # ensembles: first k members
+    # How it ran (accel.Runtime.record): device, precision, channels_last, compile, eval batch size
+    runtime: dict[str, str | bool | int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class TrialResult:
             "seconds": self.seconds,
             "model": self.model,
             "diversity": [asdict(p) for p in self.diversity],
+            "runtime": self.runtime,
         }
 
 
@@ -103,14 +107,6 @@ EpochCallback = Callable[[EpochMetrics, Callable[[Path], None]], None]
 BackwardCallback = Callable[[nn.Module], None]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def predict(module: nn.Module, batches: Any, tta: TTA = "none") -> Tensor:
     """Softmax outputs of `module` in eval mode (restoring its mode afterwards); with `tta`, the mean
@@ -122,12 +118,12 @@ def predict(module: nn.Module, batches: Any, tta: TTA = "none") -> Tensor:
     return probs
 
 
-def fit_accuracy(model: nn.Module, data: Data, tta: TTA) -> float:
+def fit_accuracy(model: nn.Module, data: Data, tta: TTA, batch_size: int = 1024) -> float:
     """Accuracy on the first len(val) training examples, scored exactly as val_acc is. The running
     train_acc is no match for val_acc: it mixes an epoch of changing weights, train-mode batch norm,
     dropout and augmentation. The training split is a random permutation, so its head is a sample."""
     n = len(data.y_val)
-    return accuracy(predict(model, data.x_train[:n].split(1024), tta), data.y_train[:n])
+    return accuracy(predict(model, data.x_train[:n].split(batch_size), tta), data.y_train[:n])
 
 
 def nll(probs: Tensor, labels: Tensor) -> float:
@@ -144,10 +140,17 @@ class Parts(NamedTuple):
     order: torch.Generator  # batch order and augmentation
 
 
-def assemble(config: TrialConfig, data: Data, device: torch.device) -> Parts:
-    """Model, optimiser, averager, curve and batch-order RNG, seeded and in their initial state."""
+def assemble(
+    config: TrialConfig,
+    data: Data,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Parts:
+    """Model, optimiser, averager, curve and batch-order RNG, seeded and in their initial state.
+    The averager copies the model after it is on `device` in `memory_format`, so the averages are
+    laid out like the weights they follow."""
     torch.manual_seed(config.seed)  # model initialisation, then dropout
-    model = build(config, data).to(device)
+    model = build(config, data).to(device).to(memory_format=memory_format)
     optimizer = build_optimizer(
         config.optimizer, model.parameters(),
         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -187,8 +190,13 @@ def train(
     steps_per_epoch = data.steps_per_epoch(config.batch_size)
 
     check_data(config, data)  # a TrialError before the first step, not a traceback mid-epoch
-    model, optimizer, averager, curve, order = assemble(config, data, device)
+    run = runtime(config, data, device)  # precision, memory format, compilation: decided here only
+    if device.type == "cuda":  # one batch shape all trial long: time the conv kernels once
+        torch.backends.cudnn.benchmark = True
+    model, optimizer, averager, curve, order = assemble(config, data, device, run.memory_format)
     check_model(config, data, model, variant)
+    forward = run.training_forward(model)
+    inputs = functools.partial(data.inputs, batch_size=run.eval_batch_size)  # evaluation batches
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
@@ -203,8 +211,8 @@ def train(
             for name, probe in averager.probes(model).items():
                 curve.add(
                     name,
-                    predict(probe, data.inputs("val"), config.tta),
-                    predict(probe, data.inputs("test"), config.tta),
+                    predict(probe, inputs("val"), config.tta),
+                    predict(probe, inputs("test"), config.tta),
                 )
 
     seconds = {"averaging": 0.0, "eval": 0.0}
@@ -227,13 +235,17 @@ def train(
             # data: no optimizer step, no batch drawn (the batch-order RNG is left as it is).
             lr_low = lr_high = lr_at(step)
             variant.epoch_without_data(phase, model, lr_low, steps_per_epoch)
+        # Nothing in a step waits for the device (no .item(), no tensor in an `if`): the loss and the
+        # hits add up on the device and are read once, after the epoch. Members joining (cycle ends)
+        # are scored at once, which does wait; they are a handful per trial.
         for x, y in batches:
             lr = lr_at(step)
             lr_low, lr_high = min(lr_low, lr), max(lr_high, lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with run.autocast():
+                logits = forward(run.batch(x))
+                loss = F.cross_entropy(logits, y)
             extra = variant.penalty(model, averager)
             if extra is not None:
                 loss = loss + extra
@@ -250,8 +262,8 @@ def train(
                 for name, probe in averager.probes(model).items():
                     curve.add(
                         name,
-                        predict(probe, data.inputs("val"), config.tta),
-                        predict(probe, data.inputs("test"), config.tta),
+                        predict(probe, inputs("val"), config.tta),
+                        predict(probe, inputs("test"), config.tta),
                     )
             seconds["averaging"] += time.perf_counter() - tick
 
@@ -264,7 +276,7 @@ def train(
             diverged = not math.isfinite(train_loss)
         else:
             diverged = not all(bool(p.isfinite().all()) for p in model.parameters())
-        val_probs = predict(model, data.inputs("val"), config.tta)
+        val_probs = predict(model, inputs("val"), config.tta)
         val_acc = accuracy(val_probs, data.y_val)
         score = curve.score()
         if score is None:
@@ -272,7 +284,7 @@ def train(
             score = (
                 val_acc
                 if deployed is model
-                else accuracy(predict(deployed, data.inputs("val"), config.tta), data.y_val)
+                else accuracy(predict(deployed, inputs("val"), config.tta), data.y_val)
             )
         metrics = EpochMetrics(
             epoch=epoch + 1,
@@ -286,7 +298,7 @@ def train(
             members=averager.count,
             lr_low=lr_low,
             lr_high=lr_high,
-            gen_gap=fit_accuracy(model, data, config.tta) - val_acc,
+            gen_gap=fit_accuracy(model, data, config.tta, run.eval_batch_size) - val_acc,
             phase=phase,
             elapsed_s=time.perf_counter() - clock,
         )
@@ -307,8 +319,8 @@ def train(
     score = DIVERGED_SCORE
     if not diverged:
         deployed = averager.deployed(model)
-        score = accuracy(predict(deployed, data.inputs("val"), config.tta), data.y_val)
-        test_acc = accuracy(predict(deployed, data.inputs("test"), config.tta), data.y_test)
+        score = accuracy(predict(deployed, inputs("val"), config.tta), data.y_val)
+        test_acc = accuracy(predict(deployed, inputs("test"), config.tta), data.y_test)
         points = curve.points() if curve.kind != "final" else [CurvePoint(1, score, test_acc)]
     seconds["total"] = time.perf_counter() - started
     to_best = seconds_to_best(history)
@@ -329,4 +341,5 @@ def train(
         seconds=seconds,
         model=resolve_name(config.model, data.shape),
         diversity=curve.diversity() if not diverged else [],
+        runtime=run.record(),
     )

@@ -1,5 +1,5 @@
-"""Classifiers: MNIST-1D's 1-D CNN, a small CNN for 8x8 and 28x28 images, and the CIFAR nets of the
-SWA paper's tables.
+"""Classifiers: MNIST-1D's 1-D CNN, a small CNN for 8x8 and 28x28 images, the CIFAR nets of the
+SWA paper's tables, and a small fast CIFAR net after airbench.
 
 torchvision's ResNet-18 and VGG16-BN with CIFAR heads; compact PreResNet-110/164 and WRN-28-10 after
 the SWA reference code (timgaripov/swa/models), which torchvision does not have.
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ModelName = Literal[
-    "auto", "cnn1d", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10"
-]
+    "auto", "cnn1d", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10",
+    "airbench",
+]  # fmt: skip
 Init = Literal["default", "kaiming", "xavier"]
 
 
@@ -65,6 +66,50 @@ class SmallCNN(nn.Module):
             nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class AirbenchNet(nn.Module):
+    """A small fast CIFAR net after Keller Jordan's airbench94 (about 2M parameters): a conv stem,
+    then three groups of conv, max-pool, BN, GELU, conv, BN, GELU at widths 64, 256, 256, a global
+    max-pool and a linear head. Convolutions start as identities on their first input channels
+    (dirac), as airbench's do. Only the architecture is airbench's; its training recipe (whitened
+    frozen stem, label smoothing, Lookahead, TTA on by default) is not part of it."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        dropout: float = 0.0,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        stem_width: int = 24,  # airbench's 2x2 whitening stem has 2 * 3 * 2**2 = 24 channels
+    ):
+        super().__init__()
+
+        def conv(c_in: int, c_out: int) -> nn.Conv2d:
+            layer = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            nn.init.dirac_(layer.weight.data[: min(c_in, c_out)])
+            return layer
+
+        def group(c_in: int, c_out: int) -> list[nn.Module]:
+            return [
+                conv(c_in, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.GELU(),
+                conv(c_out, c_out), nn.BatchNorm2d(c_out), nn.GELU(),
+            ]  # fmt: skip
+
+        c1, c2, c3 = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, stem_width, 3, padding=1),
+            nn.GELU(),
+            *group(stem_width, c1),
+            *group(c1, c2),
+            *group(c2, c3),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(c3, num_classes, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -260,6 +305,8 @@ def build_model(
         model = _resnet18(channels, num_classes)
     elif name == "vgg16_bn":
         model = _vgg16_bn(channels, num_classes, dropout)
+    elif name == "airbench":
+        model = AirbenchNet(channels, num_classes, dropout)
     elif name == "preresnet110":
         model = PreResNet(110, channels, num_classes)
     elif name == "preresnet164":

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatbasin.trainables import accel
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
 from flatbasin.trainables.models import build_model
@@ -29,7 +30,19 @@ class TrialError(ValueError):
 def check_trial(config: TrialConfig, data: Data) -> None:
     """Raise TrialError naming the setting that makes `config` impossible on `data` (builds the model)."""
     check_data(config, data)
+    runtime(config, data, torch.device("cpu"))  # what a device cannot honour is the device's to say
     check_model(config, data, build(config, data))
+
+
+def runtime(config: TrialConfig, data: Data, device: torch.device) -> accel.Runtime:
+    """The trial's precision, memory format and compilation on `device`, resolved once."""
+    try:
+        return accel.resolve(
+            device, data.shape,
+            precision=config.precision, channels_last=config.channels_last, compile=config.compile,
+        )  # fmt: skip
+    except ValueError as err:
+        raise TrialError(str(err)) from err
 
 
 def build(config: TrialConfig, data: Data) -> nn.Module:
