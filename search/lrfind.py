@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # matplotlib and torch load when the command runs, not when t
     from flatbasin.trainables.lr_range import Suggestion, Sweep
 
 MAX_LR = 10.0  # the trial settings' own cap on every learning rate (TrialConfig.lr, variant lrs)
+MAX_STEPS = 10_000  # a range test is a few hundred steps; more only thins the learning-rate grid
 MIN_STEPS = 50  # lr_range.WARM_STEPS (35) left out of the suggestion, then 15 to read a slope on
 
 # How --write maps the two bounds onto a variant's own learning rates. A cycle's high learning rate
@@ -76,6 +77,11 @@ def check_options(options: LrFindOptions, config: TrialConfig) -> None:
         raise UsageError(
             f"--steps {steps}: at least {MIN_STEPS} (the first {WARM_STEPS} only fill the smoothed "
             "loss's average, and a slope needs steps after them; the default is 200)"
+        )
+    if steps > MAX_STEPS:
+        raise UsageError(
+            f"--steps {steps}: at most {MAX_STEPS:,} (the test raises the learning rate from --start "
+            "to --end over these steps; a few hundred resolve the curve; the default is 200)"
         )
     check_plot_path(options.plot)
     if write is not None:

@@ -261,6 +261,7 @@ def test_cli_without_a_suggestion_exits_1_and_writes_no_space(tmp_path):
         (["--end", "100"], "--end 100: at most 10"),
         (["--steps", "5"], "--steps 5: at least 50"),
         (["--steps", "20"], "--steps 20: at least 50"),
+        (["--steps", "100000000"], "--steps 100000000: at most 10,000"),
         (["--write", "{tmp}/other.yaml"], "trains otherwise than this test would: it sets batch_size: 128"),
         (["--write", "{tmp}/missing.yaml"], "missing.yaml: does not exist"),
         (["--write", "{tmp}/bad.yaml"], "unknown variant"),
