@@ -7,9 +7,12 @@ leaves nothing behind: no Ray, no MLflow run, no folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,29 @@ PROBE_TIMEOUT_S = 3.0
 def check_storage(storage: Path) -> None:
     """--storage must be a folder we can create or write into (not a file, not read-only)."""
     check_folder(storage, f"--storage {storage}", "give a folder for Tune's results")
+
+
+@contextlib.contextmanager
+def only_search(storage: Path, name: str) -> Iterator[None]:
+    """Hold the search's lock (storage/.NAME.lock, an flock, let go when the process ends however it
+    ends) while it runs; a second driver of the same search is refused, naming the first."""
+    storage.mkdir(parents=True, exist_ok=True)
+    with open(storage / f".{name}.lock", "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UsageError(
+                f"a search named '{name}' is running in {storage} right now ({holder}); wait for "
+                "it to end (then --resume continues it if it stops early), or start this one with "
+                "--name NEW_NAME"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
 
 
 def check_folder(folder: Path, what: str, advice: str) -> None:

@@ -257,57 +257,61 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             style="yellow",
         )
 
-    if not local:
-        # A job's working directory is Ray's to clean up (it can vanish under a long search); every
-        # path is absolute by now, so work from the storage folder, which outlives the search.
-        storage.mkdir(parents=True, exist_ok=True)
-        os.chdir(storage)
-    samples = options.samples or space.samples
-    params = {"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
-              "scheduler": options.scheduler, "concurrency": options.concurrency,
-              "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
-              **({"from": start.source.text} if start else {})}  # fmt: skip
-    try:
-        if local:
-            # Ray's start-up and the search's MLflow run (a new SQLite store builds its tables: about
-            # 2 s) at the same time; both are needed before the first trial.
-            with ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool:
-                made = pool.submit(tracker.parent, params, space.path, space.digest)
-                _init_ray(None)
-                parent = made.result()
-        else:  # nothing is recorded until the cluster is known to reach the store and storage
-            _init_ray(target.address)
-            check_cluster(
-                options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial
+    # One driver per search: a second command of the same name, started while this one runs, passed
+    # every check above (nothing was recorded yet) and would merge into it; under the lock, check again.
+    with preflight.only_search(storage, name):
+        check_new_or_resumable(tracker, experiment_path, options.resume, space)
+        if not local:
+            # A job's working directory is Ray's to clean up (it can vanish under a long search); every
+            # path is absolute by now, so work from the storage folder, which outlives the search.
+            storage.mkdir(parents=True, exist_ok=True)
+            os.chdir(storage)
+        samples = options.samples or space.samples
+        params = {"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
+                  "scheduler": options.scheduler, "concurrency": options.concurrency,
+                  "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
+                  **({"from": start.source.text} if start else {})}  # fmt: skip
+        try:
+            if local:
+                # Ray's start-up and the search's MLflow run (a new SQLite store builds its tables: about
+                # 2 s) at the same time; both are needed before the first trial.
+                with ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool:
+                    made = pool.submit(tracker.parent, params, space.path, space.digest)
+                    _init_ray(None)
+                    parent = made.result()
+            else:  # nothing is recorded until the cluster is known to reach the store and storage
+                _init_ray(target.address)
+                check_cluster(
+                    options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial
+                )
+                parent = tracker.parent(params, space.path, space.digest)
+            if samples < len(space.variants) and not options.resume:
+                console.print(
+                    f"note: {samples} trial(s) for {len(space.variants)} variants: "
+                    f"{', '.join(list(space.variants)[samples:])} will get none (the variants take turns)",
+                    style="yellow",
+                )
+            weights = None
+            if start is not None:  # the base trained (or recorded) once, before any trial
+                space, weights = post_convergence.begin(start, tracker, options, console)
+            return _run(
+                space, options, console, tracker, parent, experiment_path, samples, started, weights
             )
-            parent = tracker.parent(params, space.path, space.digest)
-        if samples < len(space.variants) and not options.resume:
-            console.print(
-                f"note: {samples} trial(s) for {len(space.variants)} variants: "
-                f"{', '.join(list(space.variants)[samples:])} will get none (the variants take turns)",
-                style="yellow",
-            )
-        weights = None
-        if start is not None:  # the base trained (or recorded) once, before any trial
-            space, weights = post_convergence.begin(start, tracker, options, console)
-        return _run(
-            space, options, console, tracker, parent, experiment_path, samples, started, weights
-        )
-    except BaseException:
-        # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
-        # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
-        # before Tune saved anything leaves no run behind (it holds nothing, and would only block
-        # running the same command again), its base run included. A store that is down keeps what
-        # it has: the error that brought us here is the one to report.
-        from ray import tune
+        except BaseException:
+            # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
+            # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
+            # before Tune saved anything leaves no run behind (it holds nothing, and would only block
+            # running the same command again), its base run included. A store that is down keeps what
+            # it has: the error that brought us here is the one to report.
+            from ray import tune
 
-        with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
-            restorable = tune.Tuner.can_restore(str(experiment_path))
-            if not restorable:
-                tracker.discard_base()
-            if restorable or not tracker.discard_parent():
-                tracker.end_parent("interrupted")
-        raise
+            with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
+                restorable = tune.Tuner.can_restore(str(experiment_path))
+                if not restorable:
+                    tracker.discard_base()
+                if restorable or not tracker.discard_parent():
+                    tracker.end_parent("interrupted")
+            raise
 
 
 class _OwnMessages(logging.Filter):

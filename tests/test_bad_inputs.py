@@ -561,3 +561,22 @@ def test_resume_with_an_edited_space_is_refused(tmp_path):
     path.write_text(GOOD.replace("epochs: 2", "epochs: 3"))
     with pytest.raises(UsageError, match=r"has changed since .*\(epochs\).*--name NEW_NAME"):
         check_same_space(tracker, parent, load_space(path))
+
+
+def test_a_second_driver_of_a_running_search_is_refused(tmp_path, ray_tmpdir, monkeypatch):
+    """Started while the first still runs, a second search of the same name passed every check (nothing
+    was recorded yet) and merged into it; the search's lock refuses it, naming the first."""
+    from flatbasin.search import preflight
+
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "busy.yaml"
+    space.write_text(GOOD)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    with preflight.only_search(tmp_path / "runs", "busy"):  # the first driver, holding its lock
+        result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "a search named 'busy' is running" in text and f"pid {os.getpid()}" in text, text
+    assert not list(ray_tmpdir.rglob("session_*")) and not (tmp_path / "mlflow.db").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".busy.lock"]

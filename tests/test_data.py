@@ -111,6 +111,13 @@ def test_image_folder_loads_and_resizes(tmp_path):
     assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 12
 
 
+@pytest.mark.parametrize(("per_class", "empty"), [(1, "validation and test splits are"), (3, "validation split is")])
+def test_a_folder_too_small_to_split_is_refused(tmp_path, per_class, empty):
+    write_image_folder(tmp_path, per_class=per_class)
+    with pytest.raises(DataError, match=f"the {empty} empty"):
+        load_data(DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=16), "cpu")
+
+
 def test_truncated_jpeg_names_the_file(tmp_path):
     write_image_folder(tmp_path)
     good = tmp_path / "dog" / "ok.jpg"

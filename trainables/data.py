@@ -365,6 +365,19 @@ def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[cut:], order[:cut]
 
 
+def _check_splits(spec: DataSpec, sizes: dict[str, int]) -> None:
+    """Every split holds examples: an empty validation split cannot score a trial, an empty test
+    split cannot report one, and a small data set cut by val_frac and test_frac can leave either."""
+    empty = [name for name, n in sizes.items() if n == 0]
+    if empty:
+        counts = ", ".join(f"{n} {name}" for name, n in sizes.items())
+        raise DataError(
+            f"data set '{spec.dataset}' splits into {counts} example(s): the {' and '.join(empty)} "
+            f"split{'s are' if len(empty) > 1 else ' is'} empty (val_frac {spec.val_frac:g}, "
+            f"test_frac {spec.test_frac:g}); add examples or raise the fractions"
+        )
+
+
 def load_raw(spec: DataSpec) -> Raw:
     return _LOADERS[spec.dataset](spec)
 
@@ -380,6 +393,7 @@ def load_data(spec: DataSpec, device: str = "cpu") -> Data:
         keep, test = _split(len(x), spec.test_frac, spec.split_seed)
         x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
     train, val = _split(len(x), spec.val_frac, spec.split_seed + 1)
+    _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(x_test)})
 
     def tensor(a: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).float()
