@@ -435,6 +435,18 @@ def search(
         )
         console.print(f"  {outcome.resume_command}")
         raise typer.Exit(EXIT_INTERRUPTED)
+    if outcome.out_of_time and not outcome.errors:
+        if not outcome.best:
+            fail(
+                f"{outcome.out_of_time}: no trial finished, so nothing was compared; give a longer "
+                f"budget, or continue (with another budget window) with: {outcome.resume_command}",
+                code=EXIT_FAILED,
+            )
+        console.print(
+            f"{outcome.out_of_time.capitalize()}; the table compares those that finished, without "
+            f"confirmation runs. Continue it with:\n  {outcome.resume_command}",
+            style="yellow",
+        )
     if outcome.errors:
         more = f" ({len(outcome.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
         fail(
@@ -679,9 +691,14 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
     if outcome.best:
         console.print(table)
     if outcome.untried:
+        why = (
+            "the time budget ran out before they got one"
+            if outcome.out_of_time
+            else "--samples below the number of variants gives some none"
+        )
         console.print(
-            f"No trial for: {', '.join(outcome.untried)} (--samples below the number of variants "
-            "gives some none); they are not part of this comparison",
+            f"No trial for: {', '.join(outcome.untried)} ({why}); they are not part of this "
+            "comparison",
             style="yellow",
         )
     if outcome.confirmed:

@@ -87,10 +87,13 @@ class Outcome:
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
     trials_per_variant: dict[str, int] = field(default_factory=dict)
     untried: list[str] = field(default_factory=list)  # variants of the space that got no trial
+    out_of_time: str = ""  # "the --time-budget of 60 s ran out after 3 of 16 trials", when it did
 
     @property
     def state(self) -> str:
-        return "interrupted" if self.interrupted else "failed" if self.errors else "finished"
+        if self.errors and not self.interrupted:
+            return "failed"
+        return "interrupted" if self.interrupted or self.out_of_time else "finished"
 
 
 def _init_ray(address: str | None) -> None:
@@ -215,7 +218,11 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    for logger, own in (("ray.tune.tune", _OwnMessages), ("ray.tune.execution.tune_controller", _TrialFailures)):
+    for logger, own in (
+        ("ray.tune.tune", _OwnMessages),
+        ("ray.tune.analysis.experiment_analysis", _OwnMessages),
+        ("ray.tune.execution.tune_controller", _TrialFailures),
+    ):
         log = logging.getLogger(logger)
         if not any(isinstance(f, own) for f in log.filters):
             log.addFilter(own())
@@ -316,11 +323,14 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
 class _OwnMessages(logging.Filter):
     """Drop Tune's messages that flatbasin says better itself: its `Tuner.restore(...)` hint (our
-    summary prints the `flatbasin search ... --resume` command) and its list of unfinished trials."""
+    summary prints the `flatbasin search ... --resume` command), its list of unfinished trials, and
+    its list of trials without results (cut short before their first epoch: the summary counts them)."""
+
+    DROPPED = ("Resume experiment with", "Trials did not complete", "Failed to fetch metrics for")
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return "Resume experiment with" not in text and "Trials did not complete" not in text
+        return not any(dropped in text for dropped in self.DROPPED)
 
 
 class _TrialFailures(logging.Filter):
@@ -435,16 +445,17 @@ def _run(
     best = _best_per_variant(writer)
     errors = _errors(writer, grid)
     interrupted = interrupt.caught and not errors
+    out_of_time = _out_of_time(options, writer, samples, fit_ended - fit_started)
     written = writer.drain()
     confirmed: list[dict[str, Any]] = []
     seeds = options.confirm_seeds if options.confirm_seeds is not None else space.confirm_seeds
     confirm_started = time.perf_counter()
-    if seeds and best and not interrupted and not errors:
+    if seeds and best and not interrupted and not errors and not out_of_time:
         confirmed, interrupted, errors = _confirm(
             tracker, console, options, experiment_path, best, seeds, trainable
         )
     confirm_ended = time.perf_counter()
-    state = "interrupted" if interrupted else "failed" if errors else "finished"
+    state = "failed" if errors else "interrupted" if interrupted or out_of_time else "finished"
     if written:
         _finish_parent(tracker, parent, best, grid, confirmed)
         tracker.end_parent(state)
@@ -460,7 +471,19 @@ def _run(
         resume_command=resume_command(space, options), confirmed=confirmed,
         trials_per_variant=(counts := _count_variants(writer)),
         untried=[] if interrupted else [v for v in space.variants if v not in counts],
+        out_of_time=out_of_time,
     )  # fmt: skip
+
+
+def _out_of_time(
+    options: SearchOptions, writer: MlflowWriter, samples: int, fit_seconds: float
+) -> str:
+    """What --time-budget cut short, if it did: Tune ends the trial phase at the budget, silently."""
+    finished = sum(record.final is not None for record in writer.records.values())
+    budget = options.time_budget_s
+    if budget is None or finished >= samples or fit_seconds < budget:
+        return ""
+    return f"the --time-budget of {budget:g} s ran out after {finished} of {samples} trial(s)"
 
 
 def _trainable(options: SearchOptions, start_weights: dict[str, Any] | None) -> Any:
