@@ -76,8 +76,8 @@ def test_a_time_budget_that_cut_the_search_short_is_named():
 
     records = {i: SimpleNamespace(final={"score": 0.9} if i < 3 else None) for i in range(5)}
     writer = SimpleNamespace(records=records)
-    budget = SearchOptions(tracking_uri="sqlite:///x.db", time_budget_s=60)
+    budget = SearchOptions(tracking_uri="sqlite:///x.db", storage="runs", time_budget_s=60)
     assert _out_of_time(budget, writer, 16, 60.2) == "the --time-budget of 60 s ran out after 3 of 16 trial(s)"
     assert _out_of_time(budget, writer, 3, 60.2) == ""  # all it asked for finished
     assert _out_of_time(budget, writer, 16, 30.0) == ""  # ended for another reason (errors, Ctrl-C)
-    assert _out_of_time(SearchOptions(tracking_uri="sqlite:///x.db"), writer, 16, 600.0) == ""
+    assert _out_of_time(SearchOptions(tracking_uri="sqlite:///x.db", storage="runs"), writer, 16, 600.0) == ""
