@@ -31,6 +31,8 @@ from flatbasin.search.tracking import (
     FROM_SHA,
     ROLE,
     Tracker,
+    TrackingUnavailable,
+    read_store,
 )
 from flatbasin.spaces import Space, SpaceError
 from flatbasin.spaces.loader import BASE, CHECKING, RUN_ID
@@ -183,8 +185,10 @@ def continue_config(
     draft = _config(variant, settings, StartPoint.model_validate(CHECKING))
     run_id = source.text if source.kind == "run" else None
     if run_id is not None:
-        _check_store(tracking_uri, where)
-        client = MlflowClient(tracking_uri)
+        try:
+            client = read_store(tracking_uri)
+        except TrackingUnavailable as err:
+            raise UsageError(f"{where}: {err}") from err
         converged = _from_run(client, tracking_uri, run_id, where)
         fingerprint = _fingerprint(client, run_id)
     else:

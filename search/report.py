@@ -38,8 +38,8 @@ from flatbasin.search.tracking import (
     STOPPED,
     TRIAL_ID,
     VARIANT,
-    Tracker,
     TrackingUnavailable,
+    read_store,
 )
 from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
 
@@ -137,17 +137,10 @@ def write_report(search: str, uri: str, out: Path | None = None, log: bool = Tru
 
 
 def _client(uri: str) -> MlflowClient:
-    """A client for a store that exists and answers; a missing SQLite file is never created."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise UsageError(f"no MLflow store at {path} (from --tracking-uri {uri})")
-    tracker = Tracker(uri, experiment="", search_key="")
     try:
-        tracker.check()
+        return read_store(uri)
     except TrackingUnavailable as err:
         raise UsageError(str(err)) from err
-    return tracker.client
 
 
 def find_search(client: MlflowClient, search: str, uri: str) -> Run:

@@ -30,8 +30,10 @@ from flatbasin.search.tracking import (
     CHECKPOINT_ARTIFACT,
     EPOCH_METRICS,
     ROLE,
+    TrackingUnavailable,
     base_tags,
     log_weights,
+    read_store,
 )
 from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig
@@ -55,7 +57,10 @@ def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
-    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client = read_store(tracking_uri)
+    except TrackingUnavailable as err:
+        raise UsageError(str(err)) from err
     record = fetch_record(client, run_id)
     config = TrialConfig.model_validate({**record["config"], "threads": record["threads"]})
     console.print(

@@ -161,6 +161,19 @@ class TrialRecord:
         return TrialRecord(self.trial_id, self.config, list(self.results), self.status)
 
 
+def read_store(uri: str) -> MlflowClient:
+    """A client for a store that must already hold runs (report, reproduce, --from RUN_ID): a SQLite
+    file that does not exist is never made (a mistyped path would make an empty database), and a
+    server that is down is named as such, not as a run that is missing. Raises TrackingUnavailable."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+        if not path.is_file():
+            raise TrackingUnavailable(f"no MLflow store at {path} (from --tracking-uri {uri})")
+    tracker = Tracker(uri, experiment="", search_key="")
+    tracker.check()
+    return tracker.client
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, search_key: str):
         self.uri, self.experiment, self.search_key = uri, experiment, search_key

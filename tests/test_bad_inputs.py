@@ -477,10 +477,28 @@ def test_resume_from_a_corrupt_checkpoint_is_refused(checkpoint, tmp_path, damag
 
 # ---- the other commands
 def test_reproduce_of_an_unknown_run_exits_2(tmp_path):
+    from flatbasin.search.tracking import Tracker
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri, "other", search_key="k").parent()  # a store that exists, without that run
     result = runner.invoke(app, ["reproduce", "0123456789abcdef", "--tracking-uri", uri])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "0123456789abcdef" in result.output
+
+
+@pytest.mark.parametrize("command", [["reproduce", "RUN"], ["train", "--variant", "swa", "--from", "RUN"]])
+def test_a_store_that_is_not_there_is_named_not_the_run(tmp_path, command):
+    """A mistyped SQLite path makes no database; a server that is down is not a missing run."""
+    run = "0123456789abcdef0123456789abcdef"
+    args = [run if a == "RUN" else a for a in command]
+    for uri, needle in (
+        (f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "no MLflow store at"),
+        (f"http://127.0.0.1:{closed_port()}", "is not reachable"),
+    ):
+        result = runner.invoke(app, [*args, "--tracking-uri", uri], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "typo").exists()
 
 
 def test_sync_of_a_folder_that_is_no_search_exits_2(tmp_path):
