@@ -200,6 +200,12 @@ def train(
                 settings[key] = value
         if resume and (checkpoint is None or not checkpoint.is_file()):
             raise UsageError(f"--resume needs an existing --checkpoint file (got {checkpoint})")
+        if not resume and checkpoint is not None and checkpoint.is_file():
+            # The first epoch would replace it: an interrupted run's only copy, if --resume was forgotten.
+            raise UsageError(
+                f"--checkpoint {checkpoint} exists; --resume continues the run it holds, or give "
+                "a new file (or delete this one) to start afresh"
+            )
         start_weights, continuing = None, ""
         if start_from is None:
             config = build_config(variant, settings)
@@ -647,7 +653,9 @@ def _quiet_mlflow_retries() -> None:
 def print_confirmed(rows: list[dict[str, Any]]) -> None:
     """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
     seeds = max(row["n"] for row in rows)
-    table = Table(title=f"confirmed over {seeds} fresh seeds (mean ± std; Welch's t vs the best)")
+    spread = seeds > 1  # one seed has no spread: a ± 0 would claim a certainty it does not have
+    title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
+    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
     for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
         table.add_column(column)
     for row in rows:
@@ -655,15 +663,20 @@ def print_confirmed(rows: list[dict[str, Any]]) -> None:
         verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
         table.add_row(
             row["variant"],
-            f"{row['val_mean']:.4f} ± {row['val_std']:.4f}",
-            f"{row['test_mean']:.4f} ± {row['test_std']:.4f}",
+            f"{row['val_mean']:.4f}" + (f" ± {row['val_std']:.4f}" if spread else ""),
+            f"{row['test_mean']:.4f}" + (f" ± {row['test_std']:.4f}" if spread else ""),
             p,
             verdict,
         )
     console.print(table)
+    level = [row["variant"] for row in rows if row["val_mean"] == rows[0]["val_mean"]]
+    if len(level) > 1:
+        console.print(f"Winner:       none: {', '.join(level)} tie on mean validation accuracy")
+        return
     tied = [row["variant"] for row in rows[1:] if row["verdict"] in ("within noise", "tied")]
     console.print(
-        f"Winner:       {rows[0]['variant']} (best mean validation accuracy over {seeds} seeds)"
+        f"Winner:       {rows[0]['variant']} (best mean validation accuracy over {seeds} "
+        f"seed{'s' * spread})"
         + (f"; within noise of it: {', '.join(tied)}" if tied else "")
     )
 

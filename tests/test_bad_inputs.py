@@ -417,6 +417,10 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "--set without =": (["--set", "lr"], "expected key=value"),
     "unreadable --set value": (["--set", "lr=[1,"], "cannot read the value"),
     "resume without a checkpoint file": (["--resume"], "--resume needs an existing --checkpoint"),
+    "an existing checkpoint without --resume": (
+        ["--checkpoint", __file__], "exists; --resume continues the run it holds"
+    ),
+    "nan for a number": (["--set", "lr=.nan"], "lr: Input should be a finite number"),
     "cuda without cuda": (["--set", "device=cuda"], "cuda"),
     "unknown tta": (["--set", "tta=mirror"], "tta: Input should be 'none' or 'flip_shift'"),
     "batch larger than digits": (["--set", "batch_size=4000"], "batch_size 4000"),

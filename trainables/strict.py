@@ -10,7 +10,7 @@ from __future__ import annotations
 import types
 from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 def _number_field(annotation: Any) -> bool:
@@ -25,6 +25,10 @@ def _number_field(annotation: Any) -> bool:
 
 
 class NoBoolNumbers(BaseModel):
+    # A setting is a finite number: nan and inf fail here with pydantic's own "finite number"
+    # message, not at a bound they happen to break ("less than or equal to 10 (got nan)").
+    model_config = ConfigDict(allow_inf_nan=False)
+
     @model_validator(mode="before")
     @classmethod
     def _no_bools_for_numbers(cls, values: Any) -> Any:
