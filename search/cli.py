@@ -24,9 +24,11 @@ from flatbasin.search.errors import (
 )
 
 try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.core import ParameterSource
     from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:  # pragma: no cover
-    from click import UsageError as ClickUsageError
+    from click.core import ParameterSource
+    from click.exceptions import UsageError as ClickUsageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = plain_console()
@@ -320,8 +322,15 @@ def lr_find(
         raise typer.Exit(EXIT_FAILED)
 
 
+# What Tune keeps of a search and restores on --resume (its search algorithm, schedule, run config and
+# trial settings): given again, these would be silently ignored, so a resume refuses them.
+FIXED_AT_START = ("samples", "concurrency", "scheduler", "seed", "time_budget", "max_failures",
+                  "checkpoint_every", "checkpoint_interval")  # fmt: skip
+
+
 @app.command()
 def search(
+    ctx: typer.Context,
     space_file: Annotated[
         str,
         typer.Argument(
@@ -389,6 +398,17 @@ def search(
     from flatbasin.spaces.loader import check_name
 
     try:
+        given = [
+            "--" + key.replace("_", "-")
+            for key in FIXED_AT_START
+            if ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
+        ]
+        if resume and given:
+            raise UsageError(
+                f"--resume continues the search with the settings it started with, so "
+                f"{', '.join(given)} would not apply; leave {'them' if len(given) > 1 else 'it'} "
+                "out, or start a new search with --name NEW_NAME"
+            )
         space = load_space(space_file, start_from=start_from)
         if name is not None:
             check_name(name, "--name")
@@ -401,7 +421,7 @@ def search(
             checkpoint_interval_s=checkpoint_interval, confirm_seeds=confirm_seeds,
             start_from=start_from,
         )  # fmt: skip
-    except SpaceError as err:
+    except (SpaceError, UsageError) as err:
         fail(str(err))
     except ValidationError as err:
         fail(f"invalid search options:\n{option_names(describe(err, '--'))}")

@@ -194,6 +194,10 @@ SEARCH: dict[str, Case] = {
     "name with a slash": Case(GOOD, ("--name", "a/b"), "--name"),
     "name with markup": Case(GOOD, ("--name", "[/x]"), "'[/x]'"),
     "resume of nothing": Case(GOOD, ("--resume",), "no search to resume"),
+    "resume with settings Tune keeps": Case(
+        GOOD, ("--resume", "--samples", "4", "--scheduler", "asha"),
+        "--samples, --scheduler would not apply; leave them out",
+    ),
     "too many cpus": Case(GOOD, ("--cpus-per-trial", "4096"), "--cpus-per-trial 4096"),
     "gpus without gpus": Case(GOOD, ("--gpus-per-trial", "1"), "--gpus-per-trial 1"),
     "gpu share that wastes a gpu": Case(

@@ -268,8 +268,8 @@ def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir,
     finished_before = finished()
     assert len(finished_before) >= 4
 
-    # 3. --resume again, to the end.
-    done = flatbasin(*args, "--resume", cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    # 3. The printed command again, to the end.
+    done = flatbasin(*shlex.split(resume[0])[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
     # A finished trial may report its final result once more, but never trains again.
     for trial_dir in finished_before:
