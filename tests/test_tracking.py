@@ -34,7 +34,10 @@ def test_a_new_store_is_a_copy_of_one_mlflow_built(tmp_path, monkeypatch):
         assert _schema(tmp_path / name) == _schema(built)
         default = tracker.client.get_experiment("0")  # made by MLflow, for this store, as usual
         assert default.name == "Default"
-        assert default.artifact_location == MlflowClient(f"sqlite:///{built}").get_experiment("0").artifact_location
+        assert (
+            default.artifact_location
+            == MlflowClient(f"sqlite:///{built}").get_experiment("0").artifact_location
+        )
     assert len(list((tmp_path / "cache" / "flatbasin").glob("mlflow-*.db"))) == 1
     assert not list(tmp_path.glob(".*.new"))
 
@@ -64,7 +67,9 @@ def test_the_writer_batches_a_trials_epochs_and_loses_none(tmp_path):
     tracker.write = lambda record: (writes.append(len(record.results)), write(record))  # type: ignore[method-assign]
     writer = MlflowWriter(tracker, Console(quiet=True))
     writer.flush_s = 60.0  # nothing but the first event and the drain may write
-    trial = SimpleNamespace(trial_id="t1", config={"variant": "sgd", "lr": 0.1}, local_path=str(tmp_path), path=None)
+    trial = SimpleNamespace(
+        trial_id="t1", config={"variant": "sgd", "lr": 0.1}, local_path=str(tmp_path), path=None
+    )
     writer.on_trial_start(0, [], trial)
     for epoch in range(1, 21):
         writer.on_trial_result(0, [], trial, {"epoch": epoch, "score": epoch / 20, "val_acc": 0.5})
