@@ -202,6 +202,18 @@ def seed_sqlite(path: Path) -> None:
         return
 
 
+def _store_refused(uri: str, err: Exception) -> str:
+    """Why MLflow cannot use a tracking URI that names no server."""
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if "unsupported URI" in str(err) and scheme:
+        return (
+            f"MLflow tracking URI {uri}: MLflow has no tracking store for '{scheme}://'; give "
+            "sqlite:///PATH.db, a server's http://HOST:PORT, or a database URI such as "
+            "postgresql://USER@HOST/DB"
+        )
+    return f"MLflow tracking URI {uri} cannot be used: {_first_line(err)}"
+
+
 def read_store(uri: str) -> MlflowClient:
     """A client for a store that must already hold runs (report, reproduce, --from RUN_ID): a SQLite
     file that does not exist is never made (a mistyped path would make an empty database), and a
@@ -260,6 +272,8 @@ class Tracker:
                     "tracking server (or not its root address); give the server's address, e.g. "
                     "http://HOST:5000"
                 ) from err
+            if not self.uri.startswith(("http://", "https://")):  # a store, not a server
+                raise TrackingUnavailable(_store_refused(self.uri, err)) from err
             raise TrackingUnavailable(
                 f"MLflow tracking server at {self.uri} is not reachable: {_first_line(err)}"
             ) from err

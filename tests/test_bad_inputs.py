@@ -232,6 +232,9 @@ SEARCH: dict[str, Case] = {
         GOOD, ("--tracking-uri", "http://127.0.0.1:{port}"), "http://127.0.0.1:{port}"
     ),
     "tracking uri of no known scheme": Case(GOOD, ("--tracking-uri", "htp:/x"), "htp:/x"),
+    "tracking uri of a scheme MLflow lacks": Case(
+        GOOD, ("--tracking-uri", "bogus://x"), "MLflow has no tracking store for 'bogus://'"
+    ),
     "sqlite in a missing folder": Case(
         GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
     ),
