@@ -703,6 +703,7 @@ def print_confirmed(rows: list[dict[str, Any]]) -> None:
 
 def print_summary(outcome: Any, tracking_uri: str) -> None:
     from flatbasin.search.tracking import browse_hint
+    from flatbasin.search.tuner import learned_nothing
 
     if not outcome.best:
         console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
@@ -723,6 +724,8 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         )
     if outcome.best:
         console.print(table)
+    if warning := learned_nothing(outcome.best):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
     if outcome.untried:
         why = (
             "the time budget ran out before they got one"

@@ -620,6 +620,21 @@ def _best_per_variant(writer: MlflowWriter) -> list[dict[str, Any]]:
     return [row for _, row in sorted(best.values(), key=lambda item: item[0])]
 
 
+def learned_nothing(best: list[dict[str, Any]], margin: float = 0.02) -> str:
+    """A warning when even the best trial scored within `margin` of chance (always answering the most
+    common validation class): every setting tried failed to learn, and 'the best' means nothing."""
+    if not best or best[0]["final"].get("chance") is None:
+        return ""
+    top, chance = best[0]["score"], best[0]["final"]["chance"]
+    if top >= chance + margin:
+        return ""
+    return (
+        f"the best score, {top:.4f}, is at chance level ({chance:.4f}: always answering the most "
+        "common class), so no trial learned anything; look at the learning rates (flatbasin "
+        "lr-find suggests a range), the number of epochs and the data before trusting this search"
+    )
+
+
 def _count_variants(writer: MlflowWriter) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in writer.records.values():

@@ -81,3 +81,21 @@ def test_a_time_budget_that_cut_the_search_short_is_named():
     assert _out_of_time(budget, writer, 3, 60.2) == ""  # all it asked for finished
     assert _out_of_time(budget, writer, 16, 30.0) == ""  # ended for another reason (errors, Ctrl-C)
     assert _out_of_time(SearchOptions(tracking_uri="sqlite:///x.db", storage="runs"), writer, 16, 600.0) == ""
+
+
+def test_a_best_score_at_chance_level_is_named():
+    import torch
+
+    from flatbasin.search.tuner import learned_nothing
+    from flatbasin.trainables.loop import chance_level
+
+    chance = chance_level(torch.tensor([0, 1, 1, 2, 1]))
+    assert chance == 0.6  # always answering class 1
+
+    def best(score: float) -> list[dict]:
+        return [{"score": score, "final": {"chance": chance}}]
+
+    assert "at chance level (0.6000" in learned_nothing(best(0.61))
+    assert learned_nothing(best(0.65)) == ""  # learned a little: not this warning's business
+    assert learned_nothing([{"score": 0.1, "final": {}}]) == ""  # a trial from before the field
+    assert learned_nothing([]) == ""

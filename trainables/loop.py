@@ -76,6 +76,8 @@ class TrialResult:
     diversity: list[DiversityPoint] = field(default_factory=list)  # ensembles: first k members
     # How it ran (accel.Runtime.record): device, precision, channels_last, compile, eval batch size
     runtime: dict[str, str | bool | int] = field(default_factory=dict)
+    # The validation accuracy of always answering the most common class: a score near it learned nothing
+    chance: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,7 @@ class TrialResult:
             "model": self.model,
             "diversity": [asdict(p) for p in self.diversity],
             "runtime": self.runtime,
+            "chance": self.chance,
         }
 
 
@@ -342,4 +345,10 @@ def train(
         model=resolve_name(config.model, data.shape),
         diversity=curve.diversity() if not diverged else [],
         runtime=run.record(),
+        chance=chance_level(data.y_val),
     )
+
+
+def chance_level(labels: Tensor) -> float:
+    """The accuracy of always answering the most common class of `labels`."""
+    return float(torch.bincount(labels.cpu()).max()) / max(len(labels), 1)

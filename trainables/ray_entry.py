@@ -61,6 +61,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "seconds_to_best": result.seconds.get("to_best"),  # training time to the best epoch's end
         "model_built": result.model,
         "runtime": result.runtime,  # device, precision, channels_last, compile: what ran
+        "chance": result.chance,  # the score of always answering the most common class
     }
 
 
