@@ -629,7 +629,7 @@ def learned_nothing(best: list[dict[str, Any]], margin: float = 0.02) -> str:
     if top >= chance + margin:
         return ""
     return (
-        f"the best score, {top:.4f}, is at chance level ({chance:.4f}: always answering the most "
+        f"the best score, {top:.4f}, is no better than chance ({chance:.4f}: always answering the most "
         "common class), so no trial learned anything; look at the learning rates (flatbasin "
         "lr-find suggests a range), the number of epochs and the data before trusting this search"
     )

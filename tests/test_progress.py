@@ -95,7 +95,7 @@ def test_a_best_score_at_chance_level_is_named():
     def best(score: float) -> list[dict]:
         return [{"score": score, "final": {"chance": chance}}]
 
-    assert "at chance level (0.6000" in learned_nothing(best(0.61))
+    assert "no better than chance (0.6000" in learned_nothing(best(0.61))
     assert learned_nothing(best(0.65)) == ""  # learned a little: not this warning's business
     assert learned_nothing([{"score": 0.1, "final": {}}]) == ""  # a trial from before the field
     assert learned_nothing([]) == ""
