@@ -168,38 +168,77 @@ def seed_sqlite(path: Path) -> None:
     Building a store runs every migration of MLflow's schema: about 1.6 s of CPU on a quiet machine,
     paid by every new store, on the cores the trials need (and by each test that makes one). The
     copy is built once per schema revision, by MLflow's own code, in the user's cache folder; MLflow
-    then adds its default experiment to the copy as it would to its own. Where no cache can be
-    written, or the copy fails, MLflow builds the store itself, as before.
+    then adds its default experiment to the copy as it would to its own. A cached file that is not
+    such a store (damaged, emptied, another database) is built again; every copy is checked before
+    it becomes the store. Where no cache can be written, or anything fails, MLflow builds the store
+    itself, as before.
     """
-    import sqlalchemy
     from mlflow.store.db import utils
 
     try:
+        revision = utils._get_latest_schema_revision()
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flatbasin"
-        template = cache / f"mlflow-{utils._get_latest_schema_revision()}.db"
-        if not template.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, built = tempfile.mkstemp(dir=cache, suffix=".db")
-            os.close(fd)
-            try:
-                engine = sqlalchemy.create_engine(f"sqlite:///{built}")
-                try:
-                    utils._initialize_tables(engine)
-                finally:
-                    engine.dispose()
-                os.replace(built, template)  # whole or not at all, whoever else builds one
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(built)
-        copy = path.with_name(f".{path.name}.{os.getpid()}.new")
-        try:
-            shutil.copyfile(template, copy)
-            os.link(copy, path)  # never over a store another process made meanwhile
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(copy)
+        template = cache / f"mlflow-{revision}.db"
+        if template.exists() and not template.is_file():
+            return  # something else is there: not ours to replace
+        if not _copy_store(template, path, revision):
+            _build_store(template, revision)
+            _copy_store(template, path, revision)
     except Exception:  # a cache is never a reason to fail: MLflow builds the store instead
         return
+
+
+def _build_store(template: Path, revision: str) -> None:
+    """An empty store built by MLflow's own migrations, put in place whole (os.replace)."""
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    fd, built = tempfile.mkstemp(dir=template.parent, suffix=".db")
+    os.close(fd)
+    try:
+        engine = sqlalchemy.create_engine(f"sqlite:///{built}")
+        try:
+            utils._initialize_tables(engine)
+        finally:
+            engine.dispose()
+        if _empty_store(Path(built), revision):
+            os.replace(built, template)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(built)
+
+
+def _copy_store(template: Path, path: Path, revision: str) -> bool:
+    """Copy the template to `path` if the copy is a sound, empty store of this revision; never over
+    a store that another process made meanwhile. False when there is no usable template."""
+    if not template.is_file():
+        return False
+    copy = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        shutil.copyfile(template, copy)
+        if not _empty_store(copy, revision):
+            return False
+        os.link(copy, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy)
+
+
+def _empty_store(path: Path, revision: str) -> bool:
+    """Whether `path` is an undamaged MLflow store of this schema revision holding no experiment."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            sound = db.execute("pragma quick_check").fetchall() == [("ok",)]
+            versions = db.execute("select version_num from alembic_version").fetchall()
+            experiments = db.execute("select count(*) from experiments").fetchone()[0]
+            db.execute("select count(*) from runs").fetchone()
+    except sqlite3.Error:
+        return False
+    return sound and versions == [(revision,)] and experiments == 0
 
 
 def _store_refused(uri: str, err: Exception) -> str:
@@ -261,7 +300,8 @@ class Tracker:
             return
         try:
             self.client.search_experiments(max_results=1)
-            found = self.client.get_experiment_by_name(self.experiment)
+            # A reader (read_store) names no experiment, and a server refuses an empty name.
+            found = self.client.get_experiment_by_name(self.experiment) if self.experiment else None
         except MlflowException as err:
             status = err.get_http_status_code()
             if status in (401, 403):

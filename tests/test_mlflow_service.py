@@ -344,6 +344,9 @@ def test_search_is_recorded_whole_and_leaks_no_secret(service, tmp_path, monkeyp
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"open {service.uri} in a browser" in done.stdout
     assert "mlflow ui --backend-store-uri http" not in done.stdout
+    # The search's report reads the server back (read_store names no experiment: the server refused
+    # the empty name once, and every report, reproduce and --from RUN_ID against a server failed).
+    assert "Report:" in done.stdout, done.stdout
 
     client = admin_client(monkeypatch, service)
     experiment = client.get_experiment_by_name("served")

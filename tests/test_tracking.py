@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from mlflow import MlflowClient
 from rich.console import Console
 
@@ -78,3 +79,41 @@ def test_the_writer_batches_a_trials_epochs_and_loses_none(tmp_path):
     run = tracker.run_for(writer.records["t1"])
     history = tracker.client.get_metric_history(run, "score")
     assert sorted(m.step for m in history) == list(range(1, 21))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty", "another database"])
+def test_a_damaged_cached_store_is_built_again_never_copied(tmp_path, monkeypatch, damage):
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    Tracker(f"sqlite:///{tmp_path / 'first.db'}", "exp", search_key="k").parent()
+    template = tmp_path / "cache" / "flatbasin" / f"mlflow-{_get_latest_schema_revision()}.db"
+    good = template.read_bytes()
+    if damage == "truncated":
+        template.write_bytes(good[: len(good) // 3])
+    elif damage == "random bytes":
+        template.write_bytes(bytes(range(256)) * 64)
+    elif damage == "empty":
+        template.write_bytes(b"")
+    else:
+        template.unlink()
+        with sqlite3.connect(template) as db:
+            db.execute("create table foo (x)")
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'second.db'}", "exp", search_key="k")
+    tracker.parent({"a": 1})
+    assert _schema(tmp_path / "second.db") == _schema(tmp_path / "first.db")  # no foo, not damaged
+    assert _schema(template) == _schema(tmp_path / "first.db")  # the cache is sound again
+    assert tracker.client.get_experiment_by_name("exp") is not None
+
+
+def test_a_folder_where_the_cached_store_goes_is_left_alone(tmp_path, monkeypatch):
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "flatbasin" / f"mlflow-{_get_latest_schema_revision()}.db").mkdir(
+        parents=True
+    )
+    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k").parent()
+    assert {"experiments", "runs", "alembic_version"} <= _schema(tmp_path / "mlflow.db")[0]
+    assert not list((tmp_path / "cache" / "flatbasin").glob("*.db.*"))
