@@ -158,10 +158,13 @@ class MlflowWriter(Callback):
             self.unwritten.difference_update(r.trial_id for r in pending)
         for i, record in enumerate(pending):
             try:
-                self.tracker.write(record)
+                # A trial already whole in MLflow needs no write, and never counts as unwritten.
+                if not self.tracker.is_written(record):
+                    self.tracker.write(record)
             except Exception as err:  # any failure of the store: keep the records, retry later
+                left = [r.trial_id for r in pending[i:] if not self.tracker.is_written(r)]
                 with self._lock:
-                    self.unwritten.update(r.trial_id for r in pending[i:])
+                    self.unwritten.update(left)
                 if not self._warned:
                     self.console.print(
                         f"MLflow unavailable ({type(err).__name__}); results are kept and written when it is back",
@@ -201,7 +204,9 @@ class Progress(Callback):
         self.best: tuple[float, str] | None = None
         self.began: dict[str, float] = {}  # trial id -> when it started (this driver's clock)
         self.durations: list[float] = []  # of the trials that ended while this driver watched
-        self.caught_up = False  # whether trials that ended before this driver (a resume) are counted
+        self.caught_up = (
+            False  # whether trials that ended before this driver (a resume) are counted
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (Progress, {"total": self.total, "every_s": self.every_s})

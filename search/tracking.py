@@ -276,6 +276,7 @@ class Tracker:
         self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
         self._finalised: set[str] = set()
         self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
+        self._ended: dict[str, str] = {}  # run id -> the record status its run was ended with
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
         return {"uri": self.uri, "experiment": self.experiment, "search_key": self.search_key}
@@ -632,6 +633,20 @@ class Tracker:
         self._runs[record.trial_id] = run_id
         return run_id
 
+    def is_written(self, record: TrialRecord) -> bool:
+        """Whether this tracker already brought the trial's run up to date with the record (nothing
+        for `write` to do): every epoch logged, its final results or error in, its end status set."""
+        run_id = self._runs.get(record.trial_id)
+        if run_id is None:
+            return False
+        epochs = {int(r["epoch"]) for r in record.results if r.get("epoch") is not None}
+        if not epochs <= self._logged.get(run_id, set()):
+            return False
+        ended = record.final is not None or record.error is not None
+        if ended and run_id not in self._finalised:
+            return False
+        return record.status == "RUNNING" or self._ended.get(run_id) == record.status
+
     def write(self, record: TrialRecord) -> None:
         """Bring the trial's run up to date with the record; safe to call again and again."""
         run_id = self.run_for(record)
@@ -662,6 +677,7 @@ class Tracker:
                 self.client.log_batch(run_id, tags=[RunTag(ERROR, record.error[:5000])])
                 self._finalised.add(run_id)
             self.client.set_terminated(run_id, "FAILED")
+            self._ended[run_id] = record.status
             return
         final = record.final
         if final is not None and run_id not in self._finalised:
@@ -673,6 +689,7 @@ class Tracker:
             if tags:
                 self.client.log_batch(run_id, tags=tags)
             self.client.set_terminated(run_id, status)
+            self._ended[run_id] = record.status
 
     def _write_final(
         self, run_id: str, record: TrialRecord, final: dict[str, Any], now: int

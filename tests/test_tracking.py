@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from flatbasin.search.callbacks import MlflowWriter
-from flatbasin.search.tracking import Tracker, seed_sqlite
+from flatbasin.search.tracking import Tracker, TrialRecord, seed_sqlite
 
 
 def _schema(path: Path) -> tuple[set[str], list[tuple[str, ...]]]:
@@ -117,3 +117,30 @@ def test_a_folder_where_the_cached_store_goes_is_left_alone(tmp_path, monkeypatc
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k").parent()
     assert {"experiments", "runs", "alembic_version"} <= _schema(tmp_path / "mlflow.db")[0]
     assert not list((tmp_path / "cache" / "flatbasin").glob("*.db.*"))
+
+
+def test_only_trials_mlflow_lacks_count_as_unwritten(tmp_path):
+    """After the search, every trial is handed to the writer again (read back from Tune's files);
+    with the store then away, the trials already whole in MLflow are not reported as unwritten."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k")
+    tracker.parent()
+    writer = MlflowWriter(tracker, Console(quiet=True))
+    done = SimpleNamespace(
+        trial_id="t1", config={"variant": "sgd"}, local_path=str(tmp_path), path=None
+    )
+    writer.on_trial_result(0, [], done, {"epoch": 1, "score": 0.5})
+    writer.on_trial_complete(0, [], done)
+    assert writer.drain()
+
+    class Away:
+        def __getattr__(self, name: str):
+            raise ConnectionError("the store is away")
+
+    tracker._client = Away()  # type: ignore[assignment]
+    writer.add(writer.records["t1"].copy())
+    for trial_id in ("t0", "t2"):  # written before and after t1
+        writer.add(
+            TrialRecord(trial_id, {"variant": "sgd"}, [{"epoch": 1, "score": 0.4}], "FINISHED")
+        )
+    assert not writer.drain(attempts=1)
+    assert writer.unwritten == {"t0", "t2"}
