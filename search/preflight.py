@@ -85,8 +85,18 @@ def writable_file(option: str, path: Path) -> None:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise UsageError(f"{option} {path}: {folder} {what}")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not takes_files(folder) or (path.exists() and not os.access(path, os.W_OK)):
         raise UsageError(f"{option} {path}: cannot write there (permission denied)")
+
+
+def takes_files(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, found by making (and removing) one: os.access says
+    yes to root for folders that take no file, such as /proc, and knows nothing of read-only mounts."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".flatbasin-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 # Ray's longest socket path: {temp}/session_{date and time, 26 characters}_{pid}/sockets/plasma_store

@@ -359,7 +359,9 @@ class Tracker:
                 f"MLflow tracking URI {self.uri}: the folder {folder} {what}, so the database "
                 "cannot be made there"
             )
-        if not os.access(folder, os.W_OK | os.X_OK):
+        from flatbasin.search.preflight import takes_files
+
+        if not takes_files(folder):
             raise TrackingUnavailable(
                 f"MLflow tracking URI {self.uri}: the folder {folder} is not writable"
             )

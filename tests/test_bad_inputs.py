@@ -235,6 +235,9 @@ SEARCH: dict[str, Case] = {
     "tracking uri of a scheme MLflow lacks": Case(
         GOOD, ("--tracking-uri", "bogus://x"), "MLflow has no tracking store for 'bogus://'"
     ),
+    "sqlite in a folder that takes no file": Case(
+        GOOD, ("--tracking-uri", "sqlite:////proc/mlflow.db"), "the folder /proc is not writable"
+    ),
     "sqlite in a missing folder": Case(
         GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
     ),
