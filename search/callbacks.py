@@ -204,9 +204,8 @@ class Progress(Callback):
         self.best: tuple[float, str] | None = None
         self.began: dict[str, float] = {}  # trial id -> when it started (this driver's clock)
         self.durations: list[float] = []  # of the trials that ended while this driver watched
-        self.caught_up = (
-            False  # whether trials that ended before this driver (a resume) are counted
-        )
+        # Whether the trials that ended before this driver started (a resume) are counted yet.
+        self.caught_up = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (Progress, {"total": self.total, "every_s": self.every_s})

@@ -33,6 +33,7 @@ from flatbasin.search.tracking import (
     Tracker,
     TrackingUnavailable,
     read_store,
+    sqlite_file,
 )
 from flatbasin.spaces import Space, SpaceError
 from flatbasin.spaces.loader import BASE, CHECKING, RUN_ID
@@ -301,10 +302,9 @@ def _check_base(base: TrialConfig, space: Space) -> None:
 
 def _check_store(uri: str, where: str) -> None:
     """A SQLite store that does not exist holds no run; asking it would make the file."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
-        if not path.is_file():
-            raise UsageError(f"{where}: no such MLflow run: {uri} holds no runs yet (no {path})")
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise UsageError(f"{where}: no such MLflow run: {uri} holds no runs yet (no {path})")
 
 
 def _from_run(client: MlflowClient, uri: str, run_id: str, where: str) -> Converged:

@@ -12,6 +12,7 @@ import functools
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -226,12 +227,15 @@ def _copy_store(template: Path, path: Path, revision: str) -> bool:
             os.unlink(copy)
 
 
+def _read_only(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    """A SQLite file opened so that nothing can change it, closed at the end of the `with`."""
+    return contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True))
+
+
 def _empty_store(path: Path, revision: str) -> bool:
     """Whether `path` is an undamaged MLflow store of this schema revision holding no experiment."""
-    import sqlite3
-
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with _read_only(path) as db:
             sound = db.execute("pragma quick_check").fetchall() == [("ok",)]
             versions = db.execute("select version_num from alembic_version").fetchall()
             experiments = db.execute("select count(*) from experiments").fetchone()[0]
@@ -253,14 +257,20 @@ def _store_refused(uri: str, err: Exception) -> str:
     return f"MLflow tracking URI {uri} cannot be used: {_first_line(err)}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file a sqlite:/// tracking URI names; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0])
+
+
 def read_store(uri: str) -> MlflowClient:
     """A client for a store that must already hold runs (report, reproduce, --from RUN_ID): a SQLite
     file that does not exist is never made (a mistyped path would make an empty database), and a
     server that is down is named as such, not as a run that is missing. Raises TrackingUnavailable."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
-        if not path.is_file():
-            raise TrackingUnavailable(f"no MLflow store at {path} (from --tracking-uri {uri})")
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise TrackingUnavailable(f"no MLflow store at {path} (from --tracking-uri {uri})")
     tracker = Tracker(uri, experiment="", search_key="")
     tracker.check()
     return tracker.client
@@ -287,7 +297,7 @@ class Tracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            path = self._sqlite_path()
+            path = sqlite_file(self.uri)
             if path is not None and not path.exists():
                 seed_sqlite(path)  # the client would build the database: copy a built one instead
             self._client = MlflowClient(tracking_uri=self.uri)
@@ -297,7 +307,7 @@ class Tracker:
     def check(self) -> None:
         """Fail fast, before any trial starts, when the tracking store is unreachable or refuses us.
         A SQLite file that does not exist yet is not made here: bad input found later leaves no file."""
-        if self._sqlite_path() is not None and self._new_sqlite():
+        if sqlite_file(self.uri) is not None and self._new_sqlite():
             return
         try:
             self.client.search_experiments(max_results=1)
@@ -335,14 +345,9 @@ class Tracker:
                 "http://HOST:5000"
             )
 
-    def _sqlite_path(self) -> Path | None:
-        if not self.uri.startswith("sqlite:///"):
-            return None
-        return Path(self.uri.removeprefix("sqlite:///").partition("?")[0])
-
     def _new_sqlite(self) -> bool:
         """True when the SQLite file is yet to be made (and can be); raises when it cannot be."""
-        path = self._sqlite_path()
+        path = sqlite_file(self.uri)
         assert path is not None
         if path.is_dir():
             raise TrackingUnavailable(
@@ -370,10 +375,8 @@ class Tracker:
     def _check_mlflow_database(self, path: Path) -> None:
         """An existing file must be MLflow's database (or empty): MLflow would otherwise add its
         tables to whatever SQLite database, or fail on a file that is not one."""
-        import sqlite3
-
         try:
-            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            with _read_only(path) as db:
                 tables = {row[0] for row in db.execute("select name from sqlite_master")}
         except sqlite3.Error as err:
             raise TrackingUnavailable(
@@ -410,7 +413,7 @@ class Tracker:
     def _search_run(self, key_is: str) -> Run | None:
         """A search's run in this experiment whose storage key is (`=`) or is not (`!=`) ours;
         creates nothing (not even a SQLite file that is yet to exist)."""
-        sqlite = self._sqlite_path()
+        sqlite = sqlite_file(self.uri)
         if sqlite is not None and not sqlite.exists():
             return None  # asking would make the database
         found_experiment = self.client.get_experiment_by_name(self.experiment)

@@ -91,9 +91,14 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        if self.errors and not self.interrupted:
-            return "failed"
-        return "interrupted" if self.interrupted or self.out_of_time else "finished"
+        return search_state(bool(self.errors), self.interrupted, bool(self.out_of_time))
+
+
+def search_state(failed: bool, interrupted: bool, out_of_time: bool) -> str:
+    """What the search's run records: a failure first, then a search left to resume, else finished."""
+    if failed:
+        return "failed"
+    return "interrupted" if interrupted or out_of_time else "finished"
 
 
 def _init_ray(address: str | None) -> None:
@@ -280,8 +285,9 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
                   **({"from": start.source.text} if start else {})}  # fmt: skip
         try:
             if local:
-                # Ray's start-up and the search's MLflow run (a new SQLite store builds its tables: about
-                # 2 s) at the same time; both are needed before the first trial.
+                # Ray's start-up and the search's MLflow run at the same time (a new SQLite store is
+                # copied from a cached one, or built once per MLflow schema: 1.6 s, see seed_sqlite);
+                # both are needed before the first trial.
                 with ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool:
                     made = pool.submit(tracker.parent, params, space.path, space.digest)
                     _init_ray(None)
@@ -455,7 +461,7 @@ def _run(
             tracker, console, options, experiment_path, best, seeds, trainable
         )
     confirm_ended = time.perf_counter()
-    state = "failed" if errors else "interrupted" if interrupted or out_of_time else "finished"
+    state = search_state(bool(errors), interrupted, bool(out_of_time))
     if written:
         _finish_parent(tracker, parent, best, grid, confirmed)
         tracker.end_parent(state)
