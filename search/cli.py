@@ -93,8 +93,12 @@ def option_names(text: str) -> str:
 
 
 def build_config(variant: str, settings: dict[str, Any]):
-    from flatbasin.trainables.config import make_config
+    """A trial's config from --set and the options; the user's modules are found in the current
+    folder first (`train` and `lr-find` have no space file to stand beside)."""
+    from flatbasin.trainables.config import make_config, names_user_code
 
+    if names_user_code(settings.get("model"), settings.get("dataset")):
+        settings = {**settings, "code_dir": str(Path.cwd())}
     try:
         return make_config(variant, settings)
     except ValidationError as err:

@@ -41,7 +41,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
 from flatbasin.search.errors import short
-from flatbasin.trainables.config import TrialConfig, config_keys, make_config
+from flatbasin.trainables.config import TrialConfig, config_keys, make_config, names_user_code
 from flatbasin.trainables.strict import NoBoolNumbers
 from flatbasin.trainables.variants import REGISTRY
 
@@ -50,7 +50,7 @@ MAX_CORNERS = 20_000  # configs validated per variant; beyond it, range ends onl
 # TTA is too: it changes how every accuracy is measured, and it trains nothing worth searching.
 SHARED = frozenset(
     {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "data_seed",
-     "tta"}
+     "tta", "data_args", "loader_workers"}
 )  # fmt: skip
 # A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -102,6 +102,8 @@ class _SpaceFile(NoBoolNumbers):
     epochs: int = Field(20, ge=1)
     dataset: str = "digits"
     model: str = "auto"
+    model_args: dict[str, Any] | None = None  # keyword arguments of a zoo's or the user's model
+    data_args: dict[str, Any] | None = None  # keyword arguments of the user's data callable
     fixed: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any] | None] = Field(min_length=1)
     start: str | None = Field(None, alias="from")  # base, an MLflow run id or a checkpoint file
@@ -349,6 +351,16 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
         # Trials run in Tune's trial folders, not here: a relative path means this directory.
         fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().resolve())
     settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
+    if spec.data_args:
+        for key, value in spec.data_args.items():
+            if _parse_dist(f"{path}: data_args.{key}", value) is not None:
+                raise SpaceError(
+                    f"{path}: data_args.{key}: the data is shared by every trial of a search (what "
+                    "every variant is compared on), so its arguments are fixed values, not ranges"
+                )
+        settings["data_args"] = dict(spec.data_args)
+    # model_args at the top level: for every variant, each a fixed value or a searched range.
+    shared_model_args = {f"model_args.{k}": v for k, v in (spec.model_args or {}).items()}
     own_start = _from(path, spec)
     start_from = start_from or own_start  # --from on the command line wins over the file's from:
     if spec.base is not None and start_from != BASE:
@@ -371,9 +383,11 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
                 )
         searched: dict[str, Dist] = {}
         fixed: dict[str, Any] = {}
-        for key, value in (entries or {}).items():
+        for key, value in {**shared_model_args, **_args_flat(path, variant, entries)}.items():
             where = f"{path}: variants.{variant}.{key}"
-            if key not in top | own:
+            if key.startswith("model_args.") and key.removeprefix("model_args."):
+                pass  # the model's own keyword: its builder's signature is checked before Ray
+            elif key not in top | own:
                 raise SpaceError(
                     f"{where}: unknown key; {variant} parameters: {', '.join(sorted(own))}; trial settings: {', '.join(sorted(top))}"
                 )
@@ -398,9 +412,39 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
             _check_corners(path, variant, settings, tail, kept, CHECKING)
         variants[variant] = (searched, fixed)
     name = check_name(spec.name or path.stem, f"{path}: name")
+    if path.parent != BUNDLED and _names_user_code(settings, variants):
+        settings["code_dir"] = str(path.parent)  # where its modules are found first, on every worker
     base = _base(path, spec, settings)
     space = Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
     return dataclasses.replace(space, start_from=start_from, base=base, digest=space_digest(raw))
+
+
+def _args_flat(path: Path, variant: str, entries: dict[str, Any] | None) -> dict[str, Any]:
+    """A variant's entries with `model_args: {width: ...}` spread out as `model_args.width`."""
+    out: dict[str, Any] = {}
+    for key, value in (entries or {}).items():
+        if key == "model_args":
+            if not isinstance(value, dict):
+                raise SpaceError(
+                    f"{path}: variants.{variant}.model_args: expected a mapping of the model's "
+                    f"keyword arguments, got {short(value)}"
+                )
+            out |= {f"model_args.{k}": v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _names_user_code(
+    settings: dict[str, Any], variants: dict[str, tuple[dict[str, Dist], dict[str, Any]]]
+) -> bool:
+    """Whether any trial of the space imports the user's code (a model or a data set named
+    module:callable)."""
+    models = {settings.get("model", "auto")}
+    for searched, fixed in variants.values():
+        models |= {fixed["model"]} if "model" in fixed else set()
+        models |= set(searched["model"].values) if "model" in searched else set()
+    return any(names_user_code(m, settings.get("dataset")) for m in models)
 
 
 def space_digest(raw: Any) -> str:

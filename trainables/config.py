@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from flatbasin.trainables.accel import Precision, Toggle
 from flatbasin.trainables.data import DataSpec
-from flatbasin.trainables.models import Init, ModelName
+from flatbasin.trainables.models import Init, check_model_name, model_kind
 from flatbasin.trainables.start import StartPoint
 from flatbasin.trainables.tta import TTA
 from flatbasin.trainables.variants import REGISTRY, Variant, VariantParams
@@ -25,7 +25,11 @@ class TrialConfig(DataSpec):
 
     variant: str
     params: SerializeAsAny[VariantParams] = Field(default_factory=VariantParams)
-    model: ModelName = "auto"  # cnn1d for 1-D signals, small_cnn below 32x32 images, else resnet18
+    # auto: cnn1d for 1-D signals, small_cnn below 32x32 images, else resnet18; or a zoo's
+    # (torchvision:NAME, timm:NAME) or the user's (module:callable, called as
+    # build(input_shape, num_classes, **model_args))
+    model: str = "auto"
+    model_args: dict[str, Any] = Field(default_factory=dict)  # a zoo's or the user's model only
     epochs: int = Field(20, ge=1, le=10_000)  # the budget every variant spends in full
     batch_size: int = Field(64, ge=2, le=65_536)
     optimizer: OptimizerName = "sgd"  # "sgd" is heavy-ball momentum; "nesterov" adds the look-ahead
@@ -63,6 +67,26 @@ class TrialConfig(DataSpec):
             params = params.model_dump()
         return {**values, "params": REGISTRY[name].Params.model_validate(params)}
 
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, name: str) -> str:
+        return check_model_name(name)
+
+    @model_validator(mode="after")
+    def _model_settings(self) -> TrialConfig:
+        kind = model_kind(self.model)
+        if kind == "built_in" and self.model_args:
+            raise ValueError(
+                f"model_args ({', '.join(sorted(self.model_args))}) apply to a zoo's or your own "
+                f"model; the built-in '{self.model}' takes dropout and init"
+            )
+        if kind != "built_in" and self.dropout:
+            raise ValueError(
+                f"dropout applies to the built-in models; give '{self.model}' its own dropout "
+                "through model_args"
+            )
+        return self
+
     @model_validator(mode="after")
     def _fits_budget(self) -> TrialConfig:
         self.build_variant()  # raises ValueError naming the parameter when the cycles do not fit
@@ -83,8 +107,13 @@ class TrialConfig(DataSpec):
         return DataSpec(**{name: getattr(self, name) for name in DataSpec.model_fields})
 
     def flat(self) -> dict[str, Any]:
-        """Every setting under one flat name (variant parameters unprefixed), for logging."""
-        values = self.model_dump(mode="json", exclude={"params", "start"})
+        """Every setting under one flat name (variant parameters unprefixed; the model's and the
+        data's arguments as model_args.KEY and data_args.KEY), for logging."""
+        values = self.model_dump(
+            mode="json", exclude={"params", "start", "model_args", "data_args", "code_dir"}
+        )
+        for group in ("model_args", "data_args"):
+            values |= {f"{group}.{k}": v for k, v in getattr(self, group).items()}
         if self.start is not None:
             values |= {"from": self.start.source, "from_sha256": self.start.sha256}
         return {**values, **self.params.model_dump(mode="json")}
@@ -93,8 +122,13 @@ class TrialConfig(DataSpec):
 def config_keys(variant: str) -> tuple[set[str], set[str]]:
     """(top-level keys, variant parameter keys) a user may set for `variant` (not `start`: it is
     --from's)."""
-    top = set(TrialConfig.model_fields) - {"params", "variant", "start"}
+    top = set(TrialConfig.model_fields) - {"params", "variant", *DRIVER_SET}
     return top, set(REGISTRY[variant].Params.model_fields)
+
+
+# Set by the driver, never in a space file or --set: the converged model --from continues, and the
+# folder the user's code is imported from (the space file's; the current one for train).
+DRIVER_SET = frozenset({"start", "code_dir"})
 
 
 def make_config(
@@ -108,7 +142,9 @@ def make_config(
         raise ValueError(
             f"unknown variant {variant!r}; choose one of: {', '.join(sorted(REGISTRY))}"
         )
+    settings = nest_args(settings)
     top, own = config_keys(variant)
+    code_dir = settings.pop("code_dir", None)  # the driver's, passed along with the settings
     unknown = sorted(set(settings) - top - own)
     if unknown:
         raise ValueError(
@@ -118,9 +154,41 @@ def make_config(
         )
     params = {k: v for k, v in settings.items() if k in own}
     trial = {k: v for k, v in settings.items() if k in top}
+    if code_dir is not None:
+        trial["code_dir"] = str(code_dir)
     return TrialConfig.model_validate(
         {**trial, "variant": variant, "params": params, "start": start}
     )
+
+
+def names_user_code(model: object, dataset: object) -> bool:
+    """Whether a model or a data set setting names the user's own `module:callable`."""
+    from flatbasin.trainables.usercode import parse_ref
+
+    user_model = isinstance(model, str) and model_kind(model) == "user"
+    return user_model or (isinstance(dataset, str) and parse_ref(dataset) is not None)
+
+
+ARG_GROUPS = ("model_args", "data_args")
+
+
+def nest_args(settings: dict[str, Any]) -> dict[str, Any]:
+    """`model_args.width: 32` (a --set, a searched key, an MLflow param) into `model_args: {width:
+    32}`, on top of any `model_args:` mapping given whole."""
+    out: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        group, dot, name = key.partition(".")
+        if dot and group in ARG_GROUPS and name:
+            nested.setdefault(group, {})[name] = value
+        else:
+            out[key] = value
+    for group, values in nested.items():
+        whole = out.get(group)
+        if whole is not None and not isinstance(whole, dict):
+            raise ValueError(f"{group}: expected a mapping of keyword arguments, got {whole!r}")
+        out[group] = {**(whole or {}), **values}
+    return out
 
 
 def sampled(search_config: dict[str, Any]) -> dict[str, Any]:

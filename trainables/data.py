@@ -18,23 +18,26 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
+from flatbasin.trainables import usercode
 from flatbasin.trainables.strict import NoBoolNumbers
 
 DatasetName = Literal[
     "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder",
     "synthetic",
 ]  # fmt: skip
+BUILT_IN_NAMES: tuple[str, ...] = get_args(DatasetName)
 MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
 BUILT_IN = ("mnist1d", "digits", "synthetic")  # made or shipped locally: no data_dir, no download
 GENERATED = ("mnist1d", "synthetic")  # drawn from data_seed
 SYNTHETIC_IMAGES = 60_000  # CIFAR-10's count; with test_frac 1/6, its 50,000 / 10,000 split
+LOADER_WORKERS = 2  # DataLoader worker processes for streamed (user Dataset) data
 
 
 class DataError(ValueError):
@@ -46,7 +49,12 @@ class DataSpec(NoBoolNumbers):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: DatasetName = "digits"
+    # A built-in set, or the user's `module:callable` (called with **data_args; see user_data.py)
+    dataset: str = "digits"
+    data_args: dict[str, Any] = Field(default_factory=dict)  # the user's data callable only
+    loader_workers: int = Field(LOADER_WORKERS, ge=0, le=64)  # streamed data only
+    # The user's folder, where `module:callable` is looked for first (set by the driver, not by hand)
+    code_dir: str | None = None
     data_dir: Path | None = None  # root for torchvision sets and image folders
     download: bool = False  # torchvision sets only, and only when asked
     image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square (and
@@ -56,6 +64,35 @@ class DataSpec(NoBoolNumbers):
     test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
     split_seed: int = Field(0, ge=0, le=2**32 - 1)  # the same in every trial: the same split
     data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d, synthetic: which draw
+
+    def __hash__(self) -> int:  # data_args is a dict: hash what the spec says, in JSON
+        return hash(self.model_dump_json())
+
+    @property
+    def user(self) -> bool:
+        """The data comes from the user's own `module:callable`."""
+        return self.dataset not in BUILT_IN_NAMES
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_form(cls, name: str) -> str:
+        if name in BUILT_IN_NAMES or usercode.parse_ref(name):
+            return name
+        raise ValueError(
+            f"unknown data set {name!r}; give a built-in one ({', '.join(BUILT_IN_NAMES)}) or "
+            "your own as module:callable (mydata:load)"
+        )
+
+    @field_validator("data_args")
+    @classmethod
+    def _args_for_user_data(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        dataset = info.data.get("dataset")
+        if args and dataset is not None and dataset in BUILT_IN_NAMES:
+            raise ValueError(
+                f"data_args ({', '.join(sorted(args))}) apply to your own data set "
+                f"(dataset: module:callable); '{dataset}' is built in"
+            )
+        return args
 
     @field_validator("data_seed")
     @classmethod
@@ -93,6 +130,9 @@ class DataSpec(NoBoolNumbers):
         return value
 
 
+Split = Literal["train", "val", "test", "fit"]
+
+
 @dataclass(frozen=True)
 class Data:
     name: str
@@ -126,12 +166,35 @@ class Data:
                 x = flip_and_crop(x, generator) if x.dim() == 4 else random_shift(x, generator)
             yield x, self.y_train[idx]
 
-    def inputs(
-        self, split: Literal["train", "val", "test"], batch_size: int = 1024
-    ) -> Iterator[Tensor]:
-        x = {"train": self.x_train, "val": self.x_val, "test": self.x_test}[split]
+    def inputs(self, split: Split, batch_size: int = 1024) -> Iterator[Tensor]:
+        """A split's inputs in order, in batches. "fit": the first len(val) training examples (the
+        training split is a random permutation, so its head is a sample), scored like val."""
+        x = {
+            "train": self.x_train, "val": self.x_val, "test": self.x_test,
+            "fit": self.x_train[: len(self.y_val)],
+        }[split]  # fmt: skip
         for start in range(0, len(x), batch_size):
             yield x[start : start + batch_size]
+
+    def labels(self, split: Split) -> Tensor:
+        return {
+            "train": self.y_train, "val": self.y_val, "test": self.y_test,
+            "fit": self.y_train[: len(self.y_val)],
+        }[split]  # fmt: skip
+
+    def size(self, split: Split) -> int:
+        return len(self.labels(split))
+
+    def examples(self, index: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """Training examples by position (a slice or an index tensor), as stored: unaugmented."""
+        return self.x_train[index], self.y_train[index]
+
+    def resident_bytes(self) -> int:
+        """What the data set holds on its device."""
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in _TENSORS)
+
+    def close(self) -> None:
+        """Nothing to let go: the tensors are the data."""
 
     def to(self, device: torch.device) -> Data:
         moved = {k: getattr(self, k).to(device) for k in _TENSORS}
@@ -384,11 +447,38 @@ def load_raw(spec: DataSpec) -> Raw:
 
 @functools.lru_cache(maxsize=4)
 def load_data(spec: DataSpec, device: str = "cpu") -> Data:
-    """Load, split, normalise with training statistics, move to `device`. Cached per process."""
-    x, y, x_test, y_test = load_raw(spec)
+    """Load, split, normalise with training statistics, move to `device`. Cached per process.
+
+    The user's data (`dataset: module:callable`) comes back as arrays, which take the same path as
+    the built-in sets, or as Datasets, which are streamed (user_data.StreamedData: the same
+    interface, read by DataLoader workers)."""
+    if spec.user:
+        from flatbasin.trainables import user_data
+
+        usercode.on_path(spec.code_dir)
+        result, source = user_data.call(spec)
+        if user_data.is_datasets(result):
+            streamed = user_data.streamed(spec, result, source)
+            return streamed.to(torch.device(device))  # type: ignore[return-value]
+        x, y, x_test, y_test = user_data.arrays(spec, result)
+        recipe = user_data.recipe(spec, source)
+    else:
+        x, y, x_test, y_test = load_raw(spec)
+        recipe = _recipe(spec)
+    return _in_memory(spec, recipe, x, y, x_test, y_test).to(torch.device(device))
+
+
+def _in_memory(
+    spec: DataSpec,
+    recipe: bytes,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
+) -> Data:
     if len(x) == 0:
         raise DataError(f"data set '{spec.dataset}' is empty")
-    fingerprint = _fingerprint(_recipe(spec), x, y, x_test, y_test)
+    fingerprint = _fingerprint(recipe, x, y, x_test, y_test)
     if x_test is None or y_test is None:
         keep, test = _split(len(x), spec.test_frac, spec.split_seed)
         x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
@@ -416,4 +506,4 @@ def load_data(spec: DataSpec, device: str = "cpu") -> Data:
         x_test=norm(tensor(x_test)),
         y_test=torch.from_numpy(np.asarray(y_test)),
     )
-    return data.to(torch.device(device))
+    return data

@@ -104,7 +104,7 @@ def probe(config: TrialConfig, data: Data, autocast_dtype: torch.dtype | None) -
         optimizer=_bytes(state),
         fixed=max(saved[0] - per_example * PROBE_SIZES[0], 0.0),
         per_example=per_example,
-        widest=_widest_layer_bytes(model, data.x_train[:1]),
+        widest=_widest_layer_bytes(model, data.examples(slice(0, 1))[0]),
     )
 
 
@@ -120,13 +120,13 @@ def footprint(config: TrialConfig, probe: Probe, data: Data, eval_batch_size: in
     """
     steps = data.steps_per_epoch(config.batch_size)
     averager = config.build_variant().averager(probe.model, steps, lambda: iter(()))
-    largest_split = max(len(data.x_val), len(data.x_test))  # scored in batches of eval_batch_size
+    largest_split = max(data.size("val"), data.size("test"))  # scored in batches of eval_batch_size
     return Footprint(
         weights=probe.weights,
         gradients=probe.gradients,
         optimizer=probe.optimizer,
         averages=averager.model_copies() * probe.weights,
-        data=_bytes([getattr(data, k) for k in _DATA]),
+        data=data.resident_bytes(),
         training_batch=math.ceil(probe.fixed + probe.per_example * config.batch_size),
         evaluation_batch=2 * probe.widest * min(eval_batch_size, largest_split),
     )
@@ -137,9 +137,6 @@ def estimate(
 ) -> Footprint:
     """One trial's peak GPU memory (probe and footprint in one go)."""
     return footprint(config, probe(config, data, autocast_dtype), data, eval_batch_size)
-
-
-_DATA = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
 def _bytes(tensors: list[Tensor]) -> int:
@@ -160,7 +157,7 @@ def _saved_bytes(
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x, y = data.x_train[:batch_size], data.y_train[:batch_size]
+    x, y = data.examples(slice(0, batch_size))
     model.zero_grad(set_to_none=True)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     low = autocast_dtype or torch.bfloat16

@@ -125,8 +125,7 @@ def fit_accuracy(model: nn.Module, data: Data, tta: TTA, batch_size: int = 1024)
     """Accuracy on the first len(val) training examples, scored exactly as val_acc is. The running
     train_acc is no match for val_acc: it mixes an epoch of changing weights, train-mode batch norm,
     dropout and augmentation. The training split is a random permutation, so its head is a sample."""
-    n = len(data.y_val)
-    return accuracy(predict(model, data.x_train[:n].split(batch_size), tta), data.y_train[:n])
+    return accuracy(predict(model, data.inputs("fit", batch_size), tta), data.labels("fit"))
 
 
 def nll(probs: Tensor, labels: Tensor) -> float:

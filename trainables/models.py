@@ -7,16 +7,42 @@ the SWA reference code (timgaripov/swa/models), which torchvision does not have.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flatbasin.trainables import usercode
 
 ModelName = Literal[
     "auto", "cnn1d", "small_cnn", "resnet18", "vgg16_bn", "preresnet110", "preresnet164", "wrn28_10",
     "airbench",
 ]  # fmt: skip
+BUILT_IN_MODELS: tuple[str, ...] = get_args(ModelName)
+ZOOS = ("torchvision", "timm")  # `torchvision:resnet50`, `timm:resnet18`: a zoo's architecture
 Init = Literal["default", "kaiming", "xavier"]
+
+
+def model_kind(name: str) -> Literal["built_in", "zoo", "user"]:
+    """What a `model` setting names: one of ours, a zoo's architecture, or the user's callable."""
+    if name in BUILT_IN_MODELS:
+        return "built_in"
+    if name.partition(":")[0] in ZOOS:
+        return "zoo"
+    return "user"
+
+
+def check_model_name(name: str) -> str:
+    """A `model` setting's form (not whether it exists: that needs the import, done before Ray)."""
+    zoo, sep, arch = name.partition(":")
+    if name in BUILT_IN_MODELS or (sep and zoo in ZOOS and arch.strip()) or usercode.parse_ref(name):
+        return name
+    raise ValueError(
+        f"unknown model {name!r}; give a built-in one ({', '.join(BUILT_IN_MODELS)}), a zoo's "
+        "(torchvision:resnet50, timm:resnet18) or your own as module:callable (mynet:build)"
+    )
 
 
 class CNN1d(nn.Module):
@@ -257,7 +283,7 @@ def _vgg16_bn(in_channels: int, num_classes: int, dropout: float) -> nn.Module:
     return model
 
 
-def resolve_name(name: ModelName, shape: tuple[int, ...]) -> ModelName:
+def resolve_name(name: str, shape: tuple[int, ...]) -> str:
     """`auto`: cnn1d for 1-D signals (channels, length), small_cnn below 32x32 images, else resnet18."""
     if name != "auto":
         return name
@@ -285,14 +311,25 @@ def _check_fits(name: ModelName, shape: tuple[int, ...]) -> None:
 
 
 def build_model(
-    name: ModelName,
+    name: str,
     shape: tuple[int, ...],
     num_classes: int,
     *,
     dropout: float = 0.0,
     init: Init = "default",
+    model_args: Mapping[str, Any] | None = None,
+    code_dir: str | Path | None = None,
 ) -> nn.Module:
-    """`shape` is one example's: (channels, height, width) for images, (channels, length) for signals."""
+    """`shape` is one example's: (channels, height, width) for images, (channels, length) for signals.
+    A zoo's or the user's model gets `model_args` as keyword arguments (the user's is found in
+    `code_dir` first); ours take `dropout`."""
+    kind = model_kind(name)
+    if kind != "built_in":
+        model = _zoo_model(name, shape, num_classes, dict(model_args or {})) if kind == "zoo" else (
+            _user_model(name, shape, num_classes, dict(model_args or {}), code_dir)
+        )
+        _initialise(model, init)
+        return model
     name = resolve_name(name, shape)
     _check_fits(name, shape)
     channels = shape[0]
@@ -315,6 +352,84 @@ def build_model(
         model = WideResNet(28, 10, channels, num_classes, dropout)
     _initialise(model, init)
     return model
+
+
+def _user_model(
+    name: str, shape: tuple[int, ...], num_classes: int, args: dict[str, Any], code_dir: Any
+) -> nn.Module:
+    """`build(input_shape, num_classes, **model_args)` from the user's module."""
+    ref = usercode.parse_ref(name)
+    assert ref is not None  # check_model_name let it through
+    what = f"model {name}"
+    build = usercode.load_callable(ref, code_dir, what)
+    usercode.check_kwargs(build, args, 2, f"{what}: model_args")
+    model = usercode.call_user(build, what, tuple(shape), num_classes, **args)
+    if not isinstance(model, nn.Module):
+        raise usercode.UserCodeError(
+            f"{what} returned a {type(model).__name__}, not a torch.nn.Module; build(input_shape, "
+            "num_classes, **model_args) must return the network"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise usercode.UserCodeError(f"{what} returned a module without trainable parameters")
+    return model
+
+
+def _zoo_model(
+    name: str, shape: tuple[int, ...], num_classes: int, args: dict[str, Any]
+) -> nn.Module:
+    """A torchvision or timm architecture built for the data's channels and classes. Pretrained
+    weights are the zoo's business (`model_args: {pretrained: true}` for timm, `weights: DEFAULT`
+    for torchvision): nothing here fetches anything unless asked."""
+    zoo, _, arch = name.partition(":")
+    arch = arch.strip()
+    if len(shape) != 3:
+        raise ValueError(
+            f"model '{name}' is an image model (channels, height, width); this data set is of shape "
+            f"{shape}: give your own model as module:callable"
+        )
+    if zoo == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(
+                f"model '{name}' needs timm, which is not installed; install it with "
+                "pip install \"flatbasin[timm]\" (or pip install timm)"
+            ) from None
+        if not timm.is_model(arch):
+            near = timm.list_models(f"*{arch}*")[:8]
+            raise ValueError(
+                f"timm has no model '{arch}'"
+                + (f"; similar: {', '.join(near)}" if near else "; see timm.list_models()")
+            )
+        return usercode.call_user(
+            timm.create_model, f"model {name}", arch,
+            num_classes=num_classes, in_chans=shape[0], **args,
+        )  # fmt: skip
+    from torchvision import models as tv
+
+    if arch not in tv.list_models():
+        near = [m for m in tv.list_models() if arch.lower() in m][:8]
+        raise ValueError(
+            f"torchvision has no model builder '{arch}'"
+            + (f"; similar: {', '.join(near)}" if near else "; see torchvision.models.list_models()")
+        )
+    model = usercode.call_user(tv.get_model, f"model {name}", arch, num_classes=num_classes, **args)
+    if shape[0] != 3:
+        _first_conv_takes(model, shape[0])
+    return model
+
+
+def _first_conv_takes(model: nn.Module, channels: int) -> None:
+    """torchvision's builders make 3-channel stems: give the first convolution `channels` inputs
+    (same kernel, stride and padding; freshly initialised)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                setattr(parent, child_name, nn.Conv2d(
+                    channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
+                ))  # fmt: skip
+                return
 
 
 def _initialise(model: nn.Module, init: Init) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flatbasin.trainables import accel
+from flatbasin.trainables import accel, usercode
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
 from flatbasin.trainables.models import build_model
@@ -49,9 +49,10 @@ def build(config: TrialConfig, data: Data) -> nn.Module:
     """The trial's model; a model that cannot exist for this data raises TrialError."""
     try:
         return build_model(
-            config.model, data.shape, data.num_classes, dropout=config.dropout, init=config.init
-        )
-    except ValueError as err:
+            config.model, data.shape, data.num_classes, dropout=config.dropout, init=config.init,
+            model_args=config.model_args, code_dir=config.code_dir,
+        )  # fmt: skip
+    except ValueError as err:  # UserCodeError too: the user's module, named with file and line
         raise TrialError(str(err)) from err
 
 
@@ -60,7 +61,7 @@ def check_data(config: TrialConfig, data: Data) -> None:
         raise TrialError(
             f"data set '{config.dataset}' has {data.num_classes} class; a classifier needs at least 2"
         )
-    n_train = len(data.x_train)
+    n_train = data.size("train")
     if config.batch_size > n_train:
         raise TrialError(
             f"batch_size {config.batch_size} is larger than the training split of '{config.dataset}' "
@@ -73,20 +74,24 @@ def check_model(
 ) -> None:
     """The model takes two training examples and gives one score per class (state left untouched),
     and the variant (`config`'s own when not given) can train it."""
-    probe = data.x_train[:2].to(next(model.parameters()).device)
+    probe = data.examples(slice(0, 2))[0].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()  # no batch-norm statistics updated, no dropout drawn: the trial's state is untouched
     try:
         with torch.no_grad():
             out = model(probe)
-    except (RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # a user's forward can raise anything; say what and where
         raise TrialError(
             f"model '{config.model}' cannot take the input of '{config.dataset}' "
-            f"(examples of shape {tuple(probe.shape[1:])}): {first}"
-        ) from err
+            f"(examples of shape {tuple(probe.shape[1:])}): {usercode.describe_error(err)}"
+        ) from None
     finally:
         model.train(was_training)
+    if not isinstance(out, Tensor):
+        raise TrialError(
+            f"model '{config.model}' returns a {type(out).__name__} for a batch of "
+            f"'{config.dataset}'; it must return one tensor of logits, shape (batch, classes)"
+        )
     if tuple(out.shape) != (len(probe), data.num_classes):
         raise TrialError(
             f"model '{config.model}' gives outputs of shape {tuple(out.shape[1:])} for "
@@ -146,7 +151,7 @@ def check_learns(
     """
     ranks = F.one_hot(data.y_train, data.num_classes).cumsum(0).gather(1, data.y_train[:, None])
     batch = torch.argsort(ranks.squeeze(1), stable=True)[:examples]  # classes take turns
-    x, y = data.x_train[batch].cpu(), data.y_train[batch].cpu()
+    x, y = (t.cpu() for t in data.examples(batch))
     threads = torch.get_num_threads()
     try:
         if config.threads is not None:

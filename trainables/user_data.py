@@ -1,0 +1,471 @@
+"""The user's own data set: `dataset: module:callable`, called as `load(**data_args)`, returns either
+
+- four array-likes `(x_train, y_train, x_test, y_test)` (numpy or torch; integer labels): held in
+  memory like the built-in sets (normalised, split and augmented exactly as they are); or
+- two map-style `torch.utils.data.Dataset`s `(train_set, test_set)` whose items are
+  `(input_tensor, integer_label)`: streamed through a DataLoader (`StreamedData`), for data that does
+  not fit in memory.
+
+Everything is checked when it is loaded (before Ray, in the driver), so a wrong return value, labels
+out of range or NaN inputs end in one DataError naming the callable, not a traceback mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+
+from flatbasin.trainables import usercode
+
+if TYPE_CHECKING:
+    from flatbasin.trainables.data import DataSpec, Raw, Split
+
+SAMPLED_ITEMS = 64  # items of a Dataset checked (and hashed into its fingerprint), evenly spaced
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def call(spec: DataSpec) -> tuple[Any, str]:
+    """The user's callable's return value, and the SHA-256 of the source it came from."""
+    from flatbasin.trainables.data import DataError
+
+    ref = usercode.parse_ref(spec.dataset)
+    assert ref is not None  # DataSpec let only built-in names and module:callable through
+    what = f"dataset {spec.dataset}"
+    try:
+        load = usercode.load_callable(ref, spec.code_dir, what)
+        usercode.check_kwargs(load, spec.data_args, 0, f"{what}: data_args")
+        result = usercode.call_user(load, what, **spec.data_args)
+    except usercode.UserCodeError as err:
+        raise DataError(str(err)) from None
+    source = usercode.code_digest(usercode.source_files(ref.module))
+    return result, source
+
+
+def recipe(spec: DataSpec, source: str) -> bytes:
+    """What a user data set's fingerprint starts from: its code and its arguments."""
+    return json.dumps(
+        {"dataset": spec.dataset, "source_sha256": source, "data_args": spec.data_args},
+        sort_keys=True, default=repr,
+    ).encode()  # fmt: skip
+
+
+def is_datasets(result: Any) -> bool:
+    return (
+        isinstance(result, tuple | list)
+        and len(result) == 2
+        and all(isinstance(d, Dataset) for d in result)
+    )
+
+
+def arrays(spec: DataSpec, result: Any) -> Raw:
+    """Four checked numpy arrays from the user's four array-likes."""
+    from flatbasin.trainables.data import DataError
+
+    what = f"dataset {spec.dataset}"
+    if not isinstance(result, tuple | list) or len(result) not in (2, 4):
+        raise DataError(
+            f"{what} returned {_kind(result)}; return four arrays (x_train, y_train, x_test, y_test) "
+            "or two torch Datasets (train_set, test_set)"
+        )
+    if len(result) == 2:
+        kinds = ", ".join(type(r).__name__ for r in result)
+        raise DataError(
+            f"{what} returned two things ({kinds}), not two torch.utils.data.Dataset objects; "
+            "return (train_set, test_set) Datasets, or four arrays (x_train, y_train, x_test, y_test)"
+        )
+    found = {}
+    for name, value in zip(ARRAYS, result, strict=True):
+        found[name] = _numpy(what, name, value)
+    x_train, y_train, x_test, y_test = (found[n] for n in ARRAYS)
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        if x.ndim < 2:
+            raise DataError(
+                f"{what}: x_{split} has shape {x.shape}; give one row per example, (N, ...) "
+                "e.g. (N, channels, height, width) for images or (N, features)"
+            )
+        if len(x) != len(y):
+            raise DataError(
+                f"{what}: x_{split} holds {len(x)} examples but y_{split} {len(y)} labels"
+            )
+        if len(x) == 0:
+            raise DataError(f"{what}: the {split} arrays are empty")
+        _check_inputs(what, f"x_{split}", x)
+        _check_labels(what, f"y_{split}", y)
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{what}: training examples have shape {x_train.shape[1:]} but test examples "
+            f"{x_test.shape[1:]}"
+        )
+    _check_classes(what, y_train, y_test)
+    as_input = lambda x: x if x.dtype == np.uint8 else x.astype(np.float32)  # noqa: E731
+    return as_input(x_train), y_train.astype(np.int64), as_input(x_test), y_test.astype(np.int64)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _numpy(what: str, name: str, value: Any) -> np.ndarray:
+    from flatbasin.trainables.data import DataError
+
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{what}: {name} is not an array ({type(value).__name__}): {err}") from None
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+    ):
+        raise DataError(
+            f"{what}: {name} is not a numeric array (a {type(value).__name__} of {array.dtype}); "
+            "give numpy arrays or torch tensors of numbers"
+        )
+    return array
+
+
+def _check_inputs(what: str, name: str, x: np.ndarray) -> None:
+    from flatbasin.trainables.data import DataError
+
+    if x.dtype == np.bool_:
+        raise DataError(f"{what}: {name} is boolean; give numbers (0/1 as floats or uint8)")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{what}: {name} holds NaN or infinite values in {int(bad.sum())} example(s), the "
+                f"first at index {first}; every trial would diverge at its first step"
+            )
+
+
+def _check_labels(what: str, name: str, y: np.ndarray) -> None:
+    from flatbasin.trainables.data import DataError
+
+    if y.ndim != 1:
+        raise DataError(
+            f"{what}: {name} has shape {y.shape}; give one integer class index per example, "
+            "shape (N,) (not one-hot)"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        raise DataError(
+            f"{what}: {name} is of type {y.dtype}; labels are integer class indices 0..K-1"
+        )
+    if y.min() < 0:
+        raise DataError(
+            f"{what}: {name} holds negative labels (the least is {int(y.min())}); labels are "
+            "class indices 0..K-1"
+        )
+
+
+def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
+    """The class count K (largest label + 1); every class must have training examples."""
+    from flatbasin.trainables.data import DataError
+
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    missing = sorted(set(range(classes)) - {int(c) for c in np.unique(y_train)})
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise DataError(
+            f"{what}: labels run 0..{classes - 1}, but class(es) {shown} have no training "
+            f"example ({len(missing)} of {classes}); renumber the classes 0..K-1 without gaps"
+        )
+    if classes < 2:
+        raise DataError(f"{what}: every label is 0; a classifier needs at least 2 classes")
+    return classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed: two map-style Datasets.
+
+
+def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
+    from flatbasin.trainables.data import DataError
+
+    try:
+        item = dataset[index]
+    except Exception as err:
+        raise DataError(f"{what}: item {index} cannot be read: {usercode.describe_error(err)}") from None
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise DataError(
+            f"{what}: item {index} is {_kind(item)}; each item must be (input_tensor, integer_label)"
+        )
+    x, y = item
+    if not isinstance(x, Tensor):
+        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.number):
+            x = torch.from_numpy(x)
+        else:
+            raise DataError(
+                f"{what}: item {index}'s input is a {type(x).__name__}, not a tensor (a transform "
+                "such as torchvision's ToTensor makes one)"
+            )
+    if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point():
+        y = int(y.item())
+    if isinstance(y, np.integer):
+        y = int(y)
+    if not isinstance(y, int) or isinstance(y, bool):
+        raise DataError(
+            f"{what}: item {index}'s label is {y!r} ({type(y).__name__}); labels are integer "
+            "class indices 0..K-1"
+        )
+    return x, y
+
+
+def _sample_positions(n: int) -> list[int]:
+    return sorted({round(i * (n - 1) / max(SAMPLED_ITEMS - 1, 1)) for i in range(min(n, SAMPLED_ITEMS))})
+
+
+def _check_sample(what: str, dataset: Dataset, n: int, digest: Any) -> tuple[int, ...]:
+    """A deterministic sample of items has one shape, finite inputs and integer labels; hashed."""
+    from flatbasin.trainables.data import DataError
+
+    shape: tuple[int, ...] | None = None
+    for index in _sample_positions(n):
+        x, y = _item(what, dataset, index)
+        if shape is None:
+            shape, first = tuple(x.shape), index
+        elif tuple(x.shape) != shape:
+            raise DataError(
+                f"{what}: items have inconsistent shapes: item {first} is {shape}, item {index} "
+                f"is {tuple(x.shape)}; every input must have one shape (resize in the Dataset)"
+            )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise DataError(f"{what}: item {index}'s input holds NaN or infinite values")
+        digest.update(x.detach().cpu().contiguous().numpy().tobytes() + str(y).encode())
+    assert shape is not None
+    if len(shape) < 1:
+        raise DataError(f"{what}: inputs are scalars; each input must be a tensor of features")
+    return shape
+
+
+def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
+    """Every label: from `targets` (torchvision's convention) when the Dataset has it, else by one
+    pass over the items through a DataLoader, which also finds items of another shape."""
+    from flatbasin.trainables.data import DataError
+
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        try:
+            labels = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets)
+        except (TypeError, ValueError):
+            labels = None
+        if labels is not None and labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer):
+            return labels.astype(np.int64)
+    found = []
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    try:
+        for _, y in loader:
+            found.append(torch.as_tensor(y).reshape(-1))
+    except Exception as err:
+        raise DataError(
+            f"{what}: reading every item failed: {usercode.describe_error(err)} (items of "
+            "different shapes cannot be batched)"
+        ) from None
+    labels = torch.cat(found).numpy()
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{what}: labels are of type {labels.dtype}; labels are integer class indices")
+    return labels.astype(np.int64)
+
+
+def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> StreamedData:
+    """Checked, split and fingerprinted Datasets; the validation split is carved from the training
+    set by split_seed, as for the built-in sets."""
+    from flatbasin.trainables.data import DataError, _check_splits, _split
+
+    train_set, test_set = result
+    what = f"dataset {spec.dataset}"
+    digest = hashlib.sha256(recipe(spec, source))
+    sizes = {}
+    for name, ds in (("training", train_set), ("test", test_set)):
+        try:
+            sizes[name] = len(ds)  # type: ignore[arg-type]
+        except TypeError:
+            raise DataError(
+                f"{what}: the {name} Dataset has no len(); give map-style Datasets "
+                "(with __getitem__ and __len__)"
+            ) from None
+        if sizes[name] == 0:
+            raise DataError(f"{what}: the {name} Dataset is empty")
+    shape = _check_sample(f"{what} (training set)", train_set, sizes["training"], digest)
+    test_shape = _check_sample(f"{what} (test set)", test_set, sizes["test"], digest)
+    if test_shape != shape:
+        raise DataError(
+            f"{what}: training inputs have shape {shape} but test inputs {test_shape}"
+        )
+    y_all = _labels(f"{what} (training set)", train_set, sizes["training"], spec.loader_workers)
+    y_test = _labels(f"{what} (test set)", test_set, sizes["test"], spec.loader_workers)
+    for name, y in (("training", y_all), ("test", y_test)):
+        _check_labels(what, f"the {name} labels", y)
+    classes = _check_classes(what, y_all, y_test)
+    digest.update(y_all.tobytes() + y_test.tobytes() + f"{sizes}".encode())
+    train, val = _split(len(y_all), spec.val_frac, spec.split_seed + 1)
+    _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(y_test)})
+    return StreamedData(
+        name=spec.dataset,
+        fingerprint=digest.hexdigest()[:16],
+        num_classes=classes,
+        shape=shape,
+        train_set=train_set,
+        test_set=test_set,
+        train_index=torch.from_numpy(train),
+        val_index=torch.from_numpy(val),
+        y_train=torch.from_numpy(y_all[train]),
+        y_val=torch.from_numpy(y_all[val]),
+        y_test=torch.from_numpy(y_test),
+        workers=spec.loader_workers,
+    )
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """The batches of the epoch about to run, set before each pass: a DataLoader with persistent
+    workers asks its batch sampler again at every epoch, so the order stays the trial's own (drawn
+    from its generator, as for data in memory) without new worker processes per epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StreamedData:
+    """The same interface as data.Data, with inputs read by DataLoader workers instead of held as
+    tensors. Labels are held (they decide the split and score every evaluation); inputs are not."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        fingerprint: str,
+        num_classes: int,
+        shape: tuple[int, ...],
+        train_set: Dataset,
+        test_set: Dataset,
+        train_index: Tensor,
+        val_index: Tensor,
+        y_train: Tensor,
+        y_val: Tensor,
+        y_test: Tensor,
+        workers: int,
+        device: torch.device | None = None,
+    ):
+        self.name, self.fingerprint, self.num_classes = name, fingerprint, num_classes
+        self.shape = shape
+        self.train_set, self.test_set = train_set, test_set
+        self.train_index, self.val_index = train_index, val_index
+        self.workers = workers
+        self.device = device or torch.device("cpu")
+        self.y_train, self.y_val, self.y_test = (
+            t.to(self.device) for t in (y_train, y_val, y_test)
+        )
+        self._loaders: dict[Any, tuple[DataLoader, _EpochBatches | None]] = {}
+
+    # -- what data.Data offers ------------------------------------------------------------------
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(len(self.train_index) // batch_size, 1)
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator, augment: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled epoch in the order the trial's generator draws (as for data in memory); the
+        last partial batch is dropped."""
+        from flatbasin.trainables.data import flip_and_crop, random_shift
+
+        order = self.train_index[torch.randperm(len(self.train_index), generator=generator)]
+        steps = self.steps_per_epoch(batch_size)
+        loader, batches = self._loader(("train", batch_size), self.train_set, shuffled=True)
+        assert batches is not None
+        batches.batches = [
+            order[k * batch_size : (k + 1) * batch_size].tolist() for k in range(steps)
+        ]
+        for x, y in loader:
+            x, y = self._input(x), y.to(self.device, non_blocking=True)
+            if augment:
+                x = flip_and_crop(x, generator) if x.dim() == 4 else random_shift(x, generator)
+            yield x, y
+
+    def inputs(self, split: Split, batch_size: int = 1024) -> Iterator[Tensor]:
+        dataset, _ = self._split(split)
+        loader, _ = self._loader((split, batch_size), dataset, batch_size=batch_size)
+        for x, _y in loader:
+            yield self._input(x)
+
+    def labels(self, split: Split) -> Tensor:
+        return {
+            "train": self.y_train, "val": self.y_val, "test": self.y_test,
+            "fit": self.y_train[: len(self.y_val)],
+        }[split]  # fmt: skip
+
+    def size(self, split: Split) -> int:
+        return len(self.labels(split))
+
+    def examples(self, index: slice | Tensor) -> tuple[Tensor, Tensor]:
+        positions = self.train_index[index]
+        items = [self.train_set[int(i)] for i in positions.reshape(-1)]
+        x, y = default_collate(items)
+        return self._input(x), torch.as_tensor(y).to(self.device)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.y_train, self.y_val, self.y_test))
+
+    def to(self, device: torch.device) -> StreamedData:
+        moved = StreamedData(
+            name=self.name, fingerprint=self.fingerprint, num_classes=self.num_classes,
+            shape=self.shape, train_set=self.train_set, test_set=self.test_set,
+            train_index=self.train_index, val_index=self.val_index, y_train=self.y_train,
+            y_val=self.y_val, y_test=self.y_test, workers=self.workers, device=device,
+        )  # fmt: skip
+        return moved
+
+    def close(self) -> None:
+        """Stop the loaders' worker processes."""
+        self._loaders.clear()
+
+    # -- inside ---------------------------------------------------------------------------------
+    def _split(self, split: Split) -> tuple[Dataset, Tensor | None]:
+        if split == "test":
+            return self.test_set, None
+        index = {
+            "train": self.train_index, "val": self.val_index,
+            "fit": self.train_index[: len(self.val_index)],
+        }[split]  # fmt: skip
+        return Subset(self.train_set, index.tolist()), index
+
+    def _loader(
+        self, key: Any, dataset: Dataset, *, shuffled: bool = False, batch_size: int = 1
+    ) -> tuple[DataLoader, _EpochBatches | None]:
+        if key not in self._loaders:
+            batches = _EpochBatches() if shuffled else None
+            workers = self.workers
+            batching: dict[str, Any] = (
+                {"batch_sampler": batches} if shuffled else {"batch_size": batch_size}
+            )
+            loader = DataLoader(
+                dataset,
+                **batching,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+                # Worker seeds from a fixed generator: a Dataset's own random transforms draw the
+                # same numbers in a trial and in its reproduction.
+                generator=torch.Generator().manual_seed(0),
+            )
+            self._loaders[key] = (loader, batches)
+        return self._loaders[key]
+
+    def _input(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
