@@ -565,13 +565,22 @@ def sync(
 def reproduce(
     run_id: Annotated[str, typer.Argument(help="an MLflow trial run id (see the search summary)")],
     tracking_uri: TrackingUri = None,
+    recorded_code: Annotated[
+        bool,
+        typer.Option(
+            "--recorded-code",
+            help="import the user's modules from the copy recorded with the run, not from here",
+        ),
+    ] = False,
 ) -> None:
     """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
     from flatbasin.search.reproduce import reproduce as run_reproduce
 
     _quiet_mlflow_retries()
     try:
-        exact = run_reproduce(run_id, tracking_uri_or_default(tracking_uri), console)
+        exact = run_reproduce(
+            run_id, tracking_uri_or_default(tracking_uri), console, recorded_code=recorded_code
+        )
     except UsageError as err:
         fail(str(err))
     raise typer.Exit(0 if exact else 1)

@@ -28,6 +28,7 @@ from flatbasin.search.errors import UsageError
 from flatbasin.search.tracking import (
     BASE_RUN,
     CHECKPOINT_ARTIFACT,
+    CODE_ARTIFACTS,
     EPOCH_METRICS,
     ROLE,
     TrackingUnavailable,
@@ -39,6 +40,7 @@ from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.loop import EpochMetrics, train
 from flatbasin.trainables.start import Weights, read_converged
+from flatbasin.trainables.usercode import code_files, user_modules
 
 
 def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -56,13 +58,17 @@ def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
 
-def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
+def reproduce(
+    run_id: str, tracking_uri: str, console: Console, *, recorded_code: bool = False
+) -> bool:
     try:
         client = read_store(tracking_uri)
     except TrackingUnavailable as err:
         raise UsageError(str(err)) from err
     record = fetch_record(client, run_id)
     config = TrialConfig.model_validate({**record["config"], "threads": record["threads"]})
+    code_folder = tempfile.TemporaryDirectory(prefix="flatbasin-code-")
+    config = with_code(client, run_id, config, Path(code_folder.name), recorded_code, console)
     console.print(
         f"reproducing {config.variant} trial {record['trial_id']} ({config.epochs} epochs, seed {config.seed}, {record['threads']} thread(s))"
     )
@@ -143,10 +149,71 @@ def reproduce(run_id: str, tracking_uri: str, console: Console) -> bool:
     if last.is_file():
         log_weights(client, new_run_id, last)
     folder.cleanup()
+    code_folder.cleanup()
     client.set_terminated(new_run_id)
     verdict = Text("exact match", style="green") if exact else Text("numbers differ", style="red")
     console.print(verdict + Text(f"; logged as run {new_run_id}"))
     return exact
+
+
+def with_code(
+    client: MlflowClient,
+    run_id: str,
+    config: TrialConfig,
+    folder: Path,
+    use_recorded: bool,
+    console: Console,
+) -> TrialConfig:
+    """The config whose user modules (model:, dataset: module:callable) import what ran: the code
+    found now (in the trial's folder if it is on this machine, else the current one) when it is
+    the same as what the run recorded, or is all there is; the recorded copy when asked
+    (--recorded-code) or when the code is not here at all. A difference is said plainly."""
+    modules = user_modules(config.model, config.dataset)
+    if not modules:
+        return config
+    recorded = _recorded_code(client, run_id, folder)
+    here = config.code_dir if config.code_dir and Path(config.code_dir).is_dir() else str(Path.cwd())
+    now = code_files(modules, here)
+    if use_recorded or (not now and recorded):
+        if not recorded:
+            raise UsageError(
+                f"run {run_id} recorded none of its code ({', '.join(modules)}); --recorded-code "
+                "has nothing to use: run without it, beside the modules"
+            )
+        why = "as asked" if use_recorded else f"{', '.join(modules)} cannot be found here"
+        console.print(f"using the code recorded with the run ({', '.join(sorted(recorded))}): {why}")
+        return config.model_copy(update={"code_dir": str(folder)})
+    if not now:
+        raise UsageError(
+            f"this trial imports {', '.join(modules)}, found neither in {here} nor on the path, "
+            f"and run {run_id} recorded no copy; run reproduce in the folder that holds them"
+        )
+    changed = sorted(
+        name for name in set(recorded) | set(now)
+        if name not in now or name not in recorded
+        or now[name].read_text(encoding="utf-8", errors="replace") != recorded[name]
+    )  # fmt: skip
+    if recorded and changed:
+        console.print(
+            f"the code imported now differs from the code that ran: {', '.join(changed)} "
+            f"(in {here}); the numbers may differ. --recorded-code reproduces with the copy "
+            "recorded with the run",
+            style="yellow",
+        )
+    return config.model_copy(update={"code_dir": here})
+
+
+def _recorded_code(client: MlflowClient, run_id: str, folder: Path) -> dict[str, str]:
+    """The run's code/ artifacts, downloaded into `folder` (kept: the trial may import them)."""
+    if not client.list_artifacts(run_id, CODE_ARTIFACTS):
+        return {}
+    local = Path(client.download_artifacts(run_id, CODE_ARTIFACTS, str(folder)))
+    files = {str(p.relative_to(local)): p for p in local.rglob("*") if p.is_file()}
+    for name, path in files.items():  # the modules at the folder's top, as they were imported
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    return {name: (folder / name).read_text(encoding="utf-8") for name in files}
 
 
 def converged_weights(client: MlflowClient, config: TrialConfig) -> Weights | None:

@@ -1,7 +1,8 @@
 """`flatbasin submit`: send a search to a Ray cluster through the Jobs API and follow its logs.
 
 The job runs `flatbasin search SPACE --address auto [options]` on the cluster (flatbasin is installed in
-the cluster's image); the space file travels as the job's working directory. Tracking URI and storage
+the cluster's image); the space file travels as the job's working directory, with its whole folder when
+the space names the user's own modules (model: or dataset: module:callable). Tracking URI and storage
 path go as options, never secrets: credentials for MLflow belong in the cluster's environment.
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flatbasin.spaces.loader import BUNDLED, resolve
+from flatbasin.search.tuner import CODE_EXCLUDES
+from flatbasin.spaces.loader import BUNDLED, load_space, resolve
 
 
 def submit(
@@ -27,13 +29,19 @@ def submit(
     path = resolve(space)
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="flatbasin-job-") as folder:
+        runtime_env: dict[str, object] = {"working_dir": folder}
         if path.parent == BUNDLED and Path(space).suffix == "":
             target = path.stem  # a bundled space: the cluster's install has it
+        elif "code_dir" in load_space(path).settings:
+            # The space names the user's modules: their folder is the job's working directory,
+            # which Ray gives every worker of the job (first on its PYTHONPATH).
+            runtime_env = {"working_dir": str(path.parent), "excludes": CODE_EXCLUDES}
+            target = path.name
         else:
             shutil.copy(path, Path(folder) / path.name)
             target = path.name
         entrypoint = shlex.join(["flatbasin", "search", target, "--address", "auto", *search_args])
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": folder})
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     console.print(f"submitted job {job_id} to {address}: {entrypoint}")
     if not wait:
         console.print(f"follow it with: ray job logs --address {address} --follow {job_id}")

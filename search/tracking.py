@@ -31,6 +31,7 @@ from flatbasin.search.errors import short
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.start import write_converged
+from flatbasin.trainables.usercode import text_digest
 
 # Per-epoch metrics, step = epoch. train_loss and train_acc are absent in an epoch without a pass over
 # the data (prior_guided's focus epochs); elapsed_s is training time since the trial started. Each
@@ -61,6 +62,8 @@ BASE_RUN = "flatbasin.base_run"
 FROM_SHA = "flatbasin.from_sha256"
 BASE_SOURCE = "flatbasin.base_source"
 CHECKPOINT_ARTIFACT = "checkpoint.pt"  # a run's final weights: what --from RUN_ID continues
+CODE_ARTIFACTS = "code"  # the user's own modules (model:, dataset: module:callable) as they ran
+CODE_SHA256 = "flatbasin.code_sha256"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -730,11 +733,16 @@ class Tracker:
         # The `precision` and `channels_last` params may read `auto` too: this is how it ran.
         for key, value in (final.get("runtime") or {}).items():
             tags.append(RunTag(f"flatbasin.runtime.{key}", str(value).lower()))
+        code = final.get("code") or {}
+        if code:  # the user's modules as the worker imported them: reproduce compares with these
+            tags.append(RunTag(CODE_SHA256, text_digest(code)))
         self.client.log_batch(
             run_id, metrics=[] if run_id in self._final_metrics else metrics, tags=tags
         )
         self._final_metrics.add(run_id)
         self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
+        for name, text in code.items():
+            self.client.log_text(run_id, text, f"{CODE_ARTIFACTS}/{name}")
         if final["curve"]:
             variant = final["trial_config"]["variant"]
             figure = curve_figure({variant: final}, trial_id=record.trial_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -101,7 +102,24 @@ def search_state(failed: bool, interrupted: bool, out_of_time: bool) -> str:
     return "interrupted" if interrupted or out_of_time else "finished"
 
 
-def _init_ray(address: str | None) -> None:
+# What a user's folder never needs to send to a cluster with its modules: flatbasin's own outputs.
+CODE_EXCLUDES = ["runs/", "mlruns/", "reports/", "*.db", "*.pt", "__pycache__/", ".git/"]
+
+
+def code_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
+    """The job runtime env that carries the user's folder (their model and data modules) to every
+    worker of a cluster: Ray's working_dir, which it puts first on each worker's PYTHONPATH. None
+    when there is no user code, or when this driver is itself a job that brought the folder (flatbasin
+    submit): Ray refuses a second working_dir there."""
+    if code_dir is None:
+        return None
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job and (json.loads(job).get("runtime_env") or {}).get("working_dir"):
+        return None
+    return {"working_dir": code_dir, "excludes": CODE_EXCLUDES}
+
+
+def _init_ray(address: str | None, code_dir: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -116,7 +134,7 @@ def _init_ray(address: str | None) -> None:
     )  # our summary names the runs
     if address:
         os.environ["RAY_ADDRESS"] = address  # Ray lets $RAY_ADDRESS override the argument: agree
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=code_runtime_env(code_dir))
     else:
         # A new Ray on this machine, always: never one that $RAY_ADDRESS or Ray's current-cluster
         # file names (a stale file made a search hang for minutes). Loopback: local_ray_on_loopback.
@@ -293,7 +311,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
                     _init_ray(None)
                     parent = made.result()
             else:  # nothing is recorded until the cluster is known to reach the store and storage
-                _init_ray(target.address)
+                _init_ray(target.address, space.settings.get("code_dir"))
                 check_cluster(
                     options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial
                 )

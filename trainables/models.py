@@ -7,6 +7,7 @@ the SWA reference code (timgaripov/swa/models), which torchvision does not have.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -366,7 +367,7 @@ def _user_model(
     model = usercode.call_user(build, what, tuple(shape), num_classes, **args)
     if not isinstance(model, nn.Module):
         raise usercode.UserCodeError(
-            f"{what} returned a {type(model).__name__}, not a torch.nn.Module; build(input_shape, "
+            f"{what} returned {usercode.a_type(model)}, not a torch.nn.Module; build(input_shape, "
             "num_classes, **model_args) must return the network"
         )
     if not any(p.requires_grad for p in model.parameters()):
@@ -396,9 +397,9 @@ def _zoo_model(
                 "pip install \"flatbasin[timm]\" (or pip install timm)"
             ) from None
         if not timm.is_model(arch):
-            near = timm.list_models(f"*{arch}*")[:8]
+            near = difflib.get_close_matches(arch, timm.list_models(), n=8, cutoff=0.75)
             raise ValueError(
-                f"timm has no model '{arch}'"
+                f"model {name}: timm has no model '{arch}'"
                 + (f"; similar: {', '.join(near)}" if near else "; see timm.list_models()")
             )
         return usercode.call_user(
@@ -408,9 +409,9 @@ def _zoo_model(
     from torchvision import models as tv
 
     if arch not in tv.list_models():
-        near = [m for m in tv.list_models() if arch.lower() in m][:8]
+        near = difflib.get_close_matches(arch.lower(), tv.list_models(), n=8, cutoff=0.75)
         raise ValueError(
-            f"torchvision has no model builder '{arch}'"
+            f"model {name}: torchvision has no model builder '{arch}'"
             + (f"; similar: {', '.join(near)}" if near else "; see torchvision.models.list_models()")
         )
     model = usercode.call_user(tv.get_model, f"model {name}", arch, num_classes=num_classes, **args)

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray import tune
 
+from flatbasin.trainables import usercode
 from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.data import DataError, load_data
@@ -62,6 +63,11 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "model_built": result.model,
         "runtime": result.runtime,  # device, precision, channels_last, compile: what ran
         "chance": result.chance,  # the score of always answering the most common class
+        # The user's own modules as this worker imported them: recorded with the trial's run
+        "code": usercode.recorded_code(
+            usercode.user_modules(result.config.model, result.config.dataset),
+            result.config.code_dir,
+        ),
     }
 
 

@@ -111,7 +111,7 @@ def arrays(spec: DataSpec, result: Any) -> Raw:
 def _kind(value: Any) -> str:
     if isinstance(value, tuple | list):
         return f"a {type(value).__name__} of {len(value)}"
-    return f"a {type(value).__name__}"
+    return usercode.a_type(value)
 
 
 def _numpy(what: str, name: str, value: Any) -> np.ndarray:

@@ -102,7 +102,7 @@ def load_callable(ref: Ref, folder: str | Path | None, what: str) -> Callable[..
                 f"'{ref.attr}'; its callables: {', '.join(names[:12]) or '(none)'}"
             ) from None
     if not callable(target):
-        raise UserCodeError(f"{what}: '{ref}' is a {type(target).__name__}, not a callable")
+        raise UserCodeError(f"{what}: '{ref}' is {a_type(target)}, not a callable")
     return target
 
 
@@ -139,6 +139,12 @@ def check_kwargs(fn: Callable[..., Any], given: dict[str, Any], fixed: int, what
         )
 
 
+def a_type(value: object) -> str:
+    """'an int', 'a Tensor': the article and the type of `value`."""
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
@@ -159,9 +165,7 @@ def describe_error(err: BaseException) -> str:
     own = [f for f in frames if not any(lib in f.filename for lib in _LIBRARIES)]
     if own:
         return f"{text} (at {own[-1].filename}:{own[-1].lineno})"
-    if frames:
-        return f"{text} (at {frames[-1].filename}:{frames[-1].lineno})"
-    return text
+    return text  # raised inside a library (torch's layers): its file and line say nothing to the user
 
 
 def source_files(module_name: str) -> list[Path]:
@@ -188,3 +192,64 @@ def code_digest(files: list[Path]) -> str:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+MAX_RECORDED_BYTES = 1 << 20  # a trial records its user modules up to this size in all
+
+
+def user_modules(model: str, dataset: str) -> list[str]:
+    """The user's modules a trial imports: those its `model` and `dataset` name as module:callable
+    (a zoo's model and the built-in names are not the user's)."""
+    from flatbasin.trainables.models import model_kind
+
+    names = []
+    for text, is_user in ((model, model_kind(model) == "user"), (dataset, True)):
+        ref = parse_ref(text) if is_user else None
+        if ref is not None and ref.module not in names:
+            names.append(ref.module)
+    return names
+
+
+def _files_now(module: str, folder: str | Path | None) -> tuple[Path, list[Path]]:
+    """(the folder that holds it, its files): what `module` would be imported from now, without
+    importing it, from `folder` first."""
+    top = module.split(".")[0]
+    here = Path(folder) if folder is not None and Path(folder).is_dir() else None
+    origin = _find_in(here, top) if here is not None else None
+    if origin is None:
+        spec = importlib.machinery.PathFinder.find_spec(top)
+        origin = Path(spec.origin) if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        return Path(), []
+    if origin.name == "__init__.py":
+        package = origin.parent
+        return package.parent, sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    return origin.parent, [origin]
+
+
+def code_files(modules: list[str], folder: str | Path | None) -> dict[str, Path]:
+    """{name to record: file} for the user's modules as they would be imported now; names are
+    relative to the folder that holds each module (`model.py`, `mypkg/layers.py`)."""
+    found: dict[str, Path] = {}
+    for module in modules:
+        root, files = _files_now(module, folder)
+        found |= {str(path.relative_to(root)): path for path in files}
+    return found
+
+
+def recorded_code(modules: list[str], folder: str | Path | None) -> dict[str, str]:
+    """The user's module files as text, to record with a trial (empty past MAX_RECORDED_BYTES)."""
+    files = code_files(modules, folder)
+    if sum(p.stat().st_size for p in files.values()) > MAX_RECORDED_BYTES:
+        return {}
+    return {name: path.read_text(encoding="utf-8", errors="replace") for name, path in files.items()}
+
+
+def text_digest(code: dict[str, str]) -> str:
+    """SHA-256 over recorded files' names and texts: what ran, compared with what is here now."""
+    if not code:
+        return ""
+    digest = hashlib.sha256()
+    for name in sorted(code):
+        digest.update(name.encode() + b"\0" + code[name].encode() + b"\0")
+    return digest.hexdigest()
