@@ -612,3 +612,174 @@ def test_a_second_driver_of_a_running_search_is_refused(tmp_path, ray_tmpdir, mo
     assert "a search named 'busy' is running" in text and f"pid {os.getpid()}" in text, text
     assert not list(ray_tmpdir.rglob("session_*")) and not (tmp_path / "mlflow.db").exists()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".busy.lock"]
+
+
+# ---- the user's own model and data (model: / dataset: module:callable), before Ray as well.
+USER_MODULES = {
+    "usr_raises.py": "import numpy\n\ndef helper():\n    raise RuntimeError('my own bug')\n\nhelper()\n",
+    "usr_syntax.py": "def load(:\n    pass\n",
+    "usr_models.py": '''
+import torch
+from torch import nn
+
+def number(input_shape, num_classes):
+    return 42
+
+def wrong_outputs(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes + 1))
+
+def wrong_input(input_shape, num_classes):
+    return nn.Linear(7, num_classes)
+
+def raises(input_shape, num_classes):
+    raise ValueError("width must be even")
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
+
+def pair(input_shape, num_classes):
+    return Pair()
+
+def frozen(input_shape, num_classes):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+def width(input_shape, num_classes, width=8):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, num_classes))
+''',
+    "usr_data.py": '''
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+rng = np.random.default_rng(0)
+x, xt = rng.normal(size=(200, 4)).astype("float32"), rng.normal(size=(50, 4)).astype("float32")
+y, yt = np.arange(200) % 2, np.arange(50) % 2
+
+def three(): return x, y, xt
+def one(): return x
+def lengths(): return x, y[:-1], xt, yt
+def float_labels(): return x, y.astype(float), xt, yt
+def gap(): return x, y * 2, xt, yt
+def negative(): return x, y - 1, xt, yt
+def one_hot(): return x, np.eye(2)[y], xt, yt
+def one_class(): return x, y * 0, xt, yt * 0
+def strings(): return [["a"]] * 200, y, xt, yt
+def test_shape(): return x, y, xt[:, :3], yt
+def nan():
+    bad = x.copy(); bad[7, 1] = np.nan
+    return bad, y, xt, yt
+def raises(): raise OSError("no such file: /data/train.csv")
+def takes(n=1): return x[:n], y[:n], xt, yt
+
+class Ragged(Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.zeros(4 + (i == 99)), i % 2
+
+class NoLabel(Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.zeros(4)
+
+class TextLabel(Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.zeros(4), "cat"
+
+class NanItems(Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.full((4,), float("nan")), i % 2
+
+def ragged(): return Ragged(), Ragged()
+def no_label(): return NoLabel(), NoLabel()
+def text_label(): return TextLabel(), TextLabel()
+def nan_items(): return NanItems(), NanItems()
+def lists(): return [1, 2], [3, 4]
+''',
+}
+
+
+def user_space(dataset: str = "digits", model: str = "small_cnn", extra: str = "") -> str:
+    return f"epochs: 1\ndataset: {dataset}\nmodel: {model}\n{extra}variants:\n  sgd: {{}}\n"
+
+
+USER_CODE: dict[str, Case] = {
+    "module missing": Case(user_space("usr_nothere:load"), (), "no module named 'usr_nothere'"),
+    "module raises": Case(user_space("usr_raises:load"), (), "RuntimeError: my own bug (at {code}/usr_raises.py:4)"),
+    "module syntax": Case(user_space("usr_syntax:load"), (), "usr_syntax.py:1"),
+    "callable missing": Case(user_space("usr_data:nothere"), (), "has no 'nothere'"),
+    "data raises": Case(user_space("usr_data:raises"), (), "OSError: no such file: /data/train.csv (at {code}/usr_data.py"),
+    "data three things": Case(user_space("usr_data:three"), (), "returned a tuple of 3"),
+    "data one array": Case(user_space("usr_data:one"), (), "usr_data:one returned a ndarray; return four arrays"),
+    "data lists": Case(user_space("usr_data:lists"), (), "not two torch.utils.data.Dataset"),
+    "data lengths differ": Case(user_space("usr_data:lengths"), (), "x_train holds 200 examples but y_train 199 labels"),
+    "data float labels": Case(user_space("usr_data:float_labels"), (), "y_train is of type float64"),
+    "data missing class": Case(user_space("usr_data:gap"), (), "class(es) 1 have no training example"),
+    "data negative labels": Case(user_space("usr_data:negative"), (), "negative labels"),
+    "data one-hot labels": Case(user_space("usr_data:one_hot"), (), "(not one-hot)"),
+    "data one class": Case(user_space("usr_data:one_class"), (), "at least 2 classes"),
+    "data strings": Case(user_space("usr_data:strings"), (), "x_train is not a numeric array"),
+    "data test shape": Case(user_space("usr_data:test_shape"), (), "test examples (3,)"),
+    "data nan": Case(user_space("usr_data:nan"), (), "NaN or infinite values in 1 example(s), the first at index 7"),
+    "data unknown argument": Case(user_space("usr_data:takes", extra="data_args: {count: 3}\n"), (), "unknown argument(s) count"),
+    "data argument searched": Case(user_space("usr_data:takes", extra="data_args: {n: {choice: [1, 2]}}\n"), (), "data_args.n"),
+    "data args for a built-in set": Case(user_space("digits", extra="data_args: {n: 1}\n"), (), "data_args (n) apply to your own data set"),
+    "dataset ragged items": Case(user_space("usr_data:ragged"), (), "inconsistent shapes: item 0 is (4,), item 99 is (5,)"),
+    "dataset items without labels": Case(user_space("usr_data:no_label"), (), "item 0 is a Tensor; each item must be (input_tensor, integer_label)"),
+    "dataset text labels": Case(user_space("usr_data:text_label"), (), "label is 'cat'"),
+    "dataset nan items": Case(user_space("usr_data:nan_items"), (), "item 0's input holds NaN"),
+    "model not a module": Case(user_space(model="usr_models:number"), (), "returned an int, not a torch.nn.Module"),
+    "model raises": Case(user_space(model="usr_models:raises"), (), "ValueError: width must be even (at {code}/usr_models.py"),
+    "model wrong outputs": Case(user_space(model="usr_models:wrong_outputs"), (), "gives outputs of shape (11,)"),
+    "model wrong input": Case(user_space(model="usr_models:wrong_input"), (), "cannot take the input of 'digits' (examples of shape (1, 8, 8))"),
+    "model returns a pair": Case(user_space(model="usr_models:pair"), (), "returns a tuple"),
+    "model frozen": Case(user_space(model="usr_models:frozen"), (), "without trainable parameters"),
+    "model unknown argument": Case(user_space(model="usr_models:width", extra="model_args: {depth: 3}\n"), (), "unknown argument(s) depth"),
+    "model unknown form": Case(user_space(model="not a model"), (), "unknown model 'not a model'"),
+    "model args for a built-in": Case(user_space(extra="model_args: {width: 3}\n"), (), "the built-in 'small_cnn' takes dropout and init"),
+    "model dropout for a user model": Case(user_space(model="usr_models:width", extra="fixed: {dropout: 0.1}\n"), (), "give 'usr_models:width' its own dropout"),
+    "torchvision unknown": Case(user_space(model="torchvision:resnt18"), (), "torchvision has no model builder 'resnt18'; similar: resnet18"),
+    "timm unknown": Case(user_space(model="timm:resnt18"), (), "timm has no model 'resnt18'; similar: resnet18"),
+    "zoo model on signals": Case(user_space("mnist1d", model="torchvision:resnet18"), (), "is an image model"),
+}
+
+
+@pytest.fixture(scope="module")
+def user_code(tmp_path_factory) -> Path:
+    """One folder of user modules for every case: a module is imported once per process."""
+    folder = tmp_path_factory.mktemp("user_code")
+    for name, text in USER_MODULES.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(USER_CODE), ids=str)
+def test_bad_user_code_exits_2_before_ray(case, user_code, tmp_path, ray_tmpdir, monkeypatch):
+    spec = USER_CODE[case]
+    monkeypatch.chdir(tmp_path)
+    space = user_code / f"{case.replace(' ', '_')}.yaml"  # beside the modules, as a user keeps it
+    space.write_text(str(spec.space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    output = result.output
+    assert result.exit_code == 2, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output
+    assert fill(spec.needle, code=user_code) in " ".join(output.split()), output
+    assert str(space) in output, output  # the file named
+    assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
+    assert_nothing_started(tmp_path, ray_tmpdir, uri)
+
+
+def test_timm_missing_says_how_to_install(monkeypatch):
+    """Without timm, a timm: model says which extra brings it (checked with timm hidden)."""
+    from flatbasin.trainables.models import build_model
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(ValueError, match=r'pip install "flatbasin\[timm\]"'):
+        build_model("timm:resnet18", (3, 32, 32), 10)
