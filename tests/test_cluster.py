@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -401,6 +402,38 @@ def test_submit_runs_the_driver_on_the_head_and_trials_on_the_worker(tmp_path, c
         assert steps == list(range(1, epochs + 1))
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"trial_config.json", "curve.png"} <= artifacts
+
+
+OWN_MODEL_SPACE = """
+name: ownmodel
+samples: 2
+epochs: 2
+dataset: arrays:load
+data_args: {n: 400, classes: 3}
+model: model:build
+model_args: {width: 16, depth: 1}
+fixed: {batch_size: 32}
+variants:
+  sgd: {lr: {loguniform: [0.02, 0.1]}}
+"""
+
+
+def test_submit_carries_the_users_modules_to_the_worker(tmp_path, cluster, tracking):
+    """The space's folder (model.py, arrays.py beside it) is the job's working directory: the
+    driver on the head and the trials on the worker import the user's modules from it."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+    for name in ("model.py", "arrays.py"):
+        shutil.copy(example / name, tmp_path / name)
+    code, out = run_submit(tmp_path, cluster, OWN_MODEL_SPACE, "ownmodel", tracking)
+    assert code == 0, out
+    rows = tune_rows(tmp_path / "shared" / "ownmodel")
+    assert len(rows) == 2
+    assert {row["node_ip"] for trial in rows.values() for row in trial} == {WORKER_IP}
+    client = MlflowClient(tracking)
+    for run in trial_runs(client, "ownmodel"):
+        assert run.info.status == "FINISHED" and run.data.params["model"] == "model:build"
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "code")}
+        assert files == {"code/model.py", "code/arrays.py"}
 
 
 DATA_ERROR_SPACE = """
