@@ -95,12 +95,10 @@ def option_names(text: str) -> str:
 def build_config(variant: str, settings: dict[str, Any]):
     """A trial's config from --set and the options; the user's modules are found in the current
     folder first (`train` and `lr-find` have no space file to stand beside)."""
-    from flatbasin.trainables.config import make_config, names_user_code
+    from flatbasin.trainables.config import code_in, make_config
 
-    if names_user_code(settings.get("model"), settings.get("dataset")):
-        settings = {**settings, "code_dir": str(Path.cwd())}
     try:
-        return make_config(variant, settings)
+        return make_config(variant, code_in(settings, Path.cwd()))
     except ValidationError as err:
         raise UsageError(f"invalid settings for variant '{variant}':\n{describe(err)}") from err
     except ValueError as err:
@@ -166,7 +164,8 @@ def train(
     dataset: Annotated[
         str | None,
         typer.Option(
-            help="digits (bundled), cifar10, cifar100, mnist, fashion_mnist, svhn, image_folder, synthetic"
+            help="digits (bundled), mnist1d, cifar10, cifar100, mnist, fashion_mnist, svhn, "
+            "image_folder, synthetic, or your own as module:callable (found in this folder first)"
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="epoch budget")] = None,

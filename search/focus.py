@@ -28,7 +28,7 @@ def make_library(
     """Harvest, fit, write OUT and print the fit per layer; bad input raises UsageError before the
     harvesting run starts, a run that cannot work (its data, model, a divergence) after it."""
     from flatbasin.search.preflight import writable_file
-    from flatbasin.trainables.config import make_config
+    from flatbasin.trainables.config import code_in, make_config
     from flatbasin.trainables.data import DataError
     from flatbasin.trainables.focus import LibraryError, fit_focus_library
 
@@ -44,7 +44,7 @@ def make_library(
     if not math.isfinite(ridge) or ridge < 0:
         raise UsageError(f"--ridge {ridge:g}: the penalty must be 0 or more")
     try:
-        config = make_config("sgd", settings)
+        config = make_config("sgd", code_in(settings, Path.cwd()))
     except ValidationError as err:
         raise UsageError(
             f"invalid settings for the harvesting run (variant sgd):\n{describe(err)}"

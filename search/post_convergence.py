@@ -38,7 +38,7 @@ from flatbasin.search.tracking import (
 from flatbasin.spaces import Space, SpaceError
 from flatbasin.spaces.loader import BASE, CHECKING, RUN_ID
 from flatbasin.trainables.checkpoint import CheckpointError
-from flatbasin.trainables.config import TrialConfig, make_config
+from flatbasin.trainables.config import TrialConfig, code_in, make_config
 from flatbasin.trainables.start import (
     Converged,
     StartPoint,
@@ -215,7 +215,7 @@ def continue_config(
 
 def _config(variant: str, settings: dict[str, Any], start: StartPoint) -> TrialConfig:
     try:
-        return make_config(variant, settings, start=start)
+        return make_config(variant, code_in(settings, Path.cwd()), start=start)
     except ValidationError as err:
         raise UsageError(f"invalid settings for variant '{variant}':\n{describe(err)}") from err
     except ValueError as err:

@@ -6,6 +6,7 @@ works with these frozen objects, never with raw dicts.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
@@ -167,6 +168,14 @@ def names_user_code(model: object, dataset: object) -> bool:
 
     user_model = isinstance(model, str) and model_kind(model) == "user"
     return user_model or (isinstance(dataset, str) and parse_ref(dataset) is not None)
+
+
+def code_in(settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`settings` with `folder` as where the user's modules are found first, when they name any
+    (train, lr-find and focus-library look in the current folder; a search beside its space file)."""
+    if names_user_code(settings.get("model"), settings.get("dataset")):
+        return {**settings, "code_dir": str(folder)}
+    return settings
 
 
 ARG_GROUPS = ("model_args", "data_args")
