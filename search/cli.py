@@ -23,6 +23,7 @@ from flatbasin.search.errors import (
     short,
     stderr,
 )
+from flatbasin.trainables.memory import OutOfMemory
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.core import ParameterSource
@@ -46,6 +47,8 @@ class Commands(typer.core.TyperGroup):
             raise
         except ClickUsageError as err:
             fail(usage_problem(err))
+        except OutOfMemory as err:  # any command that trains: what ran out and what to change
+            fail(str(err), code=EXIT_FAILED)
 
 
 def usage_problem(err: ClickUsageError) -> str:

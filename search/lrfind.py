@@ -124,24 +124,26 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
     from flatbasin.trainables.data import DataError, load_data
     from flatbasin.trainables.loop import assemble, resolve_device
     from flatbasin.trainables.lr_range import forever, geometric_lrs, range_test, suggest
+    from flatbasin.trainables.memory import named_out_of_memory
     from flatbasin.trainables.models import resolve_name
     from flatbasin.trainables.sanity import check_data, check_model
 
-    try:  # the checks `train` makes before its first step; TrialError is a ValueError
-        device = resolve_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        data = load_data(config.data_spec, str(device))
-        check_data(config, data)
-        model, optimizer, _, _, order = assemble(config, data, device)
-        check_model(config, data, model)
-    except (DataError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    with named_out_of_memory(config, "the learning-rate range test"):
+        try:  # the checks `train` makes before its first step; TrialError is a ValueError
+            device = resolve_device(config.device)
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
+            data = load_data(config.data_spec, str(device))
+            check_data(config, data)
+            model, optimizer, _, _, order = assemble(config, data, device)
+            check_model(config, data, model)
+        except (DataError, ValueError) as err:
+            raise UsageError(str(err)) from err
 
-    batches = forever(lambda: data.train_batches(config.batch_size, order, config.augment))
-    sweep = range_test(
-        model, optimizer, batches, geometric_lrs(options.start, options.end, options.steps)
-    )
+        batches = forever(lambda: data.train_batches(config.batch_size, order, config.augment))
+        sweep = range_test(
+            model, optimizer, batches, geometric_lrs(options.start, options.end, options.steps)
+        )
     suggestion = suggest(sweep.lrs, sweep.smoothed)
     model_name = resolve_name(config.model, data.shape)
 

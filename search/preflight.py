@@ -269,6 +269,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
     from flatbasin.trainables.accel import EVAL_BATCH_CUDA, autocast_dtype
     from flatbasin.trainables.data import load_data
     from flatbasin.trainables.footprint import footprint, probe, size
+    from flatbasin.trainables.memory import memory_advice
 
     sharing = trials_per_gpu(gpus_per_trial, concurrency)
     cuda = torch.device("cuda")
@@ -298,7 +299,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
         f"give each trial a larger share (--gpus-per-trial {1 / fits:.4g}: {fits} per GPU) or run "
         f"fewer at once (--concurrency {fits}), or lower batch_size"
         if fits >= 1
-        else "not even one such trial fits: lower batch_size or choose a smaller model"
+        else f"not even one such trial fits: {memory_advice(config)}"
     )
     raise UsageError(
         f"--gpus-per-trial {gpus_per_trial:g} with --concurrency {concurrency} puts {sharing} "
@@ -393,6 +394,7 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
     to the nodes: the trial checks it where it runs and reports a permanent error, not retried.
     """
     from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.memory import OutOfMemory, named_out_of_memory
     from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
     from flatbasin.trainables.variants import REGISTRY
 
@@ -425,13 +427,14 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
             if not local and not all(f.expanduser().exists() for f in files):
                 continue
             try:
-                data = load_data(spec, "cpu")
-                check_trial(config, data)
+                with named_out_of_memory(config, "loading the data and checking the model"):
+                    data = load_data(spec, "cpu")
+                    check_trial(config, data)
                 if (spec, config.model, config.init) not in learned:
                     learned.add((spec, config.model, config.init))
                     found = check_learns(config, data)
                     warnings += [f"{space.path}: variants.{config.variant}: {w}" for w in found]
-            except (DataError, TrialError) as err:
+            except (DataError, TrialError, OutOfMemory) as err:
                 raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
     finally:
         load_data.cache_clear()  # the workers load their own copy; the driver keeps none

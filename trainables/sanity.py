@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from flatbasin.trainables import accel
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
+from flatbasin.trainables.memory import is_out_of_memory, names_out_of_memory
 from flatbasin.trainables.models import build_model
 from flatbasin.trainables.variants import Variant
 
@@ -80,6 +81,8 @@ def check_model(
         with torch.no_grad():
             out = model(probe)
     except (RuntimeError, ValueError) as err:
+        if is_out_of_memory(err):  # the input fits; the memory does not (see memory.py)
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrialError(
             f"model '{config.model}' cannot take the input of '{config.dataset}' "
@@ -107,6 +110,7 @@ LEARN_BUDGET_S = 10.0  # then it gives up and says so (PreResNet-164 on one CPU 
 INIT_LOSS_FACTOR = 3.0  # an initial loss above this many times ln(classes) is suspicious
 
 
+@names_out_of_memory("checking that the model can learn (one small batch)")
 def check_learns(
     config: TrialConfig,
     data: Data,
