@@ -26,9 +26,10 @@ _OUT_OF_MEMORY = re.compile(
     re.IGNORECASE,
 )
 _ASKED = re.compile(
-    r"(?:tried to allocate|unable to allocate)\s+([\d.]+\s*(?:[KMGTP]i?B|bytes))", re.I
+    r"(?:tried to allocate|unable to allocate)\s+([\d.]+)\s*(bytes|[KMGTP]i?B|B)\b", re.IGNORECASE
 )
-_ON_GPU = re.compile(r"CUDA|CUDNN|CUBLAS|HIP|MPS|GPU", re.IGNORECASE)
+_SCALE = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+_ON_GPU = re.compile(r"CUDA|CUDNN|CUBLAS|\bHIP\b|\bMPS\b|\bGPU\b", re.IGNORECASE)
 
 
 P = ParamSpec("P")
@@ -97,11 +98,13 @@ def out_of_memory_message(err: BaseException, config: TrialConfig, doing: str) -
     text = str(err)
     on_gpu = isinstance(err, torch.cuda.OutOfMemoryError) or bool(_ON_GPU.search(text))
     asked = _ASKED.search(text)
-    amount = asked.group(1) if asked else None
-    if amount is not None and amount.endswith("bytes"):
+    amount = None
+    if asked:  # "2147483648 bytes" (torch, CPU), "2.00 GiB" (torch, CUDA), "732. GiB" (numpy)
         from flatbasin.trainables.footprint import size
 
-        amount = size(float(amount.split()[0]))
+        unit = asked.group(2)
+        scale = 1 if unit.lower() == "bytes" else _SCALE[unit[0].upper() if len(unit) > 1 else ""]
+        amount = size(float(asked.group(1)) * scale)
     what = "the GPU's memory" if on_gpu else "this machine's memory (RAM)"
     advice = memory_advice(config)
     if on_gpu:
