@@ -20,19 +20,60 @@ from flatbasin.search.errors import (
     describe,
     fail,
     plain_console,
+    short,
     stderr,
 )
+from flatbasin.trainables.memory import OutOfMemory
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.core import ParameterSource
+    from typer._click.exceptions import NoArgsIsHelpError
     from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:  # pragma: no cover
     from click.core import ParameterSource
+    from click.exceptions import NoArgsIsHelpError
     from click.exceptions import UsageError as ClickUsageError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+class Commands(typer.core.TyperGroup):
+    """flatbasin's commands. An option refused while the command line is read (a number outside
+    the range its --help states, a word where a number belongs) ends as every refusal does: one
+    paragraph, exit status 2, before the command does anything."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except ClickUsageError as err:
+            fail(usage_problem(err))
+        except OutOfMemory as err:  # any command that trains: what ran out and what to change
+            fail(str(err), code=EXIT_FAILED)
+
+
+def usage_problem(err: ClickUsageError) -> str:
+    """A refused command line in one line: what was wrong, what was given, where the ranges are."""
+    from pydantic import ValidationError as Invalid
+
+    cause = err.__cause__
+    given = ""
+    if isinstance(cause, Invalid) and cause.errors():
+        value = cause.errors()[0].get("input")
+        given = f" (got {value if isinstance(value, str) and len(value) <= 80 else short(value)})"
+    command = err.ctx.command_path if err.ctx is not None else "flatbasin"
+    return f"{err.format_message().rstrip('.')}{given}; see {command} --help"
+
+
+app = typer.Typer(
+    cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 console = plain_console()
 
+
+# Ranges shared by several commands' options, the trial settings' own (trainables/config.py).
+EPOCHS: dict[str, Any] = {"min": 1, "max": 10_000}
+SEED: dict[str, Any] = {"min": 0, "max": 2**32 - 1}
+LEARNING_RATE: dict[str, Any] = {"min": 1e-8, "max": 10.0}
 
 # MLflow's tracking URI: explicit, else $MLFLOW_TRACKING_URI, else ./mlflow.db (made absolute).
 TrackingUri = Annotated[
@@ -42,9 +83,9 @@ TrackingUri = Annotated[
 
 
 def tracking_uri_or_default(value: str | None) -> str:
-    from flatbasin.search.tracking import absolute_uri, default_tracking_uri
+    from flatbasin.search.tracking import chosen_uri
 
-    return absolute_uri(value) if value else default_tracking_uri()
+    return chosen_uri(value)
 
 
 def _print_version(value: bool) -> None:
@@ -168,8 +209,8 @@ def train(
             "image_folder, synthetic, or your own as module:callable (found in this folder first)"
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="epoch budget")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option(help="epoch budget", **EPOCHS)] = None,
+    seed: Annotated[int | None, typer.Option(help="the trial's seed", **SEED)] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="root of a torchvision set or an image folder")
     ] = None,
@@ -294,10 +335,15 @@ def lr_find(
         Path | None, typer.Option(help="root of a torchvision set or an image folder")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
-    start: Annotated[float, typer.Option(help="learning rate of the first step")] = 1e-6,
-    end: Annotated[float, typer.Option(help="learning rate of the last step (at most 10)")] = 10.0,
+    start: Annotated[
+        float, typer.Option(help="learning rate of the first step (below --end)", **LEARNING_RATE)
+    ] = 1e-6,
+    end: Annotated[
+        float, typer.Option(help="learning rate of the last step", **LEARNING_RATE)
+    ] = 10.0,
     steps: Annotated[
-        int, typer.Option(help="optimiser steps (at least 10); batches repeat as needed")
+        int,
+        typer.Option(help="optimiser steps; batches repeat as needed", min=50, max=10_000),
     ] = 200,
     plot: Annotated[Path, typer.Option(help="where to draw the figure (PNG)")] = Path(
         "lr_find.png"
@@ -342,9 +388,12 @@ def search(
         ),
     ] = "compare",
     samples: Annotated[
-        int | None, typer.Option(help="trials (default: the space's samples)")
+        int | None,
+        typer.Option(help="trials (default: the space's samples)", min=1, max=100_000),
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="trials running at once")] = 2,
+    concurrency: Annotated[
+        int, typer.Option(help="trials running at once", min=1, max=100_000)
+    ] = 2,
     address: Annotated[
         str | None, typer.Option(help="join a running Ray cluster (default: local Ray)")
     ] = None,
@@ -359,22 +408,42 @@ def search(
     scheduler: Annotated[
         str, typer.Option(help="asha (early stopping at cycle boundaries) or fifo")
     ] = "fifo",
-    cpus_per_trial: Annotated[float, typer.Option()] = 1.0,
-    gpus_per_trial: Annotated[float, typer.Option(help="fractions allowed")] = 0.0,
-    seed: Annotated[int, typer.Option(help="seeds the TPE sampler")] = 0,
+    cpus_per_trial: Annotated[
+        float,
+        typer.Option(
+            help="whole CPUs (torch threads), or 1/N of one for N trials per core (0.5, 0.25)",
+            min=0.0001, max=10_000,
+        ),
+    ] = 1.0,
+    gpus_per_trial: Annotated[
+        float,
+        typer.Option(
+            help="whole GPUs, or 1/N of one for N trials per GPU (0.5, 0.25)", min=0, max=16
+        ),
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="seeds the TPE sampler", **SEED)] = 0,
     time_budget: Annotated[
-        float | None, typer.Option(help="stop starting trials after this many seconds")
+        float | None,
+        typer.Option(help="stop starting trials after this many seconds", min=1, max=31_536_000),
     ] = None,
     max_failures: Annotated[
-        int, typer.Option(help="retries of a trial whose worker or node died")
+        int, typer.Option(help="retries of a trial whose worker or node died", min=0, max=100)
     ] = 2,
-    checkpoint_every: Annotated[int, typer.Option(help="epochs between checkpoints")] = 1,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="epochs between checkpoints", **EPOCHS)
+    ] = 1,
     checkpoint_interval: Annotated[
-        float, typer.Option(help="at most one checkpoint per this many seconds (0: every time)")
+        float,
+        typer.Option(
+            help="at most one checkpoint per this many seconds (0: every time)", min=0, max=86_400
+        ),
     ] = 20.0,
     confirm_seeds: Annotated[
         int | None,
-        typer.Option(help="retrain each variant's best with N fresh seeds (default: the space's)"),
+        typer.Option(
+            help="retrain each variant's best with N fresh seeds (default: the space's)",
+            min=0, max=100,
+        ),
     ] = None,
     start_from: Annotated[
         str | None,
@@ -507,6 +576,8 @@ def submit(
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
         parsed = typer.Context(search_command, info_name="flatbasin search")
         search_command.parse_args(parsed, [space_file, *ctx.args])  # the same options, checked here
+        if parsed.params.get("tracking_uri"):  # its form; only the cluster can tell if it answers
+            tracking_uri_or_default(parsed.params["tracking_uri"])
         # A bad space fails here, not on the cluster (as a tail's with --from).
         load_space(space_file, start_from=parsed.params.get("start_from"))
     except SpaceError as err:
@@ -552,8 +623,8 @@ def sync(
     from flatbasin.search.tuner import sync as run_sync
 
     _quiet_mlflow_retries()
-    uri = tracking_uri_or_default(tracking_uri)
     try:
+        uri = tracking_uri_or_default(tracking_uri)
         outcome = run_sync(experiment, uri, console)
     except (TrackingUnavailable, UsageError) as err:
         fail(str(err))
@@ -612,8 +683,10 @@ def focus_library(
     dataset: Annotated[
         str | None, typer.Option(help="the source data set: similar to the target, not the same")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs of the harvesting run")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs of the harvesting run", **EPOCHS)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="the harvesting run's seed", **SEED)] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="key=value of the sgd run, repeatable")
     ] = None,
@@ -621,7 +694,10 @@ def focus_library(
         str, typer.Option(help="elementwise (a slope and intercept per weight) or layer")
     ] = "elementwise",
     ridge: Annotated[
-        float, typer.Option(help="slope penalty, in units of the layer's mean variance of w")
+        float,
+        typer.Option(
+            help="slope penalty, in units of the layer's mean variance of w", min=0, max=1e6
+        ),
     ] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="replace OUT.pt if it exists")] = False,
 ) -> None:
@@ -646,7 +722,10 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 def data_check(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="an image folder: DIR/CLASS/IMAGE")],
-    image_size: Annotated[int, typer.Option(help="the size images are decoded to")] = 32,
+    image_size: Annotated[
+        int,
+        typer.Option(help="the size images are decoded to, as a trial's image_size", min=8, max=512),
+    ] = 32,
 ) -> None:
     """Decode every image of an image folder; list unreadable files and empty classes (exit 2 if any)."""
     from flatbasin.search.datacheck import check_folder

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # matplotlib and torch load when the command runs, not when t
     from flatbasin.trainables.lr_range import Suggestion, Sweep
 
 MAX_LR = 10.0  # the trial settings' own cap on every learning rate (TrialConfig.lr, variant lrs)
+MIN_LR = 1e-8  # a step this small changes no float32 weight: a sweep starting lower learns nothing
 MAX_STEPS = 10_000  # a range test is a few hundred steps; more only thins the learning-rate grid
 MIN_STEPS = 50  # lr_range.WARM_STEPS (35) left out of the suggestion, then 15 to read a slope on
 
@@ -65,12 +66,12 @@ def check_options(options: LrFindOptions, config: TrialConfig) -> None:
 
     start, end, steps, write = options.start, options.end, options.steps, options.write
 
-    if not (math.isfinite(start) and start > 0):
-        raise UsageError(f"--start {start:g}: the first learning rate must be a positive number")
-    if not math.isfinite(end) or end > MAX_LR:
-        raise UsageError(
-            f"--end {end:g}: at most {MAX_LR:g}, the largest learning rate a trial accepts"
-        )
+    for option, lr in (("--start", start), ("--end", end)):
+        if not (math.isfinite(lr) and MIN_LR <= lr <= MAX_LR):
+            raise UsageError(
+                f"{option} {lr:g}: a learning rate from {MIN_LR:g} (smaller steps change no "
+                f"float32 weight) to {MAX_LR:g} (the largest a trial accepts)"
+            )
     if start >= end:
         raise UsageError(f"--start ({start:g}) must be below --end ({end:g})")
     if steps < MIN_STEPS:
@@ -123,24 +124,26 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
     from flatbasin.trainables.data import DataError, load_data
     from flatbasin.trainables.loop import assemble, resolve_device
     from flatbasin.trainables.lr_range import forever, geometric_lrs, range_test, suggest
+    from flatbasin.trainables.memory import named_out_of_memory
     from flatbasin.trainables.models import resolve_name
     from flatbasin.trainables.sanity import check_data, check_model
 
-    try:  # the checks `train` makes before its first step; TrialError is a ValueError
-        device = resolve_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        data = load_data(config.data_spec, str(device))
-        check_data(config, data)
-        model, optimizer, _, _, order = assemble(config, data, device)
-        check_model(config, data, model)
-    except (DataError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    with named_out_of_memory(config, "the learning-rate range test"):
+        try:  # the checks `train` makes before its first step; TrialError is a ValueError
+            device = resolve_device(config.device)
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
+            data = load_data(config.data_spec, str(device))
+            check_data(config, data)
+            model, optimizer, _, _, order = assemble(config, data, device)
+            check_model(config, data, model)
+        except (DataError, ValueError) as err:
+            raise UsageError(str(err)) from err
 
-    batches = forever(lambda: data.train_batches(config.batch_size, order, config.augment))
-    sweep = range_test(
-        model, optimizer, batches, geometric_lrs(options.start, options.end, options.steps)
-    )
+        batches = forever(lambda: data.train_batches(config.batch_size, order, config.augment))
+        sweep = range_test(
+            model, optimizer, batches, geometric_lrs(options.start, options.end, options.steps)
+        )
     suggestion = suggest(sweep.lrs, sweep.smoothed)
     model_name = resolve_name(config.model, data.shape)
 

@@ -39,6 +39,7 @@ from flatbasin.spaces import Space, SpaceError
 from flatbasin.spaces.loader import BASE, CHECKING, RUN_ID
 from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig, code_in, make_config
+from flatbasin.trainables.memory import OutOfMemory
 from flatbasin.trainables.start import (
     Converged,
     StartPoint,
@@ -381,7 +382,7 @@ def _train_base(
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if err.cause is not None else err
         raise BaseFailed(f"the base phase failed: {type(cause).__name__}: {cause}") from err
-    except ValueError as err:  # DataError, TrialError: what the task would have raised
+    except (ValueError, OutOfMemory) as err:  # DataError, TrialError: as the task would raise
         raise BaseFailed(f"the base phase failed: {type(err).__name__}: {err}") from err
     if result["diverged"] or not blob:
         raise BaseFailed(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import socket
 import tempfile
@@ -172,30 +173,54 @@ def check_gpu_share(gpus_per_trial: float) -> float:
     them all (0.3334 does not: three of them are more than one GPU). Above 1, only whole GPUs: a
     trial trains on one device, so a share of a second GPU would sit idle.
     """
-    if gpus_per_trial == 0 or (gpus_per_trial >= 1 and float(gpus_per_trial).is_integer()):
+    if gpus_per_trial == 0:
         return gpus_per_trial
-    if gpus_per_trial > 1:
-        raise ValueError(
-            f"{gpus_per_trial:g} is more than one GPU but not a whole number; a trial trains on "
-            f"one device: give a share of one GPU (0.5, 0.25, ...) or whole GPUs"
-        )
-    if round(gpus_per_trial * RAY_RESOURCE_STEP) == 0:
-        raise ValueError(f"{gpus_per_trial:g} is below the smallest share Ray counts (0.0001)")
-    fitted = _ray_fits(gpus_per_trial)
-    unused = 1 - fitted * gpus_per_trial
+    return check_share(
+        gpus_per_trial,
+        "GPU",
+        "a trial trains on one device: give a share of one GPU (0.5, 0.25, ...) or whole GPUs",
+    )
+
+
+def check_cpu_share(cpus_per_trial: float) -> float:
+    """--cpus-per-trial: the same rule as a GPU's share. A trial's torch threads are whole (the
+    CPUs it holds, at least one): below one CPU, 1/N of a CPU lets N trials share a core, each with
+    one thread, and Ray, counting in steps of 1/10,000, refuses anything finer than 0.0001 only once
+    it has started; above one, a fraction (1.5) would run one thread and hold half a CPU idle."""
+    return check_share(
+        cpus_per_trial,
+        "CPU",
+        "a trial runs whole torch threads (1.5 CPUs would run 1 and hold half a CPU idle): give "
+        "whole CPUs, or 1/N of one (0.5, 0.25, ...) for N trials sharing a core",
+    )
+
+
+def check_share(share: float, unit: str, above_one: str) -> float:
+    """A positive amount of a resource per trial: whole units, or 1/N of one unit (see
+    check_gpu_share). `above_one` says why a fraction above one unit is refused."""
+    if not math.isfinite(share) or share <= 0:
+        raise ValueError(f"{share:g} is not a positive number of {unit}s")
+    if share >= 1 and float(share).is_integer():
+        return share
+    if share > 1:
+        raise ValueError(f"{share:g} is more than one {unit} but not a whole number; {above_one}")
+    if round(share * RAY_RESOURCE_STEP) == 0:
+        raise ValueError(f"{share:g} is below the smallest share Ray counts (0.0001)")
+    fitted = _ray_fits(share)
+    unused = 1 - fitted * share
     if unused > MAX_UNUSED_SHARE:
-        near = " or ".join(f"{1 / k:.4g} ({k} per GPU)" for k in sorted({fitted, fitted + 1}))
+        near = " or ".join(f"{1 / k:.4g} ({k} per {unit})" for k in sorted({fitted, fitted + 1}))
         raise ValueError(
-            f"{gpus_per_trial:g} does not divide a GPU into whole trials: Ray would fit {fitted} "
-            f"trial(s) on a GPU and leave {unused:.0%} of it unused; give 1/N of a GPU, such as "
-            f"{near}"
+            f"{share:g} does not divide a {unit} into whole trials: Ray would fit {fitted} "
+            f"trial(s) on a {unit} and leave {unused:.0%} of it unused; give 1/N of a {unit}, "
+            f"such as {near}"
         )
-    return gpus_per_trial
+    return share
 
 
-def _ray_fits(gpus_per_trial: float) -> int:
-    """Trials of this share Ray places on one GPU."""
-    return RAY_RESOURCE_STEP // round(gpus_per_trial * RAY_RESOURCE_STEP)
+def _ray_fits(share: float) -> int:
+    """Trials of this share Ray places on one unit (a GPU, a CPU)."""
+    return RAY_RESOURCE_STEP // round(share * RAY_RESOURCE_STEP)
 
 
 def trials_per_gpu(gpus_per_trial: float, concurrency: int) -> int:
@@ -244,6 +269,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
     from flatbasin.trainables.accel import EVAL_BATCH_CUDA, autocast_dtype
     from flatbasin.trainables.data import load_data
     from flatbasin.trainables.footprint import footprint, probe, size
+    from flatbasin.trainables.memory import memory_advice
 
     sharing = trials_per_gpu(gpus_per_trial, concurrency)
     cuda = torch.device("cuda")
@@ -273,7 +299,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
         f"give each trial a larger share (--gpus-per-trial {1 / fits:.4g}: {fits} per GPU) or run "
         f"fewer at once (--concurrency {fits}), or lower batch_size"
         if fits >= 1
-        else "not even one such trial fits: lower batch_size or choose a smaller model"
+        else f"not even one such trial fits: {memory_advice(config)}"
     )
     raise UsageError(
         f"--gpus-per-trial {gpus_per_trial:g} with --concurrency {concurrency} puts {sharing} "
@@ -368,6 +394,7 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
     to the nodes: the trial checks it where it runs and reports a permanent error, not retried.
     """
     from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.memory import OutOfMemory, named_out_of_memory
     from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
     from flatbasin.trainables.variants import REGISTRY
 
@@ -400,13 +427,14 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
             if not local and not all(f.expanduser().exists() for f in files):
                 continue
             try:
-                data = load_data(spec, "cpu")
-                check_trial(config, data)
+                with named_out_of_memory(config, "loading the data and checking the model"):
+                    data = load_data(spec, "cpu")
+                    check_trial(config, data)
                 if (spec, config.model, config.init) not in learned:
                     learned.add((spec, config.model, config.init))
                     found = check_learns(config, data)
                     warnings += [f"{space.path}: variants.{config.variant}: {w}" for w in found]
-            except (DataError, TrialError) as err:
+            except (DataError, TrialError, OutOfMemory) as err:
                 raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
     finally:
         load_data.cache_clear()  # the workers load their own copy; the driver keeps none

@@ -49,21 +49,23 @@ MODEL_LOGGED = "flatbasin.model_logged"
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    samples: int | None = Field(None, ge=1)  # None: the space file's `samples`
-    concurrency: int = Field(2, ge=1)
+    # Every number has a range, the one `flatbasin search --help` states (tests/test_bad_inputs.py
+    # reads the help and holds both to each other).
+    samples: int | None = Field(None, ge=1, le=100_000)  # None: the space file's `samples`
+    concurrency: int = Field(2, ge=1, le=100_000)
     address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray on this machine
     tracking_uri: str
     storage: Path
     name: str | None = Field(None, pattern=NAME.pattern)  # None: the space's name
     resume: bool = False
     scheduler: Literal["asha", "fifo"] = "fifo"
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
-    time_budget_s: float | None = Field(None, gt=0)
-    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker died
-    checkpoint_every: int = Field(1, ge=1)  # epochs
-    checkpoint_interval_s: float = Field(20.0, ge=0)  # at most one checkpoint per this many seconds
+    cpus_per_trial: float = Field(1.0, ge=0.0001, le=10_000)  # whole CPUs, or 1/N of one
+    gpus_per_trial: float = Field(0.0, ge=0, le=16)  # whole GPUs, or 1/N of one
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what Optuna's sampler (numpy) takes
+    time_budget_s: float | None = Field(None, ge=1, le=31_536_000)  # a second to a year
+    max_failures: int = Field(2, ge=0, le=100)  # retries of a trial whose worker died
+    checkpoint_every: int = Field(1, ge=1, le=10_000)  # epochs (a trial's budget is at most 10,000)
+    checkpoint_interval_s: float = Field(20.0, ge=0, le=86_400)  # at most one checkpoint per this many seconds
     confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
     start_from: str | None = None  # --from: base, an MLflow run id or a checkpoint file (see
     # search/post_convergence.py); None: the space's `from:`, if it has one
@@ -72,6 +74,11 @@ class SearchOptions(BaseModel):
     @classmethod
     def _whole_trials_per_gpu(cls, gpus: float) -> float:
         return preflight.check_gpu_share(gpus)
+
+    @field_validator("cpus_per_trial")
+    @classmethod
+    def _whole_trials_per_cpu(cls, cpus: float) -> float:
+        return preflight.check_cpu_share(cpus)
 
 
 @dataclass(frozen=True)

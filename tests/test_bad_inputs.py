@@ -8,18 +8,21 @@ contain. Every case fails before Ray starts, so the whole table runs in seconds,
 from __future__ import annotations
 
 import http.server
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -215,7 +218,7 @@ SEARCH: dict[str, Case] = {
     ),
     "zero concurrency": Case(GOOD, ("--concurrency", "0"), "--concurrency"),
     "unknown scheduler": Case(GOOD, ("--scheduler", "hyperband"), "--scheduler"),
-    "negative time budget": Case(GOOD, ("--time-budget", "-5"), "--time-budget: "),
+    "negative time budget": Case(GOOD, ("--time-budget", "-5"), "'--time-budget'"),
     "zero samples": Case(GOOD, ("--samples", "0"), "--samples"),
     "address nobody answers": Case(
         GOOD, ("--address", "127.0.0.9:{port}"), "no Ray cluster answers at 127.0.0.9"
@@ -253,6 +256,70 @@ SEARCH: dict[str, Case] = {
     "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
     "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
     "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
+    # ---- a share of a CPU: Ray's rules, as for a GPU's share, checked before Ray starts
+    "cpus below Ray's smallest step": Case(
+        GOOD, ("--cpus-per-trial", "0.00001"), "'--cpus-per-trial': Input should be greater than or equal to 0.0001"
+    ),
+    "a cpu share that wastes a cpu": Case(
+        GOOD, ("--cpus-per-trial", "0.3"), "--cpus-per-trial: 0.3 does not divide a CPU into whole trials"
+    ),
+    "a cpu share Ray cannot fit": Case(
+        GOOD, ("--cpus-per-trial", "0.3334"), "Ray would fit 2 trial(s) on a CPU"
+    ),
+    "cpus above one, not whole": Case(
+        GOOD, ("--cpus-per-trial", "1.5"), "1.5 is more than one CPU but not a whole number"
+    ),
+    "cpus not a number": Case(GOOD, ("--cpus-per-trial", "nan"), "'--cpus-per-trial'"),
+    "cpus infinite": Case(GOOD, ("--cpus-per-trial", "inf"), "'--cpus-per-trial'"),
+    # ---- numbers out of their stated range, refused as the command line is read
+    "a seed beyond numpy's": Case(GOOD, ("--seed", "4294967296"), "'--seed': Input should be less than or equal to 4294967295"),
+    "a negative seed": Case(GOOD, ("--seed", "-1"), "'--seed'"),
+    "a time budget of half a second": Case(GOOD, ("--time-budget", "0.5"), "'--time-budget'"),
+    "a time budget of nan": Case(GOOD, ("--time-budget", "nan"), "'--time-budget'"),
+    "a checkpoint interval of inf": Case(GOOD, ("--checkpoint-interval", "inf"), "'--checkpoint-interval'"),
+    "checkpoints every 0 epochs": Case(GOOD, ("--checkpoint-every", "0"), "'--checkpoint-every'"),
+    "too many retries": Case(GOOD, ("--max-failures", "1000"), "'--max-failures'"),
+    "too many confirmation seeds": Case(GOOD, ("--confirm-seeds", "101"), "'--confirm-seeds'"),
+    "a word for a number": Case(GOOD, ("--samples", "many"), "'--samples': Input should be a valid integer"),
+    # ---- malformed tracking URIs, whichever way given: named before anything starts
+    "in-memory sqlite": Case(GOOD, ("--tracking-uri", "sqlite://"), "sqlite://: an in-memory SQLite database"),
+    "in-memory sqlite from the environment": Case(
+        GOOD, (), "$MLFLOW_TRACKING_URI sqlite://: an in-memory SQLite database",
+        env={"MLFLOW_TRACKING_URI": "sqlite://"},
+    ),
+    "in-memory sqlite with options": Case(
+        GOOD, ("--tracking-uri", "sqlite://?cache=shared"), "an in-memory SQLite database"
+    ),
+    "sqlite without slashes": Case(GOOD, ("--tracking-uri", "sqlite:"), "too few slashes"),
+    "sqlite with one slash": Case(GOOD, ("--tracking-uri", "sqlite:/x.db"), "too few slashes"),
+    "sqlite with a host": Case(GOOD, ("--tracking-uri", "sqlite://host/x.db"), "with a host (host)"),
+    "sqlite naming no file": Case(GOOD, ("--tracking-uri", "sqlite:///"), "sqlite:///: names no file"),
+    "sqlite naming the root folder": Case(GOOD, ("--tracking-uri", "sqlite:////"), "names a folder"),
+    "sqlite naming a folder by its slash": Case(
+        GOOD, ("--tracking-uri", "sqlite:///{images}/"), "ends in '/'"
+    ),
+    "a server without a host": Case(GOOD, ("--tracking-uri", "http://"), "http://: names no server host"),
+    "a secure server without a host": Case(GOOD, ("--tracking-uri", "https://"), "names no server host"),
+    "a server with a port only": Case(GOOD, ("--tracking-uri", "http://:5000"), "names no server host"),
+    "a server with one slash": Case(GOOD, ("--tracking-uri", "http:/127.0.0.1:5000"), "names no server host"),
+    "a server's port that is no number": Case(
+        GOOD, ("--tracking-uri", "http://127.0.0.1:notaport"), "'notaport'"
+    ),
+    "a server's port out of range": Case(
+        GOOD, ("--tracking-uri", "http://127.0.0.1:99999"), "Port out of range"
+    ),
+    "a server's port 0": Case(GOOD, ("--tracking-uri", "http://127.0.0.1:0"), "port 0"),
+    "no password shown in a malformed uri": Case(
+        GOOD, ("--tracking-uri", "http://alice:hunter2@:5000"), "http://alice:***@:5000"
+    ),
+    "a file store MLflow refuses": Case(
+        GOOD, ("--tracking-uri", "file:///{images}/mlruns"), "MLFLOW_ALLOW_FILE_STORE=true"
+    ),
+    "a plain folder for a store": Case(GOOD, ("--tracking-uri", "mlruns"), "filesystem store"),
+    "a file uri without its slashes": Case(
+        GOOD, ("--tracking-uri", "file:mlruns"), "file:///ABSOLUTE/PATH",
+        env={"MLFLOW_ALLOW_FILE_STORE": "true"},
+    ),
     # ---- what a local Ray writes before it starts
     "a home where Ray cannot keep its token": Case(
         GOOD, (), "token in /proc/.ray (from HOME)", env={"HOME": "/proc"}
@@ -355,7 +422,7 @@ def test_bad_search_input_exits_2_before_ray(
         space.write_text(fill(spec.space, **values))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [fill(a, **values) for a in spec.args]
-    if not any(a == "--tracking-uri" for a in args):
+    if not any(a == "--tracking-uri" for a in args) and "MLFLOW_TRACKING_URI" not in spec.env:
         args += ["--tracking-uri", uri]
     if not any(a == "--storage" for a in args):
         args += ["--storage", str(tmp_path / "runs")]
@@ -376,6 +443,7 @@ def test_bad_search_input_exits_2_before_ray(
     assert fill(spec.needle, **values) in " ".join(output.split()), output
     assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
     assert len(output) < 10_000, output[:2000]
+    assert "hunter2" not in output
     assert_nothing_started(tmp_path, ray_tmpdir, uri)
 
 
@@ -783,3 +851,236 @@ def test_timm_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
     with pytest.raises(ValueError, match=r'pip install "flatbasin\[timm\]"'):
         build_model("timm:resnet18", (3, 32, 32), 10)
+
+
+# ---- every numeric option: a range stated in --help, and the checks hold to it
+COMMANDS: dict[tuple[str, ...], list[str]] = {  # each command, with what it needs to parse
+    ("search",): [], ("train",): ["--variant", "sgd"], ("lr-find",): [],
+    ("focus-library",): ["out.pt"], ("data", "check"): ["images"], ("submit",): [],
+    ("sync",): ["runs/x"], ("reproduce",): ["RUN"], ("report",): ["SEARCH"],
+}  # fmt: skip
+ROW = re.compile(r"│\s+(--[a-z-]+)\s.*?<(int|float)( range)?>\s*(.*?)\s*│\s*$")
+
+
+@dataclass(frozen=True)
+class Stated:
+    low: float
+    high: float
+    default: float | None
+    kind: type
+
+
+def stated_options(command: tuple[str, ...]) -> dict[str, Stated]:
+    """Every numeric option of `command` as its --help states it (through a real process, wide
+    enough that no row wraps): the range and the default. An option without both ends fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flatbasin", *command, "--help"], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "TERMINAL_WIDTH": "400"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = {}
+    for line in done.stdout.splitlines():
+        row = ROW.search(line)
+        if not row:
+            continue
+        option, kind, ranged, rest = row.groups()
+        bounds = re.search(r"\[([-0-9.e+]+)<=x<=([-0-9.e+]+)\]", rest)
+        assert ranged and bounds, f"{' '.join(command)} {option} states no range from low to high: {line}"
+        default = re.search(r"\[default: ([-0-9.e+]+)\]", rest)
+        number = int if kind == "int" else float
+        found[option] = Stated(
+            number(bounds[1]), number(bounds[2]), number(default[1]) if default else None, number
+        )
+    return found
+
+
+def search_field(field: str) -> Callable[[float], object]:
+    from flatbasin.search.tuner import SearchOptions
+
+    return lambda v: SearchOptions(tracking_uri="sqlite:///x.db", storage=Path("runs"), **{field: v})
+
+
+def trial_setting(key: str, **settings: object) -> Callable[[float], object]:
+    from flatbasin.trainables.config import make_config
+
+    return lambda v: make_config("sgd", {**settings, key: v})
+
+
+def lr_find_check(tmp_path: Path, **fixed: float) -> Callable[[float], object]:
+    """lr-find's own check of its options; --start must stay below --end, the one rule between
+    them, so at the shared bound (10 for --start, 1e-8 for --end) only that rule may complain."""
+    from flatbasin.search.errors import UsageError
+    from flatbasin.search.lrfind import LrFindOptions, check_options
+    from flatbasin.trainables.config import make_config
+
+    def check(v: float) -> None:
+        values = {"start": 1e-6, "end": 10.0, "steps": 200, **fixed}
+        values[next(k for k in ("start", "end", "steps") if k not in fixed)] = v
+        options = LrFindOptions(**values, plot=tmp_path / "f.png", write=None)
+        try:
+            check_options(options, make_config("sgd", {}))
+        except UsageError as err:
+            if "must be below --end" not in str(err) or values["start"] != values["end"]:
+                raise
+
+    return check
+
+
+def focus_ridge(tmp_path: Path) -> Callable[[float], object]:
+    """focus-library's own check of --ridge: it comes before the settings are read, so an unknown
+    setting is what a ridge it accepts leads to."""
+
+    def check(v: float) -> None:
+        args = ["focus-library", str(tmp_path / "lib.pt"), "--ridge", repr(v), "--set", "bogus=1"]
+        result = runner.invoke(app, args)
+        assert "unknown setting(s) bogus" in result.output, result.output
+
+    return check
+
+
+def validators(tmp_path: Path) -> dict[tuple[str, str], Callable[[float], object]]:
+    """The check below the command line that each numeric option's value meets."""
+    return {
+        ("search", "--samples"): search_field("samples"),
+        ("search", "--concurrency"): search_field("concurrency"),
+        ("search", "--cpus-per-trial"): search_field("cpus_per_trial"),
+        ("search", "--gpus-per-trial"): search_field("gpus_per_trial"),
+        ("search", "--seed"): search_field("seed"),
+        ("search", "--time-budget"): search_field("time_budget_s"),
+        ("search", "--max-failures"): search_field("max_failures"),
+        ("search", "--checkpoint-every"): search_field("checkpoint_every"),
+        ("search", "--checkpoint-interval"): search_field("checkpoint_interval_s"),
+        ("search", "--confirm-seeds"): search_field("confirm_seeds"),
+        ("train", "--epochs"): trial_setting("epochs"),
+        ("train", "--seed"): trial_setting("seed"),
+        ("focus-library", "--epochs"): trial_setting("epochs"),
+        ("focus-library", "--seed"): trial_setting("seed"),
+        ("focus-library", "--ridge"): focus_ridge(tmp_path),
+        ("lr-find", "--start"): lr_find_check(tmp_path, end=10.0, steps=200),
+        ("lr-find", "--end"): lr_find_check(tmp_path, start=1e-8, steps=200),
+        ("lr-find", "--steps"): lr_find_check(tmp_path, start=1e-6, end=10.0),
+        ("data check", "--image-size"): trial_setting("image_size", dataset="synthetic"),
+    }
+
+
+def beyond(value: float, kind: type, direction: float) -> str:
+    """The value just past `value` in `direction`: the next integer, or the next float."""
+    return str(int(value + direction)) if kind is int else repr(math.nextafter(value, direction * math.inf))
+
+
+def test_every_numeric_option_states_its_range_and_its_checks_agree(tmp_path, monkeypatch):
+    """Each command's --help states every numeric option's range and default; the value just past
+    either end is refused while the command line is read (one paragraph, exit 2, nothing done), and
+    the ends and the default pass the command line and the check the value meets below it."""
+    monkeypatch.chdir(tmp_path)
+    checks = validators(tmp_path)
+    group = typer.main.get_command(app)
+    seen = set()
+    for command, needs in COMMANDS.items():
+        click_command = group
+        for name in command:
+            click_command = click_command.commands[name]  # type: ignore[attr-defined]
+        for option, stated in stated_options(command).items():
+            key = (" ".join(command), option)
+            seen.add(key)
+            assert key in checks, f"{key}: a numeric option with no check named in this test"
+            assert stated.low <= (stated.default if stated.default is not None else stated.low) <= stated.high
+            for edge, direction in ((stated.low, -1.0), (stated.high, 1.0)):
+                bad = beyond(edge, stated.kind, direction)
+                result = runner.invoke(app, [*command, *needs, option, bad])
+                assert result.exit_code == 2, (key, bad, result.output)
+                assert result.output.startswith("error: ") and f"'{option}'" in result.output, result.output
+                assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+            if stated.kind is float:
+                result = runner.invoke(app, [*command, *needs, option, "nan"])
+                assert result.exit_code == 2 and f"'{option}'" in result.output, (key, result.output)
+            for good in {stated.low, stated.high, stated.default} - {None}:
+                click_command.make_context(command[-1], [*needs, option, str(good)])  # parses
+                checks[key](good)  # and the check below accepts it
+    assert seen == set(checks), f"checks for options --help does not state: {set(checks) - seen}"
+
+
+# ---- running out of memory: what ran out, and what to change
+def test_an_allocation_that_cannot_be_had_is_named_with_what_to_change():
+    """Real allocators refusing (a petabyte is beyond any machine's address space, so nothing is
+    taken): torch's and numpy's errors become one OutOfMemory paragraph; other errors pass as they are."""
+    from flatbasin.trainables.config import make_config
+    from flatbasin.trainables.memory import OutOfMemory, named_out_of_memory
+
+    config = make_config("sgd", {"dataset": "synthetic", "image_size": 64, "batch_size": 32})
+    for allocate, amount in (
+        (lambda: torch.empty(2**50, dtype=torch.uint8), "1024.0 TiB"),
+        (lambda: np.empty(2**50, dtype=np.uint8), "1024.0 TiB"),
+    ):
+        with pytest.raises(OutOfMemory) as caught, named_out_of_memory(config, "training"):
+            allocate()
+        text = str(caught.value)
+        assert text.startswith(f"training ran out of this machine's memory (RAM) asking for {amount} more"), text
+        for advice in ("batch_size (now 32)", "model (now auto)", "image_size (now 64)", "synthetic_images (now 60000)"):
+            assert advice in text, text
+    with pytest.raises(RuntimeError, match=r"^unrelated$"), named_out_of_memory(config, "training"):
+        raise RuntimeError("unrelated")
+
+
+MEMORY_LIMITED = """
+import resource, sys
+import torch  # its own mappings are part of what the process starts with
+status = open("/proc/self/status").read()
+size = int(status.split("VmSize:")[1].split()[0]) * 1024
+limit = size + int(sys.argv[1]) * 2**20  # this much more address space, then allocations fail
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from flatbasin.search.cli import main
+sys.argv = ["flatbasin", *sys.argv[2:]]
+main()
+"""
+
+
+def run_with_memory(tmp_path: Path, headroom_mib: int, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """flatbasin in a process whose address space ends `headroom_mib` past what importing torch
+    took: what it cannot have fails at once, and the machine's memory is never at stake."""
+    script = tmp_path / "limited.py"
+    script.write_text(MEMORY_LIMITED)
+    return subprocess.run(
+        [sys.executable, str(script), str(headroom_mib), *args], capture_output=True, text=True,
+        timeout=280, cwd=tmp_path, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_that_runs_out_of_memory_says_what_ran_out_and_what_to_change(tmp_path):
+    """512-pixel images in batches of 64: the first convolution's output alone is 2 GiB, more than
+    the process may have; the data (100 images) and the model fit."""
+    done = run_with_memory(
+        tmp_path, 1536, "train", "--variant", "sgd", "--epochs", "1", "--dataset", "synthetic",
+        "--set", "image_size=512", "--set", "synthetic_images=100", "--set", "model=small_cnn",
+        "--set", "threads=1",
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output and output.startswith("error: "), output
+    text = " ".join(output.split())
+    assert "training ran out of this machine's memory (RAM) asking for 2.0 GiB more" in text, text
+    assert "lower batch_size (now 64) or choose a smaller model (now small_cnn)" in text, text
+    assert "a smaller image_size (now 512)" in text, text
+
+
+@pytest.mark.slow
+def test_a_search_whose_data_cannot_fit_is_refused_before_ray(tmp_path, ray_tmpdir):
+    """A million 512-pixel synthetic images (732 GiB): the driver's check of the data, before Ray."""
+    (tmp_path / "big.yaml").write_text(
+        "epochs: 1\ndataset: synthetic\nfixed: {image_size: 512, synthetic_images: 1000000}\n"
+        "variants: {sgd: {}}\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_with_memory(
+        tmp_path, 1536, "search", "big.yaml", "--storage", str(tmp_path / "runs"),
+        "--tracking-uri", uri, RAY_TMPDIR=str(ray_tmpdir),
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "Traceback" not in output and output.startswith("error: "), output
+    text = " ".join(output.split())
+    assert "variants.sgd: loading the data and checking the model ran out of this machine's memory" in text, text
+    assert "fewer synthetic_images (now 1000000)" in text, text
+    assert not list(ray_tmpdir.rglob("session_*")), "a Ray session was started"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()

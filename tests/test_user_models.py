@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import load_data

@@ -27,6 +27,7 @@ from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, DiversityPoint, accuracy
 from flatbasin.trainables.data import Data, load_data
 from flatbasin.trainables.history import seconds_to_best
+from flatbasin.trainables.memory import names_out_of_memory
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build, check_data, check_model, runtime
@@ -172,6 +173,7 @@ def load_deployed(config: TrialConfig, checkpoint: Path, data: Data | None = Non
     return with_tta(parts.averager.deployed(parts.model), config.tta).eval()
 
 
+@names_out_of_memory("training")
 def train(
     config: TrialConfig,
     *,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from flatbasin.trainables import accel, usercode
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
+from flatbasin.trainables.memory import is_out_of_memory, names_out_of_memory
 from flatbasin.trainables.models import build_model, model_kind
 from flatbasin.trainables.variants import Variant
 
@@ -81,6 +82,8 @@ def check_model(
         with torch.no_grad():
             out = model(probe)
     except Exception as err:  # a user's forward can raise anything; say what and where
+        if is_out_of_memory(err):  # the input fits; the memory does not (see memory.py)
+            raise
         raise TrialError(
             f"model '{config.model}' cannot take the input of '{config.dataset}' "
             f"(examples of shape {tuple(probe.shape[1:])}): {usercode.describe_error(err)}"
@@ -112,6 +115,7 @@ LEARN_BUDGET_S = 10.0  # then it gives up and says so (PreResNet-164 on one CPU 
 INIT_LOSS_FACTOR = 3.0  # an initial loss above this many times ln(classes) is suspicious
 
 
+@names_out_of_memory("checking that the model can learn (one small batch)")
 def check_learns(
     config: TrialConfig,
     data: Data,
