@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def load(n=1200, classes=4, features=16, noise=3.0, seed=0):
+def load(n=1200, classes=4, features=16, noise=2.5, seed=0):
     """Gaussian blobs: `classes` centres in `features` dimensions, `n` examples, a quarter held out for test."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(classes, features)) * 1.5

@@ -26,7 +26,7 @@ class Blobs(Dataset):
         return x, label
 
 
-def load(n=1200, classes=4, features=16, noise=3.0, seed=0):
+def load(n=1200, classes=4, features=16, noise=2.5, seed=0):
     test = n // 4
     return (
         Blobs(n - test, classes, features, noise, seed),
