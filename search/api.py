@@ -234,8 +234,9 @@ def _hand(fn: Any, option: str, folder: Path, taken: dict[str, Any], ship: bool)
     if name is not None:
         return _Handed(name)
     target = _target(fn)
-    raw_name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or "fn"
-    parts = [re.sub(r"\W", "_", p).strip("_") or "fn" for p in str(raw_name).split(".")]
+    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or "fn"
+    raw_name = str(qualname).rpartition("<locals>.")[2]  # `make.<locals>.build`: build
+    parts = [re.sub(r"\W", "_", p).strip("_") or "fn" for p in raw_name.split(".")]
     base = ".".join(f"_{p}" if p[0].isdigit() else p for p in parts)
     name, n = f"{usercode.PASSED}:{base}", 1
     while name in taken and taken[name] is not fn:  # model= and data= of the same name
