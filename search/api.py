@@ -576,6 +576,8 @@ def run_train(
     for option, key, value in (("model", "model", model), ("data", "dataset", data)):
         handed = _named(option, value, Path.cwd(), taken, ship=False)
         if handed is not None:
+            if key in settings:
+                raise UsageError(f"{option}= and {key}= name the same setting; give one of them")
             settings[key] = handed.name
             if handed.record is not None:
                 records[handed.name] = handed.record.model_dump()

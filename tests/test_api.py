@@ -274,6 +274,8 @@ def test_train_takes_callables_and_names_what_ran(tmp_path, monkeypatch):
 
     with pytest.raises(UsageError, match=r"(?s)invalid settings for variant 'sgd'.*lr"):
         flatbasin.train("sgd", model=build_mlp, data=blobs, lr=-1, console=quiet)
+    with pytest.raises(UsageError, match="data= and dataset= name the same setting"):
+        flatbasin.train("sgd", data=blobs, dataset="digits", console=quiet)
     with pytest.raises(UsageError, match="unknown setting"):
         flatbasin.train("sgd", model=build_mlp, data=blobs, epoch=1, console=quiet)
 
