@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
-from pydantic import ValidationError
-from rich.table import Table
+from rich.console import Console
 
 from flatbasin.search.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    SearchFailed,
     UsageError,
-    describe,
     fail,
-    plain_console,
     short,
-    stderr,
 )
+from flatbasin.search.output import CONSOLE, print_epoch, print_summary  # noqa: F401 (print_epoch: tests)
 from flatbasin.trainables.memory import OutOfMemory
 
 try:  # typer >= 0.22 carries its own copy of click
@@ -67,7 +63,7 @@ def usage_problem(err: ClickUsageError) -> str:
 app = typer.Typer(
     cls=Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
 )
-console = plain_console()
+console: Console = CONSOLE
 
 
 # Ranges shared by several commands' options, the trial settings' own (trainables/config.py).
@@ -83,9 +79,9 @@ TrackingUri = Annotated[
 
 
 def tracking_uri_or_default(value: str | None) -> str:
-    from flatbasin.search.tracking import chosen_uri
+    from flatbasin.search.api import tracking_uri_or_default as default
 
-    return chosen_uri(value)
+    return default(value)
 
 
 def _print_version(value: bool) -> None:
@@ -125,78 +121,6 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def option_names(text: str) -> str:
-    """SearchOptions' field names as the options a user typed (--time_budget_s -> --time-budget)."""
-    renamed = {"--time_budget_s": "--time-budget", "--checkpoint_interval_s": "--checkpoint-interval"}
-    for field, option in renamed.items():
-        text = text.replace(field, option)
-    return re.sub(r"--([a-z]+(?:_[a-z]+)+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
-
-
-def build_config(variant: str, settings: dict[str, Any]):
-    """A trial's config from --set and the options; the user's modules are found in the current
-    folder first (`train` and `lr-find` have no space file to stand beside)."""
-    from flatbasin.trainables.config import code_in, make_config
-
-    try:
-        return make_config(variant, code_in(settings, Path.cwd()))
-    except ValidationError as err:
-        raise UsageError(f"invalid settings for variant '{variant}':\n{describe(err)}") from err
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-
-
-def print_epoch(m: Any, epochs: int) -> None:
-    lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
-    gap = "" if m.gen_gap is None else f"  gap {m.gen_gap:+.4f}"
-    # An epoch without a pass over the data (prior_guided's focus epochs) has no training loss.
-    trained = (
-        f"loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}"
-        if m.train_loss is not None
-        else f"{m.phase + ' epoch, no data pass':<31}"
-    )
-    console.print(
-        f"epoch {m.epoch:>3}/{epochs}  {trained}  "
-        f"val acc {m.val_acc:.4f}{gap}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
-    )
-
-
-def runtime_summary(runtime: dict[str, Any]) -> str:
-    """'bf16, channels-last, compiled': how the trial ran (accel.Runtime.record)."""
-    parts = [str(runtime.get("precision", "fp32"))]
-    parts += ["channels-last"] if runtime.get("channels_last") else []
-    parts += ["compiled"] if runtime.get("compile") else []
-    return ", ".join(parts)
-
-
-def print_curve(result: Any) -> None:
-    table = Table(title=f"{result.config.variant}: accuracy vs. models averaged / ensembled")
-    table.add_column("count", justify="right")
-    table.add_column("val_acc", justify="right")
-    table.add_column("test_acc", justify="right")
-    extras = result.extra_curves
-    for name in extras:
-        table.add_column(f"{name} val", justify="right")
-    for i, p in enumerate(result.curve):
-        cells = [str(p.count), f"{p.val_acc:.4f}", f"{p.test_acc:.4f}"]
-        cells += [f"{extras[n][i].val_acc:.4f}" if i < len(extras[n]) else "" for n in extras]
-        table.add_row(*cells)
-    console.print(table)
-    if result.diversity:
-        print_diversity(result.diversity)
-
-
-def print_diversity(points: list[Any]) -> None:
-    """Under the curve: members that err on the same examples add nothing to the ensemble."""
-    table = Table(title="members' diversity on the test split (first k members, mean over pairs)")
-    for column in ("count", "disagreement", "error corr"):
-        table.add_column(column, justify="right")
-    for p in points:
-        corr = "n/a" if p.error_corr is None else f"{p.error_corr:.4f}"
-        table.add_row(str(p.count), f"{p.disagreement:.4f}", corr)
-    console.print(table)
-
-
 @app.command()
 def train(
     variant: Annotated[
@@ -234,6 +158,8 @@ def train(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Train one trial locally, without Ray, printing a line per epoch and the final curve."""
+    from flatbasin.search.api import run_train
+
     try:
         settings = parse_settings(set_ or [])
         for key, value in (
@@ -244,81 +170,12 @@ def train(
         ):
             if value is not None:
                 settings[key] = value
-        if resume and (checkpoint is None or not checkpoint.is_file()):
-            raise UsageError(f"--resume needs an existing --checkpoint file (got {checkpoint})")
-        if not resume and checkpoint is not None and checkpoint.is_file():
-            # The first epoch would replace it: an interrupted run's only copy, if --resume was forgotten.
-            raise UsageError(
-                f"--checkpoint {checkpoint} exists; --resume continues the run it holds, or give "
-                "a new file (or delete this one) to start afresh"
-            )
-        start_weights, continuing = None, ""
-        if start_from is None:
-            config = build_config(variant, settings)
-        else:  # a converged start: the settings are a tail's (see search/post_convergence.py)
-            from flatbasin.search.post_convergence import continue_config
-
-            _quiet_mlflow_retries()
-            config, start_weights, continuing = continue_config(
-                variant, settings, start_from, tracking_uri_or_default(tracking_uri)
-            )
-        from flatbasin.search.preflight import writable_file
-
-        for option, path in (("--json", json_out), ("--checkpoint", checkpoint)):
-            if path is not None:
-                writable_file(option, path)  # found now, not after the training
+        result = run_train(
+            variant, settings, checkpoint=checkpoint, resume=resume, start_from=start_from,
+            tracking_uri=tracking_uri, console=console, json_out=json_out,
+        )  # fmt: skip
     except UsageError as err:
         fail(str(err))
-
-    from flatbasin.trainables.data import DataError
-    from flatbasin.trainables.loop import train as run_trial
-
-    legend = (
-        "val acc: the weights being trained; gap: their accuracy on training examples minus val acc, "
-        "both scored alike; deployed val acc: the model the variant ships now (the average or "
-        "ensemble of its members; the search's score); lr: the epoch's range"
-        + ("; every accuracy with test-time augmentation" if config.tta != "none" else "")
-    )
-
-    shown: list[bool] = []
-
-    def on_epoch(metrics: Any, save: Any) -> None:
-        if not shown:  # with the first epoch, not before: an input the trial refuses before its
-            shown.append(True)  # first epoch (a library, a start) is then the only paragraph
-            console.print(legend)
-            if continuing:
-                console.print(continuing)
-        print_epoch(metrics, config.epochs)
-        if checkpoint is not None:
-            save(checkpoint)
-
-    try:
-        result = run_trial(
-            config,
-            resume=checkpoint if resume else None,
-            on_epoch=on_epoch,
-            start_weights=start_weights,
-        )
-    except (DataError, ValueError) as err:
-        fail(str(err))
-    last = result.history[-1].epoch if result.history else 0
-    if result.diverged:
-        console.print(f"diverged at epoch {last}: the loss is not finite", style="yellow")
-    else:
-        if last < config.epochs:
-            console.print(f"stopped early after epoch {last} of {config.epochs} (patience)")
-        print_curve(result)
-        console.print(
-            f"deployed model ({result.model}): val acc {result.score:.4f} (the score)   "
-            f"test acc {result.test_acc:.4f}"
-        )
-    to_best = result.seconds.get("to_best")
-    console.print(
-        f"{result.seconds['total']:.1f} s on {result.device} ({runtime_summary(result.runtime)}), "
-        f"{result.threads} thread(s)"
-        + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
-        + f"; plan {result.plan}"
-    )
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
 
@@ -354,6 +211,7 @@ def lr_find(
     ] = None,
 ) -> None:
     """Learning-rate range test: raise the lr each step, plot the loss, suggest bounds for a search."""
+    from flatbasin.search.api import build_config
     from flatbasin.search.lrfind import LrFindOptions, check_options, run_lr_find
 
     try:
@@ -369,12 +227,6 @@ def lr_find(
         fail(str(err))
     if not suggested:
         raise typer.Exit(EXIT_FAILED)
-
-
-# What Tune keeps of a search and restores on --resume (its search algorithm, schedule, run config and
-# trial settings): given again, these would be silently ignored, so a resume refuses them.
-FIXED_AT_START = ("samples", "concurrency", "scheduler", "seed", "time_budget", "max_failures",
-                  "checkpoint_every", "checkpoint_interval")  # fmt: skip
 
 
 @app.command()
@@ -457,99 +309,36 @@ def search(
     ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
-    import os
+    from flatbasin.search import api
 
-    from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
-
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        local_ray_on_loopback()  # before anything imports Ray
-    from flatbasin.search.post_convergence import BaseFailed
-    from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import SearchOptions, resumable, resume_command, run_search
-    from flatbasin.spaces import SpaceError, load_space
-    from flatbasin.spaces.loader import check_name
-
+    # What was typed, as flatbasin.search's options; the rest keep its defaults (the same as these),
+    # so that a --resume can tell an option given again from one left out.
+    given = {
+        key: value
+        for key, value in ctx.params.items()
+        if key != "space_file" and ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
+    }
     try:
-        given = [
-            "--" + key.replace("_", "-")
-            for key in FIXED_AT_START
-            if ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
-        ]
-        if resume and given:
-            raise UsageError(
-                f"--resume continues the search with the settings it started with, so "
-                f"{', '.join(given)} would not apply; leave {'them' if len(given) > 1 else 'it'} "
-                "out, or start a new search with --name NEW_NAME"
-            )
-        space = load_space(space_file, start_from=start_from)
-        if name is not None:
-            check_name(name, "--name")
-        options = SearchOptions(
-            samples=samples, concurrency=concurrency, address=address,
-            tracking_uri=tracking_uri_or_default(tracking_uri), storage=storage, name=name, resume=resume,
-            scheduler=scheduler,  # type: ignore[arg-type]  # validated by SearchOptions
-            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
-            time_budget_s=time_budget, max_failures=max_failures, checkpoint_every=checkpoint_every,
-            checkpoint_interval_s=checkpoint_interval, confirm_seeds=confirm_seeds,
-            start_from=start_from,
-        )  # fmt: skip
-    except (SpaceError, UsageError) as err:
+        result = api.search(space_file, console=console, **given)
+    except UsageError as err:
         fail(str(err))
-    except ValidationError as err:
-        fail(f"invalid search options:\n{option_names(describe(err, '--'))}")
-    _quiet_mlflow_retries()
-    try:
-        outcome = run_search(space, options, console)
-    except TrackingRefused as err:
-        fail(f"{err} Nothing was started.")
-    except TrackingUnavailable as err:
-        server = options.tracking_uri.startswith(("http://", "https://"))
-        fail(f"{str(err).rstrip('.')}. " + ("Start the server or pass --tracking-uri; n" if server else "N")
-             + "othing was started.")  # fmt: skip
-    except (UsageError, ClusterError) as err:
-        fail(str(err))
-    except BaseFailed as err:
-        fail(f"{err}. Nothing was kept.", code=EXIT_FAILED)
+    except SearchFailed as err:
+        fail(str(err), code=EXIT_FAILED)
     except KeyboardInterrupt:
-        if resumable(space, options):
-            stderr.print(
-                "interrupted; what Tune saved resumes with:\n  " + resume_command(space, options),
-                style="yellow",
-            )
-        else:
-            stderr.print(
-                "interrupted before any trial was saved; nothing to resume: run the same command "
-                "again to start the search",
-                style="yellow",
-            )
         _leave(EXIT_INTERRUPTED)
-    print_summary(outcome, options.tracking_uri)
-    if outcome.best:
-        write_search_report(outcome.parent_run_id, options.tracking_uri)
-    if outcome.interrupted:
-        console.print(
-            "The search was interrupted; finished trials are kept. Continue it with:",
-            style="yellow",
-        )
-        console.print(f"  {outcome.resume_command}")
+    if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-    if outcome.out_of_time and not outcome.errors:
-        if not outcome.best:
-            fail(
-                f"{outcome.out_of_time}: no trial finished, so nothing was compared; give a longer "
-                f"budget, or continue (with another budget window) with: {outcome.resume_command}",
-                code=EXIT_FAILED,
-            )
-        console.print(
-            f"{outcome.out_of_time.capitalize()}; the table compares those that finished, without "
-            f"confirmation runs. Continue it with:\n  {outcome.resume_command}",
-            style="yellow",
-        )
-    if outcome.errors:
-        more = f" ({len(outcome.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
+    if result.out_of_time and not result.errors and not result.best:
         fail(
-            f"the search failed: {len(outcome.errors)} trial(s) failed; first, {outcome.errors[0]}"
-            + (more if len(outcome.errors) > 1 else ""),
+            f"{result.out_of_time}: no trial finished, so nothing was compared; give a longer "
+            f"budget, or continue (with another budget window) with: {result.resume}",
+            code=EXIT_FAILED,
+        )
+    if result.errors:
+        more = f" ({len(result.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
+        fail(
+            f"the search failed: {len(result.errors)} trial(s) failed; first, {result.errors[0]}"
+            + (more if len(result.errors) > 1 else ""),
             code=EXIT_FAILED,
         )
 
@@ -737,120 +526,10 @@ def data_check(
     raise typer.Exit(2 if problems else 0)
 
 
-def write_search_report(parent_run_id: str, tracking_uri: str) -> None:
-    """The report at the end of a search; one that cannot be written is a warning, never a failure."""
-    try:
-        from flatbasin.search.report import write_report
-
-        page = write_report(parent_run_id, tracking_uri)
-    except Exception as err:  # the search's results are safe in MLflow whatever happens here
-        stderr.print(
-            f"warning: the report was not written ({type(err).__name__}: {err}); "
-            f"try: flatbasin report {parent_run_id} --tracking-uri {tracking_uri}",
-            style="yellow",
-        )
-        return
-    console.print(f"Report:       {page}")
-
-
 def _quiet_mlflow_retries() -> None:
-    """A tracking server that is down should cost seconds, not minutes of retries, per attempt."""
-    import os
+    from flatbasin.search.api import quiet_mlflow_retries
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def print_confirmed(rows: list[dict[str, Any]]) -> None:
-    """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
-    seeds = max(row["n"] for row in rows)
-    spread = seeds > 1  # one seed has no spread: a ± 0 would claim a certainty it does not have
-    title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
-    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
-    for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
-        table.add_column(column)
-    for row in rows:
-        p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
-        verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
-        table.add_row(
-            row["variant"],
-            f"{row['val_mean']:.4f}" + (f" ± {row['val_std']:.4f}" if spread else ""),
-            f"{row['test_mean']:.4f}" + (f" ± {row['test_std']:.4f}" if spread else ""),
-            p,
-            verdict,
-        )
-    console.print(table)
-    level = [row["variant"] for row in rows if row["val_mean"] == rows[0]["val_mean"]]
-    if len(level) > 1:
-        console.print(f"Winner:       none: {', '.join(level)} tie on mean validation accuracy")
-        return
-    tied = [row["variant"] for row in rows[1:] if row["verdict"] in ("within noise", "tied")]
-    console.print(
-        f"Winner:       {rows[0]['variant']} (best mean validation accuracy over {seeds} "
-        f"seed{'s' * spread})"
-        + (f"; within noise of it: {', '.join(tied)}" if tied else "")
-    )
-
-
-def print_summary(outcome: Any, tracking_uri: str) -> None:
-    from flatbasin.search.tracking import browse_hint
-    from flatbasin.search.tuner import learned_nothing
-
-    if not outcome.best:
-        console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
-    table = Table(title=f"search '{outcome.name}': best trial per variant")
-    for column in ("variant", "trials", "score (val)", "test_acc", "params", "MLflow run"):
-        table.add_column(column, overflow="fold")
-    for row in outcome.best:
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
-        )
-        table.add_row(
-            row["variant"],
-            str(outcome.trials_per_variant.get(row["variant"], "")),
-            f"{row['score']:.4f}",
-            f"{row['test_acc']:.4f}",
-            params,
-            row.get("run_id") or "-",
-        )
-    if outcome.best:
-        console.print(table)
-    if warning := learned_nothing(outcome.best):
-        console.print(f"warning: {warning}", style="yellow", markup=False)
-    if outcome.untried:
-        why = (
-            "the time budget ran out before they got one"
-            if outcome.out_of_time
-            else "--samples below the number of variants gives some none"
-        )
-        console.print(
-            f"No trial for: {', '.join(outcome.untried)} ({why}); they are not part of this "
-            "comparison",
-            style="yellow",
-        )
-    if outcome.confirmed:
-        print_confirmed(outcome.confirmed)
-    if outcome.unwritten:
-        console.print(
-            f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
-            style="yellow",
-        )
-        console.print(
-            f"  flatbasin sync {shlex.quote(str(outcome.experiment_path))} --tracking-uri {shlex.quote(tracking_uri)}"
-        )
-    if outcome.seconds:
-        console.print(
-            "Time:         " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items())
-        )
-    console.print(f"Tune results: {outcome.experiment_path}")
-    console.print(f"Browse:       {browse_hint(tracking_uri)}")
-    # The trial to reproduce: the winner's best after confirmation, else the best search score.
-    winner = outcome.confirmed[0]["variant"] if outcome.confirmed else None
-    rows = [r for r in outcome.best if r["variant"] == winner] or outcome.best
-    if rows and rows[0].get("run_id"):
-        console.print(
-            f"Reproduce:    flatbasin reproduce {rows[0]['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
-        )
+    quiet_mlflow_retries()
 
 
 def _leave(code: int) -> NoReturn:

@@ -46,6 +46,11 @@ class UsageError(Exception):
     """Bad input: the message names what is wrong; the CLI exits with status 2."""
 
 
+class SearchFailed(RuntimeError):
+    """A search that started could not go on (its base phase failed or diverged), and kept nothing;
+    the CLI exits with status 1."""
+
+
 def describe(err: ValidationError, where: str = "") -> str:
     """One line per problem, each naming the field (variant parameters without their 'params.' prefix)."""
     lines = []

@@ -106,7 +106,7 @@ def plan(space: Space, text: str | None, tracker: Tracker, resume: bool) -> Plan
     if text is None:
         return None
     source = parse_source(text)
-    where = f"--from {text}" if text != space.start_from else f"{space.path}: from: {text}"
+    where = f"--from {text}" if text != space.start_from else f"{space.where}: from: {text}"
     try:
         tail, left_out = space.continuing(CHECKING)
     except SpaceError as err:
@@ -296,7 +296,7 @@ def _check_base(base: TrialConfig, space: Space) -> None:
     try:
         check_trial(base, load_data(base.data_spec, "cpu"))
     except (DataError, TrialError) as err:
-        raise UsageError(f"{space.path}: base: {err}") from err
+        raise UsageError(f"{space.where}: base: {err}") from err
     finally:
         load_data.cache_clear()
 
@@ -378,7 +378,7 @@ def _train_base(
                 num_cpus=options.cpus_per_trial, num_gpus=options.gpus_per_trial,
                 max_retries=options.max_failures,
             )(train_base)  # fmt: skip
-            result, blob = ray.get(task.remote(config.model_dump(mode="json")))
+            result, blob = ray.get(task.remote(config.model_dump(mode="json"), options.passed))
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if err.cause is not None else err
         raise BaseFailed(f"the base phase failed: {type(cause).__name__}: {cause}") from err

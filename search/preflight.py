@@ -280,7 +280,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
             try:
                 dtype = autocast_dtype(config.precision, cuda, gpu.bf16)
             except ValueError as err:
-                raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
+                raise UsageError(f"{space.where}: variants.{config.variant}: {err}") from err
             data = load_data(config.data_spec, "cpu")
             key = (config.data_spec, config.model, config.dropout > 0, config.optimizer,
                    config.momentum > 0, dtype)  # fmt: skip
@@ -303,7 +303,7 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
     )
     raise UsageError(
         f"--gpus-per-trial {gpus_per_trial:g} with --concurrency {concurrency} puts {sharing} "
-        f"trial(s) on one GPU at once, but a {config.variant} trial of {space.path.name} "
+        f"trial(s) on one GPU at once, but a {config.variant} trial of {space.file_name} "
         f"(model {config.model}, batch_size {config.batch_size}, precision {config.precision}) "
         f"needs about {size(need)} of GPU memory ({parts.parts()}), and {sharing} x {size(need)} = "
         f"{size(sharing * need)} is more than the {size(gpu.total_bytes)} of {gpu.name}; {advice}. "
@@ -419,7 +419,7 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
 
                 if not torch.cuda.is_available():
                     raise UsageError(
-                        f"{space.path}: device: cuda, but this machine has no CUDA device"
+                        f"{space.where}: device: cuda, but this machine has no CUDA device"
                     )
             if not local and spec.data_dir is not None and not spec.data_dir.expanduser().exists():
                 continue
@@ -433,9 +433,9 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
                 if (spec, config.model, config.init) not in learned:
                     learned.add((spec, config.model, config.init))
                     found = check_learns(config, data)
-                    warnings += [f"{space.path}: variants.{config.variant}: {w}" for w in found]
+                    warnings += [f"{space.where}: variants.{config.variant}: {w}" for w in found]
             except (DataError, TrialError, OutOfMemory) as err:
-                raise UsageError(f"{space.path}: variants.{config.variant}: {err}") from err
+                raise UsageError(f"{space.where}: variants.{config.variant}: {err}") from err
     finally:
         load_data.cache_clear()  # the workers load their own copy; the driver keeps none
     return warnings

@@ -4,11 +4,14 @@ Reads trial_config.json from the run, trains with the same config, seed and thre
 recorded and reproduced numbers side by side, and logs the reproduction as a new run tagged with the
 original's id, with its final weights (checkpoint.pt, which `--from` can continue). A
 post-convergence trial continues the same converged model, fetched from the run that kept it and
-checked by SHA-256. On the CPU the numbers match exactly.
+checked by SHA-256. A trial whose model or data was a Python callable handed to flatbasin.search
+(`callable:NAME`) loads the pickled copy its search recorded (code/NAME.pkl). On the CPU the
+numbers match exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -36,6 +39,7 @@ from flatbasin.search.tracking import (
     log_weights,
     read_store,
 )
+from flatbasin.trainables import usercode
 from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.loop import EpochMetrics, train
@@ -73,6 +77,8 @@ def reproduce(
         f"reproducing {config.variant} trial {record['trial_id']} ({config.epochs} epochs, seed {config.seed}, {record['threads']} thread(s))"
     )
     start_weights = converged_weights(client, config)
+    for line in load_passed(client, run_id, config):
+        console.print(line, style="yellow" if "differs" in line else None)
     folder = tempfile.TemporaryDirectory(prefix="flatbasin-reproduce-")
     last = Path(folder.name) / CHECKPOINT_ARTIFACT
 
@@ -214,6 +220,37 @@ def _recorded_code(client: MlflowClient, run_id: str, folder: Path) -> dict[str,
         target.parent.mkdir(parents=True, exist_ok=True)
         path.replace(target)
     return {name: (folder / name).read_text(encoding="utf-8") for name in files}
+
+
+def load_passed(client: MlflowClient, run_id: str, config: TrialConfig) -> list[str]:
+    """The callables handed to flatbasin.search that this trial ran (`callable:NAME`): their
+    pickled copies, from its search's run (code/NAME.pkl), registered under their names. Returns a
+    line on each, for the console."""
+    lines = []
+    for name, record in config.passed.items():
+        what = "model" if name == config.model else "dataset"
+        stem = name.partition(":")[2]
+        parent = client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
+        where = f"code/{stem}.pkl of the search's run {parent}"
+        shown = "; its source is in the run's trial_config.json (config.passed)" if record.source else ""
+        try:
+            if parent is None:
+                raise MlflowException("the run has no search run above it")
+            with tempfile.TemporaryDirectory(prefix="flatbasin-code-") as folder:
+                blob = Path(client.download_artifacts(parent, f"code/{stem}.pkl", folder)).read_bytes()
+            usercode.install({name: blob})
+        except (MlflowException, OSError, usercode.UserCodeError) as err:
+            raise UsageError(
+                f"run {run_id} trained {what} {name}, a Python callable handed to flatbasin.search "
+                f"from a notebook or script, which cannot be imported by name; its pickled copy "
+                f"({where}) cannot be loaded here: {str(err).strip().splitlines()[0]}{shown}"
+            ) from None
+        same = hashlib.sha256(blob).hexdigest() == record.sha256
+        lines.append(
+            f"{what} {name}: the pickled copy recorded with the search ({where})"
+            + ("" if same else "; it differs from the copy this trial ran (sha256), so the numbers may too")
+        )
+    return lines
 
 
 def converged_weights(client: MlflowClient, config: TrialConfig) -> Weights | None:

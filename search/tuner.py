@@ -69,6 +69,9 @@ class SearchOptions(BaseModel):
     confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
     start_from: str | None = None  # --from: base, an MLflow run id or a checkpoint file (see
     # search/post_convergence.py); None: the space's `from:`, if it has one
+    # Callables handed to flatbasin.search from Python, pickled by value, by their `callable:NAME`:
+    # every trial (and a base phase trained as a Ray task) gets them from Ray's object store.
+    passed: dict[str, bytes] = Field(default_factory=dict, repr=False)
 
     @field_validator("gpus_per_trial")
     @classmethod
@@ -166,10 +169,10 @@ def runtime_settings(space: Space, options: SearchOptions) -> Space:
         asked |= {fixed["device"]} if "device" in fixed else set()
         asked |= set(searched["device"].values) if "device" in searched else set()
     if "cuda" in asked and options.gpus_per_trial == 0:
-        raise UsageError(f"{space.path}: device: cuda needs --gpus-per-trial above 0")
+        raise UsageError(f"{space.where}: device: cuda needs --gpus-per-trial above 0")
     if "cpu" in asked and options.gpus_per_trial > 0:
         raise UsageError(
-            f"{space.path}: device: cpu, but --gpus-per-trial {options.gpus_per_trial:g}"
+            f"{space.where}: device: cpu, but --gpus-per-trial {options.gpus_per_trial:g}"
         )
     device = "cuda" if options.gpus_per_trial > 0 else "cpu"
     return space.with_settings(threads=threads, device=device)
@@ -211,25 +214,29 @@ def check_new_or_resumable(
 def check_same_space(tracker: Tracker, parent: str, space: Space) -> None:
     """Tune resumes the space it pickled when the search started: an edited space file would be
     silently ignored, so it is refused, naming what changed."""
-    from flatbasin.spaces.loader import changed_keys, read_yaml
+    from flatbasin.spaces.loader import changed_keys
 
-    digest, recorded = tracker.recorded_space(parent, space.path.name)
+    digest, recorded = tracker.recorded_space(parent, space.file_name)
     if digest is None or not space.digest or digest == space.digest:
         return
     changed = ""
     if recorded is not None:
-        keys = changed_keys(recorded, read_yaml(space.path.read_text(encoding="utf-8")))
+        keys = changed_keys(recorded, space.raw)
         changed = f" ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
     raise UsageError(
-        f"--resume: {space.path} has changed since the search '{tracker.experiment}' started"
+        f"--resume: {space.where} has changed since the search '{tracker.experiment}' started"
         f"{changed}; a resumed search continues the space it started with, so undo the change, or "
         "start a new search with --name NEW_NAME"
     )
 
 
 def resume_command(space: Space, options: SearchOptions) -> str:
-    """The exact command that continues this search."""
+    """The exact command that continues this search: the CLI's, or, for a search that only Python
+    can describe (a space given as a dict, a model or data set given to flatbasin.search), the
+    call."""
     storage = options.storage.expanduser().resolve()
+    if space.path is None or space.overridden:
+        return _resume_call(space, options, storage)
     args = ["flatbasin", "search", str(space.path), "--name", options.name or space.name,
             "--storage", str(storage), "--tracking-uri", options.tracking_uri]  # fmt: skip
     if options.address:
@@ -239,6 +246,61 @@ def resume_command(space: Space, options: SearchOptions) -> str:
     if options.start_from:  # a file made absolute, as the search recorded it
         args += ["--from", post_convergence.parse_source(options.start_from).text]
     return shlex.join([*args, "--resume"])
+
+
+def _resume_call(space: Space, options: SearchOptions, storage: Path) -> str:
+    """`flatbasin.search(...)` with what continues the search; a callable is named as the
+    Python name it was given under."""
+    given = repr(str(space.path)) if space.path is not None else "space"
+    args = [given, f"name={options.name or space.name!r}", f"storage={str(storage)!r}",
+            f"tracking_uri={options.tracking_uri!r}"]  # fmt: skip
+    if options.address:
+        args.append(f"address={options.address!r}")
+    if options.confirm_seeds is not None:
+        args.append(f"confirm_seeds={options.confirm_seeds}")
+    if options.start_from:
+        args.append(f"start_from={post_convergence.parse_source(options.start_from).text!r}")
+    for option, key in (("model", "model"), ("data", "dataset")):
+        if key in space.overridden:
+            value = str(space.settings[key])
+            shown = value.partition(":")[2] if value in options.passed else repr(value)
+            args.append(f"{option}={shown}")
+    return f"flatbasin.search({', '.join(args)}, resume=True)"
+
+
+@contextlib.contextmanager
+def _space_record(space: Space) -> Iterator[Path]:
+    """The file the search's run records: the space file itself, or, for a space given as a dict
+    or with a model or data set given apart (flatbasin.search), what was searched, as YAML."""
+    import json
+    import tempfile
+
+    import yaml
+
+    if space.path is not None and not space.overridden:
+        yield space.path
+        return
+    with tempfile.TemporaryDirectory(prefix="flatbasin-space-") as folder:
+        path = Path(folder) / space.file_name
+        plain = json.loads(json.dumps(space.raw, default=str))  # tuples, paths: as YAML can say
+        path.write_text(yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
+        yield path
+
+
+def _record_code(tracker: Tracker, parent: str, space: Space, passed: dict[str, bytes]) -> None:
+    """The callables handed in from Python, with the search's run: each pickled copy (what
+    `flatbasin reproduce` loads) and its source, when Python had it, under code/NAME."""
+    import tempfile
+
+    records = space.settings.get("passed", {})
+    with tempfile.TemporaryDirectory(prefix="flatbasin-code-") as folder:
+        for name, blob in passed.items():
+            stem = name.partition(":")[2]
+            (Path(folder) / f"{stem}.pkl").write_bytes(blob)
+            source = (records.get(name) or {}).get("source")
+            if source:
+                (Path(folder) / f"{stem}.py").write_text(source, encoding="utf-8")
+        tracker.client.log_artifacts(parent, folder, "code")
 
 
 def run_search(space: Space, options: SearchOptions, console: Console) -> Outcome:
@@ -304,7 +366,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             storage.mkdir(parents=True, exist_ok=True)
             os.chdir(storage)
         samples = options.samples or space.samples
-        params = {"space": str(space.path), "samples": samples, "seed": options.seed, "sampler": "TPE",
+        params = {"space": space.where, "samples": samples, "seed": options.seed, "sampler": "TPE",
                   "scheduler": options.scheduler, "concurrency": options.concurrency,
                   "cpus_per_trial": options.cpus_per_trial, "gpus_per_trial": options.gpus_per_trial,
                   **({"from": start.source.text} if start else {})}  # fmt: skip
@@ -313,8 +375,11 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
                 # Ray's start-up and the search's MLflow run at the same time (a new SQLite store is
                 # copied from a cached one, or built once per MLflow schema: 1.6 s, see seed_sqlite);
                 # both are needed before the first trial.
-                with ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool:
-                    made = pool.submit(tracker.parent, params, space.path, space.digest)
+                with (
+                    _space_record(space) as recorded,
+                    ThreadPoolExecutor(1, thread_name_prefix="flatbasin-parent") as pool,
+                ):
+                    made = pool.submit(tracker.parent, params, recorded, space.digest)
                     _init_ray(None)
                     parent = made.result()
             else:  # nothing is recorded until the cluster is known to reach the store and storage
@@ -322,7 +387,10 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
                 check_cluster(
                     options.tracking_uri, storage, options.cpus_per_trial, options.gpus_per_trial
                 )
-                parent = tracker.parent(params, space.path, space.digest)
+                with _space_record(space) as recorded:
+                    parent = tracker.parent(params, recorded, space.digest)
+            if options.passed:
+                _record_code(tracker, parent, space, options.passed)
             if samples < len(space.variants) and not options.resume:
                 console.print(
                     f"note: {samples} trial(s) for {len(space.variants)} variants: "
@@ -527,8 +595,12 @@ def _trainable(options: SearchOptions, start_weights: dict[str, Any] | None) -> 
     from flatbasin.trainables import ray_entry
 
     function = ray_entry.trainable
-    if start_weights is not None:
-        function = tune.with_parameters(ray_entry.trainable, start_weights=start_weights)
+    handed = {
+        **({"start_weights": start_weights} if start_weights is not None else {}),
+        **({"passed": options.passed} if options.passed else {}),
+    }  # the callables handed in from Python travel the same way (see SearchOptions.passed)
+    if handed:
+        function = tune.with_parameters(ray_entry.trainable, **handed)
     return tune.with_resources(
         function, {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     )

@@ -112,7 +112,7 @@ class _SpaceFile(NoBoolNumbers):
 
 @dataclass(frozen=True)
 class Space:
-    path: Path
+    path: Path | None  # the space file; None for a space given as a dict (flatbasin.search)
     name: str
     samples: int
     settings: dict[str, Any]  # fixed trial settings shared by every variant
@@ -122,6 +122,19 @@ class Space:
     base: dict[str, Any] = dataclasses.field(default_factory=dict)  # `base:` settings (from: base)
     start: dict[str, Any] | None = None  # the StartPoint every trial continues (set by the driver)
     digest: str = ""  # of the file's content as read (not its comments or layout): see space_digest
+    raw: Any = None  # the content as read (a file's YAML, or the dict): what the search records
+    # Top-level keys flatbasin.search(model=..., data=...) set over the file's (model, dataset)
+    overridden: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        """How messages name the space: its file, or the dict it was given as."""
+        return str(self.path) if self.path is not None else DICT
+
+    @property
+    def file_name(self) -> str:
+        """The name the space is recorded under with the search's run."""
+        return self.path.name if self.path is not None else f"{self.name}.yaml"
 
     def define_by_run(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: the variant, then its parameters.
@@ -180,7 +193,7 @@ class Space:
         space, left_out = self.tail_only()
         space = dataclasses.replace(space, start=start)
         for name, (searched, fixed) in space.variants.items():
-            _check_corners(self.path, name, space.settings, searched, fixed, start)
+            _check_corners(self.where, name, space.settings, searched, fixed, start)
         return space, left_out
 
 
@@ -218,6 +231,7 @@ def _parse_dist(where: str, value: Any) -> Dist | None:
 
 
 BUNDLED = Path(__file__).resolve().parent
+DICT = "the space dict"  # how messages name a space given as a dict (flatbasin.search({...}))
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -321,6 +335,25 @@ def check_name(name: str, where: str) -> str:
 def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space:
     """`start_from`: --from, which wins over the file's `from:`: with either, the trials run the
     tail alone, and that is how the corners are checked."""
+    path, raw = read_space(name_or_path)
+    return make_space(raw, path, start_from)
+
+
+def space_from_dict(raw: Any, start_from: str | None = None) -> Space:
+    """A space given as a dict (flatbasin.search({...})), validated exactly as a file is; messages
+    name "the space dict", and its relative paths and the user's modules are found from the
+    current folder."""
+    return make_space(raw, None, start_from)
+
+
+def code_folder(path: Path | None) -> Path:
+    """Where a space's `module:callable` names are found first: beside its file; for a dict or a
+    bundled space, in the current folder (as for `train`)."""
+    return path.parent if path is not None and path.parent != BUNDLED else Path.cwd()
+
+
+def read_space(name_or_path: str | Path) -> tuple[Path, Any]:
+    """A space file's path and its content, read (not yet validated)."""
     path = resolve(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -335,8 +368,19 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
         raw = read_yaml(text)
     except yaml.YAMLError as err:
         raise SpaceError(f"{path}: {yaml_problem(err)}") from err
+    return path, raw
+
+
+def make_space(raw: Any, path: Path | None, start_from: str | None = None) -> Space:
+    """A space from its content as read: from the file at `path`, or a dict (path None)."""
+    label = str(path) if path is not None else DICT
     if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping with at least 'variants'")
+        raise SpaceError(f"{label}: expected a mapping with at least 'variants'")
+    if path is None and not raw.get("name"):
+        raise SpaceError(
+            f"{label}: name: give the search a name (in the dict, or as name=): it names the "
+            "search's Tune folder and MLflow experiment"
+        )
     try:
         spec = _SpaceFile.model_validate(raw)
     except ValidationError as err:
@@ -344,7 +388,7 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
             ".".join(map(str, e["loc"])) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
             for e in err.errors()
         )
-        raise SpaceError(f"{path}: {problems}") from err
+        raise SpaceError(f"{label}: {problems}") from err
 
     fixed = dict(spec.fixed)
     if isinstance(fixed.get("data_dir"), str) and fixed["data_dir"]:
@@ -353,19 +397,19 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
     settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
     if spec.data_args:
         for key, value in spec.data_args.items():
-            if _parse_dist(f"{path}: data_args.{key}", value) is not None:
+            if _parse_dist(f"{label}: data_args.{key}", value) is not None:
                 raise SpaceError(
-                    f"{path}: data_args.{key}: the data is shared by every trial of a search (what "
+                    f"{label}: data_args.{key}: the data is shared by every trial of a search (what "
                     "every variant is compared on), so its arguments are fixed values, not ranges"
                 )
         settings["data_args"] = dict(spec.data_args)
     # model_args at the top level: for every variant, each a fixed value or a searched range.
     shared_model_args = {f"model_args.{k}": v for k, v in (spec.model_args or {}).items()}
-    own_start = _from(path, spec)
+    own_start = _from(label, path.parent if path is not None else Path.cwd(), spec)
     start_from = start_from or own_start  # --from on the command line wins over the file's from:
     if spec.base is not None and start_from != BASE:
         raise SpaceError(
-            f"{path}: base: sets the base phase that `from: base` (or --from base) trains; this "
+            f"{label}: base: sets the base phase that `from: base` (or --from base) trains; this "
             + (f"search continues {start_from}" if start_from else "space has no `from:`")
             + ", so there is no base phase to set; add `from: base` or remove base:"
         )
@@ -373,18 +417,18 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
     for variant, entries in spec.variants.items():
         if variant not in REGISTRY:
             raise SpaceError(
-                f"{path}: variants.{variant}: unknown variant; choose from {', '.join(sorted(REGISTRY))}"
+                f"{label}: variants.{variant}: unknown variant; choose from {', '.join(sorted(REGISTRY))}"
             )
         top, own = config_keys(variant)
         for key in spec.fixed:
             if key not in top:
                 raise SpaceError(
-                    f"{path}: fixed.{key}: not a trial setting; allowed: {', '.join(sorted(top))}"
+                    f"{label}: fixed.{key}: not a trial setting; allowed: {', '.join(sorted(top))}"
                 )
         searched: dict[str, Dist] = {}
         fixed: dict[str, Any] = {}
-        for key, value in {**shared_model_args, **_args_flat(path, variant, entries)}.items():
-            where = f"{path}: variants.{variant}.{key}"
+        for key, value in {**shared_model_args, **_args_flat(label, variant, entries)}.items():
+            where = f"{label}: variants.{variant}.{key}"
             if key.startswith("model_args.") and key.removeprefix("model_args."):
                 pass  # the model's own keyword: its builder's signature is checked before Ray
             elif key not in top | own:
@@ -404,29 +448,32 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
                 searched[key] = dist
         fixed, searched = _absolute_files(variant, fixed, searched)
         if start_from is None:
-            _check_corners(path, variant, settings, searched, fixed)
+            _check_corners(label, variant, settings, searched, fixed)
         else:  # its trials run the tail alone (Space.continuing): check the corners they will have
             drop = REGISTRY[variant].base_only
             tail = {k: v for k, v in searched.items() if k not in drop}
             kept = {k: v for k, v in fixed.items() if k not in drop}
-            _check_corners(path, variant, settings, tail, kept, CHECKING)
+            _check_corners(label, variant, settings, tail, kept, CHECKING)
         variants[variant] = (searched, fixed)
-    name = check_name(spec.name or path.stem, f"{path}: name")
-    if path.parent != BUNDLED and _names_user_code(settings, variants):
-        settings["code_dir"] = str(path.parent)  # where its modules are found first, on every worker
-    base = _base(path, spec, settings)
+    name = check_name(spec.name or (path.stem if path else ""), f"{label}: name")
+    if _names_user_code(settings, variants):
+        # Where its modules are found first, on every worker: beside the file, else here.
+        settings["code_dir"] = str(code_folder(path))
+    base = _base(label, spec, settings)
     space = Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
-    return dataclasses.replace(space, start_from=start_from, base=base, digest=space_digest(raw))
+    return dataclasses.replace(
+        space, start_from=start_from, base=base, digest=space_digest(raw), raw=raw
+    )
 
 
-def _args_flat(path: Path, variant: str, entries: dict[str, Any] | None) -> dict[str, Any]:
+def _args_flat(where: str, variant: str, entries: dict[str, Any] | None) -> dict[str, Any]:
     """A variant's entries with `model_args: {width: ...}` spread out as `model_args.width`."""
     out: dict[str, Any] = {}
     for key, value in (entries or {}).items():
         if key == "model_args":
             if not isinstance(value, dict):
                 raise SpaceError(
-                    f"{path}: variants.{variant}.model_args: expected a mapping of the model's "
+                    f"{where}: variants.{variant}.model_args: expected a mapping of the model's "
                     f"keyword arguments, got {short(value)}"
                 )
             out |= {f"model_args.{k}": v for k, v in value.items()}
@@ -472,38 +519,39 @@ def changed_keys(old: Any, new: Any, where: str = "") -> list[str]:
 CHECKING = {"source": "(checking)", "sha256": "0" * 64}
 
 
-def _from(path: Path, spec: _SpaceFile) -> str | None:
-    """`from:`: base, a run id, or a checkpoint file (relative to the space file's folder)."""
+def _from(where: str, folder: Path, spec: _SpaceFile) -> str | None:
+    """`from:`: base, a run id, or a checkpoint file (relative to the space file's folder; to the
+    current one for a dict)."""
     start = spec.start.strip() if spec.start is not None else None
     if start == "":
-        raise SpaceError(f"{path}: from: give base, an MLflow run id or a checkpoint file")
+        raise SpaceError(f"{where}: from: give base, an MLflow run id or a checkpoint file")
     if start is not None and start != BASE and not RUN_ID.fullmatch(start):
-        start = str((path.parent / Path(start).expanduser()).resolve())
+        start = str((folder / Path(start).expanduser()).resolve())
     return start
 
 
-def _base(path: Path, spec: _SpaceFile, settings: dict[str, Any]) -> dict[str, Any]:
+def _base(where: str, spec: _SpaceFile, settings: dict[str, Any]) -> dict[str, Any]:
     """`base:`, checked as the plain sgd trial it makes with the space's own settings."""
     base = dict(spec.base or {})
     top, own = config_keys("sgd")
     for key in base:
         if key in NOT_FOR_BASE:
             raise SpaceError(
-                f"{path}: base.{key}: the base phase trains on the space's data and model, on the "
+                f"{where}: base.{key}: the base phase trains on the space's data and model, on the "
                 "trials' device; set it at the top level or under fixed"
             )
         if key not in top | own:
             raise SpaceError(
-                f"{path}: base.{key}: unknown key; the base phase is a plain sgd trial: "
+                f"{where}: base.{key}: unknown key; the base phase is a plain sgd trial: "
                 f"{', '.join(sorted((top | own) - NOT_FOR_BASE))}"
             )
     try:
         make_config("sgd", {**settings, **base})
     except ValidationError as err:
         key, message = _first_problem(err)
-        raise SpaceError(f"{path}: base{key}: {message}") from err
+        raise SpaceError(f"{where}: base{key}: {message}") from err
     except ValueError as err:
-        raise SpaceError(f"{path}: base: {err}") from err
+        raise SpaceError(f"{where}: base: {err}") from err
     return base
 
 
@@ -549,7 +597,7 @@ def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:
 
 
 def _check_corners(
-    path: Path,
+    where: str,
     variant: str,
     settings: dict[str, Any],
     searched: dict[str, Dist],
@@ -560,16 +608,16 @@ def _check_corners(
     try:
         corners = _corners(searched)
     except SpaceError as err:
-        raise SpaceError(f"{path}: variants.{variant}: {err}") from err
+        raise SpaceError(f"{where}: variants.{variant}: {err}") from err
     for values in corners:
         try:
             make_config(variant, {**settings, **fixed, **values}, start=start)
         except ValidationError as err:
             key, message = _first_problem(err)
             at = f" (at {', '.join(f'{k}={short(v)}' for k, v in values.items())})" if values else ""
-            raise SpaceError(f"{path}: variants.{variant}{key}: {message}{at}") from err
+            raise SpaceError(f"{where}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
-            raise SpaceError(f"{path}: variants.{variant}: {err}") from err
+            raise SpaceError(f"{where}: variants.{variant}: {err}") from err
 
 
 def _first_problem(err: ValidationError) -> tuple[str, str]:

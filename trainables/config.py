@@ -105,13 +105,17 @@ class TrialConfig(DataSpec):
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(**{name: getattr(self, name) for name in DataSpec.model_fields})
+        """The data part of the config; of the callables handed in, the data set's alone (a new
+        model function must not make the data load again)."""
+        spec = {name: getattr(self, name) for name in DataSpec.model_fields}
+        spec["passed"] = {k: v for k, v in self.passed.items() if k == self.dataset}
+        return DataSpec(**spec)
 
     def flat(self) -> dict[str, Any]:
         """Every setting under one flat name (variant parameters unprefixed; the model's and the
         data's arguments as model_args.KEY and data_args.KEY), for logging."""
         values = self.model_dump(
-            mode="json", exclude={"params", "start", "model_args", "data_args", "code_dir"}
+            mode="json", exclude={"params", "start", "model_args", "data_args", "code_dir", "passed"}
         )
         for group in ("model_args", "data_args"):
             values |= {f"{group}.{k}": v for k, v in getattr(self, group).items()}
@@ -127,9 +131,10 @@ def config_keys(variant: str) -> tuple[set[str], set[str]]:
     return top, set(REGISTRY[variant].Params.model_fields)
 
 
-# Set by the driver, never in a space file or --set: the converged model --from continues, and the
-# folder the user's code is imported from (the space file's; the current one for train).
-DRIVER_SET = frozenset({"start", "code_dir"})
+# Set by the driver, never in a space file or --set: the converged model --from continues, the
+# folder the user's code is imported from (the space file's; the current one for train), and what
+# a trial records of the callables handed to flatbasin.search or flatbasin.train from Python.
+DRIVER_SET = frozenset({"start", "code_dir", "passed"})
 
 
 def make_config(
@@ -145,7 +150,7 @@ def make_config(
         )
     settings = nest_args(settings)
     top, own = config_keys(variant)
-    code_dir = settings.pop("code_dir", None)  # the driver's, passed along with the settings
+    driver = {k: settings.pop(k) for k in ("code_dir", "passed") if k in settings}  # the driver's
     unknown = sorted(set(settings) - top - own)
     if unknown:
         raise ValueError(
@@ -155,8 +160,10 @@ def make_config(
         )
     params = {k: v for k, v in settings.items() if k in own}
     trial = {k: v for k, v in settings.items() if k in top}
-    if code_dir is not None:
-        trial["code_dir"] = str(code_dir)
+    if driver.get("code_dir") is not None:
+        trial["code_dir"] = str(driver["code_dir"])
+    if driver.get("passed"):
+        trial["passed"] = driver["passed"]
     return TrialConfig.model_validate(
         {**trial, "variant": variant, "params": params, "start": start}
     )

@@ -55,6 +55,9 @@ class DataSpec(NoBoolNumbers):
     loader_workers: int = Field(LOADER_WORKERS, ge=0, le=64)  # streamed data only
     # The user's folder, where `module:callable` is looked for first (set by the driver, not by hand)
     code_dir: str | None = None
+    # Callables handed in from Python (`callable:NAME`), by name: set by the driver, not by hand.
+    # A data set's own entry keys the per-process cache: the same name may hold another function.
+    passed: dict[str, usercode.PassedCode] = Field(default_factory=dict)
     data_dir: Path | None = None  # root for torchvision sets and image folders
     download: bool = False  # torchvision sets only, and only when asked
     image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square (and

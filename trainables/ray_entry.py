@@ -71,16 +71,22 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
     }
 
 
-# Errors that say this trial can never run as configured (its data, model or checkpoint): retrying the
-# trial, as Tune does for a lost worker, would only repeat them.
-PERMANENT = (DataError, TrialError, CheckpointError, ValidationError)
+# Errors that say this trial can never run as configured (its data, model, checkpoint or the user's
+# code): retrying the trial, as Tune does for a lost worker, would only repeat them.
+PERMANENT = (DataError, TrialError, CheckpointError, ValidationError, usercode.UserCodeError)
 
 
-def trainable(config: dict[str, Any], start_weights: dict[str, Any] | None = None) -> None:
-    """One trial. `start_weights`: a post-convergence search's converged model, which Tune hands
-    over from the object store (tune.with_parameters: put there once by the driver, fetched on any
-    node)."""
+def trainable(
+    config: dict[str, Any],
+    start_weights: dict[str, Any] | None = None,
+    passed: dict[str, bytes] | None = None,
+) -> None:
+    """One trial. `start_weights`: a post-convergence search's converged model; `passed`: the
+    callables handed to flatbasin.search from Python, pickled by value, by their `callable:NAME`.
+    Tune hands both over from the object store (tune.with_parameters: put there once by the
+    driver, fetched on any node)."""
     try:
+        usercode.install(passed or {})
         _run(config, start_weights)
     except PERMANENT as err:
         # Reported, not raised: the trial ends without a retry, and the driver stops the search.
@@ -151,11 +157,14 @@ def _report(metrics: EpochMetrics, save: Any, rungs: list[int], policy: Checkpoi
         tune.report(epoch_metrics(metrics, rungs), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def train_base(config: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+def train_base(
+    config: dict[str, Any], passed: dict[str, bytes] | None = None
+) -> tuple[dict[str, Any], bytes]:
     """The base phase of a post-convergence search, trained once: one plain trial, run as a Ray task
     with a trial's resources (or in a local driver's own process). Returns its record and its last
     checkpoint's bytes (empty when it diverged), which the driver records as the search's base
-    run."""
+    run. `passed`: as for `trainable`."""
+    usercode.install(passed or {})
     trial = TrialConfig.model_validate(config)
     data = load_data(trial.data_spec, str(resolve_device(trial.device)))
     with tempfile.TemporaryDirectory(prefix="flatbasin-base-") as tmp:

@@ -3,6 +3,11 @@ user's folder first (the space file's, or the current one for `train`), then on 
 
 A module that cannot be found or raises while importing ends in one UserCodeError naming the file
 and line of the user's own error; its source files are hashed, so a trial records which code ran.
+
+A callable handed to `flatbasin.search(model=...)` or `flatbasin.train(data=...)` from Python that
+cannot be imported by name (defined in a notebook, a script or a module the workers cannot import)
+is named `callable:NAME` in the trial's config; its pickled copy travels beside the config and is
+registered here under that name (`install`), where `load_callable` finds it.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 _OURS = str(Path(__file__).resolve().parents[1])  # this package's folder: frames there are not the user's
 _LIBRARIES = ("site-packages", "dist-packages", f"{sys.prefix}/lib", f"{sys.base_prefix}/lib")
 # `package.module:attribute.path`: Python identifiers joined by dots on either side of one colon.
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 REF = re.compile(rf"({_DOTTED}):({_DOTTED})")
+PASSED = "callable"  # `callable:NAME`: a Python callable handed in from Python, not importable by name
+_passed: dict[str, Callable[..., Any]] = {}  # `callable:NAME` -> the callable, in this process
 
 
 class UserCodeError(ValueError):
@@ -56,7 +65,7 @@ def on_path(folder: str | Path | None) -> None:
         sys.path.insert(0, text)
 
 
-def _find_in(folder: Path, top: str) -> Path | None:
+def find_in(folder: Path, top: str) -> Path | None:
     spec = importlib.machinery.PathFinder.find_spec(top, [str(folder)])
     return Path(spec.origin) if spec is not None and spec.origin else None
 
@@ -65,7 +74,7 @@ def import_module(name: str, folder: str | Path | None, what: str) -> ModuleType
     """`name`, from `folder` first (then the normal path). `what` starts every message."""
     top = name.split(".")[0]
     here = Path(folder) if folder is not None and Path(folder).is_dir() else None
-    found = _find_in(here, top) if here is not None else None
+    found = find_in(here, top) if here is not None else None
     if found is not None:
         on_path(here)
         loaded = sys.modules.get(top)
@@ -89,7 +98,47 @@ def import_module(name: str, folder: str | Path | None, what: str) -> ModuleType
         raise UserCodeError(f"{what}: importing '{name}' failed: {describe_error(err)}") from None
 
 
+class PassedCode(BaseModel):
+    """What a trial records of a callable handed in from Python: its pickled copy's SHA-256 (the
+    identity of what ran, closures included; it keys the per-process data cache) and its source,
+    when Python has it (a notebook cell's, a script's), so that a reader sees what ran."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str
+    source: str | None = None
+
+
+def register(name: str, fn: Callable[..., Any]) -> None:
+    """Make `name` (`callable:NAME`) find `fn` in this process."""
+    _passed[name] = fn
+
+
+def install(blobs: dict[str, bytes]) -> None:
+    """Unpickle callables the driver pickled by value and register each under its name (a worker,
+    before its trial's config is read). A callable that cannot be unpickled here (a module it
+    refers to by name is missing on this node) is a UserCodeError naming it."""
+    import cloudpickle
+
+    for name, blob in blobs.items():
+        try:
+            fn = cloudpickle.loads(blob)
+        except Exception as err:
+            raise UserCodeError(
+                f"{name}: the callable handed to flatbasin cannot be unpickled on this node: "
+                f"{describe_error(err)}; a module it uses must be installed here too"
+            ) from None
+        register(name, fn)
+
+
 def load_callable(ref: Ref, folder: str | Path | None, what: str) -> Callable[..., Any]:
+    if str(ref) in _passed:
+        return _passed[str(ref)]
+    if ref.module == PASSED and find_in(Path(folder or "."), PASSED) is None:
+        raise UserCodeError(
+            f"{what}: a Python callable handed to flatbasin.search or flatbasin.train, which this "
+            "process was not given (it cannot be imported by name); pass it again as model= or data="
+        )
     module = import_module(ref.module, folder, what)
     target: Any = module
     for part in ref.attr.split("."):
@@ -215,7 +264,7 @@ def _files_now(module: str, folder: str | Path | None) -> tuple[Path, list[Path]
     importing it, from `folder` first."""
     top = module.split(".")[0]
     here = Path(folder) if folder is not None and Path(folder).is_dir() else None
-    origin = _find_in(here, top) if here is not None else None
+    origin = find_in(here, top) if here is not None else None
     if origin is None:
         spec = importlib.machinery.PathFinder.find_spec(top)
         origin = Path(spec.origin) if spec is not None and spec.origin else None

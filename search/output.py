@@ -1,0 +1,244 @@
+"""What a trial and a search print, on the command line and from Python alike: a trial's epochs and
+curve, a search's summary (best trial per variant, the confirmed table, the winner, what to
+reproduce). The rules the summary states (the winner, the trial to reproduce) are functions here, so
+that the printed summary and `flatbasin.search`'s result say the same."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from flatbasin.search.errors import plain_console, stderr
+
+CONSOLE = plain_console()
+
+
+def print_epoch(m: Any, epochs: int, console: Console = CONSOLE) -> None:
+    lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
+    gap = "" if m.gen_gap is None else f"  gap {m.gen_gap:+.4f}"
+    # An epoch without a pass over the data (prior_guided's focus epochs) has no training loss.
+    trained = (
+        f"loss {m.train_loss:7.4f}  train acc {m.train_acc:.4f}"
+        if m.train_loss is not None
+        else f"{m.phase + ' epoch, no data pass':<31}"
+    )
+    console.print(
+        f"epoch {m.epoch:>3}/{epochs}  {trained}  "
+        f"val acc {m.val_acc:.4f}{gap}  deployed val acc {m.score:.4f}  lr {lr}  members {m.members}"
+    )
+
+
+def runtime_summary(runtime: dict[str, Any]) -> str:
+    """'bf16, channels-last, compiled': how the trial ran (accel.Runtime.record)."""
+    parts = [str(runtime.get("precision", "fp32"))]
+    parts += ["channels-last"] if runtime.get("channels_last") else []
+    parts += ["compiled"] if runtime.get("compile") else []
+    return ", ".join(parts)
+
+
+def print_curve(result: Any, console: Console = CONSOLE) -> None:
+    table = Table(title=f"{result.config.variant}: accuracy vs. models averaged / ensembled")
+    table.add_column("count", justify="right")
+    table.add_column("val_acc", justify="right")
+    table.add_column("test_acc", justify="right")
+    extras = result.extra_curves
+    for name in extras:
+        table.add_column(f"{name} val", justify="right")
+    for i, p in enumerate(result.curve):
+        cells = [str(p.count), f"{p.val_acc:.4f}", f"{p.test_acc:.4f}"]
+        cells += [f"{extras[n][i].val_acc:.4f}" if i < len(extras[n]) else "" for n in extras]
+        table.add_row(*cells)
+    console.print(table)
+    if result.diversity:
+        print_diversity(result.diversity, console)
+
+
+def print_diversity(points: list[Any], console: Console = CONSOLE) -> None:
+    """Under the curve: members that err on the same examples add nothing to the ensemble."""
+    table = Table(title="members' diversity on the test split (first k members, mean over pairs)")
+    for column in ("count", "disagreement", "error corr"):
+        table.add_column(column, justify="right")
+    for p in points:
+        corr = "n/a" if p.error_corr is None else f"{p.error_corr:.4f}"
+        table.add_row(str(p.count), f"{p.disagreement:.4f}", corr)
+    console.print(table)
+
+
+def print_trial_end(result: Any, console: Console = CONSOLE) -> None:
+    """After a trial's epochs: how it ended, its curve and deployed model, and what it took."""
+    last = result.history[-1].epoch if result.history else 0
+    epochs = result.config.epochs
+    if result.diverged:
+        console.print(f"diverged at epoch {last}: the loss is not finite", style="yellow")
+    else:
+        if last < epochs:
+            console.print(f"stopped early after epoch {last} of {epochs} (patience)")
+        print_curve(result, console)
+        console.print(
+            f"deployed model ({result.model}): val acc {result.score:.4f} (the score)   "
+            f"test acc {result.test_acc:.4f}"
+        )
+    to_best = result.seconds.get("to_best")
+    console.print(
+        f"{result.seconds['total']:.1f} s on {result.device} ({runtime_summary(result.runtime)}), "
+        f"{result.threads} thread(s)"
+        + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
+        + f"; plan {result.plan}"
+    )
+
+
+# ----------------------------------------------------------------------------- a search's summary
+
+
+def level_at_top(confirmed: list[dict[str, Any]]) -> list[str]:
+    """The variants that share the best mean validation accuracy after confirmation."""
+    return [row["variant"] for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
+
+
+def winner(confirmed: list[dict[str, Any]]) -> str | None:
+    """The winner after confirmation: the best mean validation accuracy; None without a
+    confirmation, or when several variants tie on it."""
+    if not confirmed or len(level_at_top(confirmed)) > 1:
+        return None
+    return str(confirmed[0]["variant"])
+
+
+def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
+    """Variants whose confirmed validation accuracy the test cannot tell from the winner's."""
+    return [row["variant"] for row in confirmed[1:] if row["verdict"] in ("within noise", "tied")]
+
+
+def to_reproduce(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial to reproduce: the first confirmed variant's best trial, else the best search score."""
+    first = confirmed[0]["variant"] if confirmed else None
+    rows = [r for r in best if r["variant"] == first] or best
+    return rows[0] if rows else None
+
+
+def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> None:
+    """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
+    seeds = max(row["n"] for row in rows)
+    spread = seeds > 1  # one seed has no spread: a ± 0 would claim a certainty it does not have
+    title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
+    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
+    for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
+        table.add_column(column)
+    for row in rows:
+        p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
+        verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
+        table.add_row(
+            row["variant"],
+            f"{row['val_mean']:.4f}" + (f" ± {row['val_std']:.4f}" if spread else ""),
+            f"{row['test_mean']:.4f}" + (f" ± {row['test_std']:.4f}" if spread else ""),
+            p,
+            verdict,
+        )
+    console.print(table)
+    top = winner(rows)
+    if top is None:
+        console.print(f"Winner:       none: {', '.join(level_at_top(rows))} tie on mean validation accuracy")
+        return
+    tied = within_noise(rows)
+    console.print(
+        f"Winner:       {top} (best mean validation accuracy over {seeds} seed{'s' * spread})"
+        + (f"; within noise of it: {', '.join(tied)}" if tied else "")
+    )
+
+
+def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -> None:
+    from flatbasin.search.tracking import browse_hint
+    from flatbasin.search.tuner import learned_nothing
+
+    if not outcome.best:
+        console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
+    table = Table(title=f"search '{outcome.name}': best trial per variant")
+    for column in ("variant", "trials", "score (val)", "test_acc", "params", "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for row in outcome.best:
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
+        )
+        table.add_row(
+            row["variant"],
+            str(outcome.trials_per_variant.get(row["variant"], "")),
+            f"{row['score']:.4f}",
+            f"{row['test_acc']:.4f}",
+            params,
+            row.get("run_id") or "-",
+        )
+    if outcome.best:
+        console.print(table)
+    if warning := learned_nothing(outcome.best):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
+    if outcome.untried:
+        why = (
+            "the time budget ran out before they got one"
+            if outcome.out_of_time
+            else "--samples below the number of variants gives some none"
+        )
+        console.print(
+            f"No trial for: {', '.join(outcome.untried)} ({why}); they are not part of this "
+            "comparison",
+            style="yellow",
+        )
+    if outcome.confirmed:
+        print_confirmed(outcome.confirmed, console)
+    if outcome.unwritten:
+        console.print(
+            f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
+            style="yellow",
+        )
+        console.print(
+            f"  flatbasin sync {shlex.quote(str(outcome.experiment_path))} --tracking-uri {shlex.quote(tracking_uri)}"
+        )
+    if outcome.seconds:
+        console.print(
+            "Time:         " + ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items())
+        )
+    console.print(f"Tune results: {outcome.experiment_path}")
+    console.print(f"Browse:       {browse_hint(tracking_uri)}")
+    row = to_reproduce(outcome.best, outcome.confirmed)
+    if row is not None and row.get("run_id"):
+        console.print(
+            f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
+        )
+
+
+def write_search_report(
+    parent_run_id: str, tracking_uri: str, console: Console = CONSOLE
+) -> Path | None:
+    """The report at the end of a search; one that cannot be written is a warning, never a failure."""
+    try:
+        from flatbasin.search.report import write_report
+
+        page = write_report(parent_run_id, tracking_uri)
+    except Exception as err:  # the search's results are safe in MLflow whatever happens here
+        stderr.print(
+            f"warning: the report was not written ({type(err).__name__}: {err}); "
+            f"try: flatbasin report {parent_run_id} --tracking-uri {tracking_uri}",
+            style="yellow",
+        )
+        return None
+    console.print(f"Report:       {page}")
+    return Path(page)
+
+
+def print_search_end(outcome: Any, console: Console = CONSOLE) -> None:
+    """What a search that did not run to its end says after its summary (an interruption, a time
+    budget that ran out with trials to compare); failures are the caller's to report."""
+    if outcome.interrupted:
+        console.print(
+            "The search was interrupted; finished trials are kept. Continue it with:",
+            style="yellow",
+        )
+        console.print(f"  {outcome.resume_command}")
+    elif outcome.out_of_time and not outcome.errors and outcome.best:
+        console.print(
+            f"{outcome.out_of_time.capitalize()}; the table compares those that finished, without "
+            f"confirmation runs. Continue it with:\n  {outcome.resume_command}",
+            style="yellow",
+        )
