@@ -42,9 +42,14 @@ TrackingUri = Annotated[
 
 
 def tracking_uri_or_default(value: str | None) -> str:
+    """The URI a command uses, with a server's credentials moved into the environment (see
+    search/credentials.py): nothing after this point holds them."""
+    from flatbasin.search.credentials import adopt
     from flatbasin.search.tracking import absolute_uri, default_tracking_uri
 
-    return absolute_uri(value) if value else default_tracking_uri()
+    if value:
+        return adopt(absolute_uri(value), "--tracking-uri")
+    return adopt(default_tracking_uri(), "$MLFLOW_TRACKING_URI")
 
 
 def _print_version(value: bool) -> None:
@@ -501,6 +506,7 @@ def submit(
         if space_file.startswith("-"):  # an option where SPACE goes: unknown to submit and search
             raise UsageError(f"no such option: {space_file} (see flatbasin submit --help)")
         check_dashboard(address)
+        check_no_credentials(ctx.args)
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
         parsed = typer.Context(search_command, info_name="flatbasin search")
         search_command.parse_args(parsed, [space_file, *ctx.args])  # the same options, checked here
@@ -515,17 +521,40 @@ def submit(
         )
     except UsageError as err:
         fail(str(err))
+    from flatbasin.search.credentials import redact_uri
+
     try:
         code = run_submit(space_file, address, list(ctx.args), wait=not no_wait, console=console)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        fail(f"cannot submit to {address}: {err}")
+        fail(f"cannot submit to {redact_uri(address)}: {err}")
     raise typer.Exit(code)
+
+
+def check_no_credentials(args: list[str]) -> None:
+    """A job's command line is kept by Ray and shown on its dashboard and by `ray job list` to
+    everyone who reaches the cluster (and a job's runtime environment with it): credentials in
+    --tracking-uri are refused, never sent. The driver runs on the head node, whose environment
+    holds them."""
+    from flatbasin.search.credentials import redact_uri, tracking_uri_args, user_info, value_at
+
+    for i in tracking_uri_args(args):
+        uri = value_at(args, i)
+        if user_info(uri) != (None, None):
+            raise UsageError(
+                f"--tracking-uri {redact_uri(uri)}: the URI carries credentials (user-info), and "
+                "a job's command line is shown on the cluster's dashboard and by `ray job list`, so "
+                "they are not sent; give the cluster's nodes MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD in their environment (docs/cluster.md) and pass the URI "
+                "without them"
+            )
 
 
 def check_dashboard(address: str) -> None:
     """The Jobs API lives at the dashboard's http(s)://HOST:PORT; anything else is refused by name
     (Ray would read a bare HOST:PORT as a GCS address and try to join the cluster from here)."""
     from urllib.parse import urlsplit
+
+    from flatbasin.search.credentials import redact_uri
 
     parts = urlsplit(address)
     try:
@@ -534,7 +563,7 @@ def check_dashboard(address: str) -> None:
         port = None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
         raise UsageError(
-            f"--address {address}: expected the cluster's dashboard as http://HOST:PORT "
+            f"--address {redact_uri(address)}: expected the cluster's dashboard as http://HOST:PORT "
             "(Ray's default port is 8265), e.g. http://127.0.0.1:8265"
         )
 
@@ -648,14 +677,17 @@ def data_check(
 
 def write_search_report(parent_run_id: str, tracking_uri: str) -> None:
     """The report at the end of a search; one that cannot be written is a warning, never a failure."""
+    from flatbasin.search.credentials import redact_uri, scrub
+
     try:
         from flatbasin.search.report import write_report
 
         page = write_report(parent_run_id, tracking_uri)
     except Exception as err:  # the search's results are safe in MLflow whatever happens here
         stderr.print(
-            f"warning: the report was not written ({type(err).__name__}: {err}); "
-            f"try: flatbasin report {parent_run_id} --tracking-uri {tracking_uri}",
+            f"warning: the report was not written ({type(err).__name__}: {scrub(str(err))}); "
+            f"try: flatbasin report {parent_run_id} --tracking-uri "
+            f"{shlex.quote(redact_uri(tracking_uri))}",
             style="yellow",
         )
         return
@@ -702,8 +734,11 @@ def print_confirmed(rows: list[dict[str, Any]]) -> None:
 
 
 def print_summary(outcome: Any, tracking_uri: str) -> None:
+    from flatbasin.search.credentials import redact_uri
     from flatbasin.search.tracking import browse_hint
     from flatbasin.search.tuner import learned_nothing
+
+    tracking_uri = redact_uri(tracking_uri)  # every command printed here: without credentials
 
     if not outcome.best:
         console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
@@ -760,6 +795,18 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         console.print(
             f"Reproduce:    flatbasin reproduce {rows[0]['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
         )
+    print_credentials_note()
+
+
+def print_credentials_note() -> None:
+    """The commands printed carry no credentials: say so when this one had them in its URI."""
+    from flatbasin.search.credentials import from_uri
+
+    if from_uri():
+        console.print(
+            "(the flatbasin commands printed here leave out the credentials given in the tracking URI: set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD before running them)"
+        )
 
 
 def _leave(code: int) -> NoReturn:
@@ -774,4 +821,9 @@ def _leave(code: int) -> NoReturn:
 
 
 def main() -> None:
+    import sys
+
+    from flatbasin.search.credentials import hide_from_command_line
+
+    hide_from_command_line(sys.argv)  # execs this command again without them, when there are any
     app()

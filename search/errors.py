@@ -59,5 +59,7 @@ def describe(err: ValidationError, where: str = "") -> str:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    stderr.print(Text("error: ", style="bold red") + Text(message))
+    from flatbasin.search.credentials import scrub  # no message shows a tracking URI's password
+
+    stderr.print(Text("error: ", style="bold red") + Text(scrub(message)))
     raise typer.Exit(code)

@@ -29,6 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import flatbasin
 from flatbasin.search import figures
 from flatbasin.search.confirm import ALPHA, confirmation_stats
+from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError
 from flatbasin.search.tracking import (
     ERROR,
@@ -117,7 +118,9 @@ def write_report(search: str, uri: str, out: Path | None = None, log: bool = Tru
         parent = find_search(client, search, uri)
         report = read_report(client, parent, uri)
     except MlflowException as err:  # the store went away, or refuses one of the reads
-        raise UsageError(f"cannot read search '{search}' from {uri}: {_first_line(err)}") from err
+        raise UsageError(
+            f"cannot read search '{search}' from {redact_uri(uri)}: {_first_line(err)}"
+        ) from err
     folder = out if out is not None else Path("reports") / _folder_name(report)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,9 @@ def find_search(client: MlflowClient, search: str, uri: str) -> Run:
             order_by=["attributes.start_time DESC"],
         )
         if not parents:
-            raise UsageError(f"experiment '{search}' in {uri} holds no flatbasin search")
+            raise UsageError(
+                f"experiment '{search}' in {redact_uri(uri)} holds no flatbasin search"
+            )
         return parents[0]  # the latest search of that name; an older one by its run id
     if RUN_ID.fullmatch(search):
         try:
@@ -173,7 +178,7 @@ def find_search(client: MlflowClient, search: str, uri: str) -> Run:
         if e.name != "Default" and e.lifecycle_stage == "active"
     )
     known = f"searches there: {', '.join(names[:20])}" if names else "there are no searches there"
-    raise UsageError(f"no search named or with run id '{search}' in {uri} ({known})")
+    raise UsageError(f"no search named or with run id '{search}' in {redact_uri(uri)} ({known})")
 
 
 def _children(client: MlflowClient, parent: Run) -> Iterator[Run]:
@@ -725,7 +730,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
     epochs = sorted({t.params.get("epochs", "?") for t in report.trials})
     facts: list[tuple[str, str]] = [
         ("search run", f"<code>{esc(report.parent.info.run_id)}</code>"),
-        ("tracking URI", f"<code>{esc(report.uri)}</code>"),
+        ("tracking URI", f"<code>{esc(redact_uri(report.uri))}</code>"),
         ("state", esc(tags.get(STATE, report.parent.info.status.lower()))),
         ("data", esc(", ".join(datasets))
          + (esc(f" (validation set: {report.val_size} examples)") if report.val_size else "")),

@@ -35,6 +35,7 @@ from flatbasin.search.callbacks import (
 )
 from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
+from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
@@ -206,7 +207,7 @@ def resume_command(space: Space, options: SearchOptions) -> str:
     """The exact command that continues this search."""
     storage = options.storage.expanduser().resolve()
     args = ["flatbasin", "search", str(space.path), "--name", options.name or space.name,
-            "--storage", str(storage), "--tracking-uri", options.tracking_uri]  # fmt: skip
+            "--storage", str(storage), "--tracking-uri", redact_uri(options.tracking_uri)]  # fmt: skip
     if options.address:
         args += ["--address", options.address]
     if options.confirm_seeds is not None:  # not in Tune's state: the confirmation comes after it
