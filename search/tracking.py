@@ -103,11 +103,12 @@ def refusal_message(uri: str, status: int) -> str:
             f"{where}: {given} came from {source}, but no {missing}, so no credentials were "
             "sent; give both (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."
         )
-    source = (
-        f"both from {user_from}"
-        if user_from == password_from
-        else f"the username from {user_from}, the password from {password_from}"
-    )
+    if (user_from, password_from) == (f"${USERNAME}", f"${PASSWORD}"):
+        source = f"from the environment: {USERNAME} and {PASSWORD}"
+    elif user_from == password_from:
+        source = f"both from {user_from}"
+    else:
+        source = f"the username from {user_from}, the password from {password_from}"
     if status == 403:
         return (
             f"{where}: user '{creds.username}' ({source}) has no permission to read experiments "

@@ -333,8 +333,7 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
         raw = read_yaml(text)
     except yaml.YAMLError as err:
         raise SpaceError(f"{path}: {yaml_problem(err)}") from err
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping with at least 'variants'")
+    _check_top_level(path, raw)
     try:
         spec = _SpaceFile.model_validate(raw)
     except ValidationError as err:
@@ -401,6 +400,36 @@ def load_space(name_or_path: str | Path, start_from: str | None = None) -> Space
     base = _base(path, spec, settings)
     space = Space(path, name, spec.samples, settings, variants, spec.confirm_seeds)
     return dataclasses.replace(space, start_from=start_from, base=base, digest=space_digest(raw))
+
+
+# What a message shows of a file's unknown top-level keys: a few, each cut short. A file that is not
+# a space file (a path mistyped, a link to /etc/shadow) is named as such, its contents never shown.
+SHOWN_KEYS, SHOWN_KEY_CHARS = 3, 24
+
+
+def _check_top_level(path: Path, raw: Any) -> None:
+    """A space file is a mapping with at least one of a space file's keys; its unknown keys are named,
+    a few and cut short. Anything else is not a space file, and nothing of it is echoed."""
+    known = set(_SpaceFile.model_fields) - {"start"} | {"from"}
+    keys = list(raw) if isinstance(raw, dict) else []
+    if not any(isinstance(k, str) and k in known for k in keys):
+        found = f"none of its {len(keys)} top-level keys is a space file's" if keys else "not a mapping"
+        raise SpaceError(
+            f"{path}: not a space file ({found}); expected a mapping with at least 'variants' "
+            "(see spaces/compare.yaml); check the path"
+        )
+    unknown = [k for k in keys if not (isinstance(k, str) and k in known)]
+    if unknown:
+        shown = [_cut(str(k)) for k in unknown[:SHOWN_KEYS]]
+        more = f" and {len(unknown) - SHOWN_KEYS} more" if len(unknown) > SHOWN_KEYS else ""
+        raise SpaceError(
+            f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(shown)}{more}; a space "
+            f"file's keys are {', '.join(sorted(known))}"
+        )
+
+
+def _cut(key: str) -> str:
+    return repr(key if len(key) <= SHOWN_KEY_CHARS else key[: SHOWN_KEY_CHARS - 1] + "…")
 
 
 def space_digest(raw: Any) -> str:

@@ -9,6 +9,7 @@ variant or other settings would silently mix two trials, so it is refused with t
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise CheckpointError(
-            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
+            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {reprlib.repr(found)})"
         )
     return state
 

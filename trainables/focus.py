@@ -27,6 +27,7 @@ weights_only=True (no pickled code runs).
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -210,12 +211,12 @@ class FocusLibrary:
         found = state.get("format") if isinstance(state, dict) else None
         if found != FORMAT:
             raise LibraryError(
-                f"{where} is not a flatbasin focus library (format {found!r}, expected {FORMAT!r}); "
+                f"{where} is not a flatbasin focus library (format {reprlib.repr(found)}, expected {FORMAT!r}); "
                 + MAKE_ONE
             )
         if state.get("version") != VERSION:
             raise LibraryError(
-                f"{where} is a focus library of format version {state.get('version')!r}; this "
+                f"{where} is a focus library of format version {reprlib.repr(state.get('version'))}; this "
                 f"flatbasin reads version {VERSION}: {MAKE_ONE}"
             )
         library = cls(
