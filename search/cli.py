@@ -16,6 +16,7 @@ from rich.table import Table
 from flatbasin.search.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    Unwritten,
     UsageError,
     describe,
     fail,
@@ -242,6 +243,9 @@ def train(
     )
 
     shown: list[bool] = []
+    # A checkpoint that cannot be written (a full disk) costs the resume, not the run: training goes
+    # on, and the end says so. The latest failure, cleared by a later checkpoint that is written.
+    saved = CheckpointWrites()
 
     def on_epoch(metrics: Any, save: Any) -> None:
         if not shown:  # with the first epoch, not before: an input the trial refuses before its
@@ -251,7 +255,7 @@ def train(
                 console.print(continuing)
         print_epoch(metrics, config.epochs)
         if checkpoint is not None:
-            save(checkpoint)
+            saved.attempt(lambda: save(checkpoint), metrics.epoch)
 
     try:
         result = run_trial(
@@ -280,8 +284,69 @@ def train(
         + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
         + f"; plan {result.plan}"
     )
+    unwritten = [] if checkpoint is None else saved.problems(checkpoint)
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_json(), indent=2))
+        unwritten += write_output("--json", json_out, json.dumps(result.to_json(), indent=2).encode())
+    if unwritten:
+        fail(f"the training ran to its end (its results are above), but {'; '.join(unwritten)}",
+             code=EXIT_FAILED)  # fmt: skip
+
+
+class CheckpointWrites:
+    """`train --checkpoint`: each epoch's write tried, the first failure said at once (on stderr),
+    the state at the end said in the closing paragraph."""
+
+    def __init__(self) -> None:
+        self.error: OSError | None = None  # of the latest epoch, if its checkpoint failed
+        self.failed_at = 0  # the first epoch of the current run of failures
+        self.written = 0  # the latest epoch whose checkpoint is on disk
+
+    def attempt(self, save: Any, epoch: int) -> None:
+        try:
+            save()
+        except OSError as err:
+            if self.error is None:
+                self.failed_at = epoch
+                stderr.print(f"warning: the checkpoint of epoch {epoch} could not be written "
+                             f"({_why(err)}); training goes on", style="yellow")  # fmt: skip
+            self.error = err
+            return
+        self.error, self.written = None, epoch
+
+    def problems(self, path: Path) -> list[str]:
+        if self.error is None:
+            return []
+        kept = f"it holds epoch {self.written}" if self.written else "none was written"
+        return [f"--checkpoint {path} could not be written from epoch {self.failed_at} on "
+                f"({_why(self.error)}; {kept})"]  # fmt: skip
+
+
+def write_output(option: str, path: Path, data: bytes) -> list[str]:
+    """Write an output file whole; [] when it was, else one line saying why not. A result that
+    cannot go where it was asked goes to the temporary folder, when that can take it."""
+    import os
+    import tempfile
+
+    from flatbasin.trainables.files import write_bytes_whole
+
+    try:
+        write_bytes_whole(path, data, f"{option} {path}")
+        return []
+    except OSError as err:
+        problem = f"{option} {path} could not be written ({_why(err)})"
+    fd, spare = tempfile.mkstemp(prefix="flatbasin-", suffix=path.suffix or ".out")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except OSError:
+        os.unlink(spare)
+        return [problem]
+    return [f"{problem}; it was written to {spare} instead"]
+
+
+def _why(err: OSError) -> str:
+    """'No space left on device', or the whole message of an error that has no strerror."""
+    return err.strerror or str(err) or type(err).__name__
 
 
 @app.command("lr-find")
@@ -323,6 +388,8 @@ def lr_find(
         suggested = run_lr_find(config, options, console)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
     if not suggested:
         raise typer.Exit(EXIT_FAILED)
 
@@ -620,6 +687,8 @@ def report(
         page = write_report(search_name, tracking_uri_or_default(tracking_uri), out)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
     console.print(f"Report:       {page}")
 
 
@@ -654,6 +723,8 @@ def focus_library(
         make_library(out, settings, regression, ridge, console, overwrite=overwrite)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Check data before training on it.")

@@ -46,6 +46,11 @@ class UsageError(Exception):
     """Bad input: the message names what is wrong; the CLI exits with status 2."""
 
 
+class Unwritten(Exception):
+    """The work ran, but an output could not be written (a full disk): the message names each one
+    and why; the CLI exits with status 1."""
+
+
 def describe(err: ValidationError, where: str = "") -> str:
     """One line per problem, each naming the field (variant parameters without their 'params.' prefix)."""
     lines = []

@@ -30,7 +30,7 @@ import flatbasin
 from flatbasin.search import figures
 from flatbasin.search.confirm import ALPHA, confirmation_stats
 from flatbasin.search.credentials import redact_uri
-from flatbasin.search.errors import UsageError
+from flatbasin.search.errors import Unwritten, UsageError
 from flatbasin.search.tracking import (
     ERROR,
     FINAL,
@@ -43,6 +43,7 @@ from flatbasin.search.tracking import (
     read_store,
 )
 from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
+from flatbasin.trainables.files import not_a_file, write_bytes_whole
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
@@ -113,6 +114,8 @@ def write_report(search: str, uri: str, out: Path | None = None, log: bool = Tru
     Raises UsageError for anything the user can fix: an unknown search, a store that is down, a search
     without a finished trial.
     """
+    if out is not None:
+        check_report_folder(out)  # before anything is read
     client = _client(uri)
     try:
         parent = find_search(client, search, uri)
@@ -122,11 +125,12 @@ def write_report(search: str, uri: str, out: Path | None = None, log: bool = Tru
             f"cannot read search '{search}' from {redact_uri(uri)}: {_first_line(err)}"
         ) from err
     folder = out if out is not None else Path("reports") / _folder_name(report)
+    check_report_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         files = write_files(report, folder)
-    except OSError as err:
-        raise UsageError(f"cannot write the report into {folder}: {err.strerror or err}") from err
+    except OSError as err:  # a full disk, a quota: not the user's input
+        raise Unwritten(f"cannot write the report into {folder}: {err.strerror or err}") from err
     if log:
         try:
             for path in files:
@@ -504,6 +508,27 @@ def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
 
 # ----------------------------------------------------------------------------- writing
 
+REPORT_FILES = ("curves.png", "importances.png", "report.html")
+
+
+def check_report_folder(folder: Path) -> None:
+    """The report's folder is a folder (or can be made) and each file it writes there is a regular
+    file or none yet: each is renamed into place, never over a device, a pipe or a folder."""
+    from flatbasin.search.preflight import check_folder
+
+    if folder.exists() and not folder.is_dir():
+        kind = not_a_file(folder) or "a file"
+        raise UsageError(f"--out {folder}: is {kind}, not a folder; give a folder for the report")
+    check_folder(folder, f"--out {folder}", "give a folder for the report")
+    for name in REPORT_FILES:
+        kind = not_a_file(folder / name)
+        if kind is not None:
+            raise UsageError(
+                f"--out {folder}: {name} there is {kind}, not a regular file; remove it or give "
+                "another folder"
+            )
+
+
 
 def write_files(report: Report, folder: Path) -> list[Path]:
     """curves.png, importances.png (when there are any) and report.html, the page last."""
@@ -525,10 +550,10 @@ def write_files(report: Report, folder: Path) -> list[Path]:
     files = []
     for name, data in images.items():
         path = folder / name
-        path.write_bytes(data)
+        write_bytes_whole(path, data)
         files.append(path)
     page = folder / "report.html"
-    page.write_text(render_html(report, images), encoding="utf-8")
+    write_bytes_whole(page, render_html(report, images).encode("utf-8"))
     files.append(page)
     return files
 

@@ -8,7 +8,6 @@ variant or other settings would silently mix two trials, so it is refused with t
 
 from __future__ import annotations
 
-import os
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.averagers import Averager
@@ -74,9 +75,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
+    # A checkpoint is either the old one or the new one, never half of each; never over a device.
+    write_whole(path, lambda tmp: torch.save(state, tmp), f"checkpoint {path}")
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

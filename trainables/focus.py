@@ -26,7 +26,6 @@ weights_only=True (no pickled code runs).
 
 from __future__ import annotations
 
-import os
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.config import TrialConfig
@@ -183,9 +184,8 @@ class FocusLibrary:
             "intercepts": self.intercepts,
             "meta": self.meta,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a library is either the old file or the new one, never half
+        # A library is either the old file or the new one, never half; never over a device.
+        write_whole(path, lambda tmp: torch.save(state, tmp), f"focus library {path}")
 
     @classmethod
     def load(cls, path: Path | str, device: torch.device | str = "cpu") -> FocusLibrary:
