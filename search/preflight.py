@@ -65,7 +65,7 @@ def check_folder(folder: Path, what: str, advice: str) -> None:
             break
         probe = probe.parent
     if probe == folder and not folder.is_dir():
-        raise UsageError(f"{what}: is a file, not a folder; {advice}")
+        raise UsageError(f"{what}: is {not_a_file(folder) or 'a file'}, not a folder; {advice}")
     if probe != folder and not probe.is_dir():
         raise UsageError(f"{what}: {probe} is a file, so the folder cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):

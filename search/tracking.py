@@ -31,6 +31,7 @@ from flatbasin.search.credentials import PASSWORD, USERNAME, redact_uri, scrub, 
 from flatbasin.search.errors import short
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import TrialConfig, trial_config
+from flatbasin.trainables.files import not_a_file
 from flatbasin.trainables.start import write_converged
 
 # Per-epoch metrics, step = epoch. train_loss and train_acc are absent in an epoch without a pass over
@@ -393,6 +394,12 @@ class Tracker:
             raise TrackingUnavailable(
                 f"MLflow tracking URI {self.shown}: {path} is a folder; name a file, e.g. "
                 f"sqlite:///{path / 'mlflow.db'}"
+            )
+        kind = not_a_file(path)
+        if kind is not None:  # opening a named pipe would wait for a writer forever
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.shown}: {path} is {kind}, not a database file; name "
+                "a new file or MLflow's own database"
             )
         if path.exists():
             self._check_mlflow_database(path)

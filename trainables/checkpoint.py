@@ -76,7 +76,7 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A checkpoint is either the old one or the new one, never half of each; never over a device.
-    write_whole(path, lambda tmp: torch.save(state, tmp), f"checkpoint {path}")
+    write_whole(path, lambda handle: torch.save(state, handle), f"checkpoint {path}")
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -14,6 +14,7 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -52,10 +53,12 @@ def refuse_unless_file(path: Path | str, what: str) -> None:
         raise NotAFileError(f"{what}: is {kind}, not a regular file; give a file name")
 
 
-def write_whole(path: Path | str, write: Callable[[Path], None], what: str = "") -> None:
-    """Call `write(tmp)` to write a temporary file beside `path`, then rename it over `path`. A link
-    is written through (its target is replaced). The temporary file is gone whatever happens; a
-    failing write (OSError: a full disk, a quota) leaves `path` as it was."""
+def write_whole(path: Path | str, write: Callable[[BinaryIO], object], what: str = "") -> None:
+    """Call `write(handle)` to write a temporary file beside `path` through a Python file handle
+    (so that a full disk is an OSError, whoever writes: torch's own file writer raises a bare
+    RuntimeError), then rename it over `path`. A link is written through (its target is
+    replaced). The temporary file is gone whatever happens; a failing write leaves `path` as it
+    was."""
     what = what or str(path)
     target = Path(os.path.realpath(Path(path).expanduser()))
     refuse_unless_file(target, what)
@@ -63,9 +66,10 @@ def write_whole(path: Path | str, write: Callable[[Path], None], what: str = "")
     mode = 0o666  # as open() would make it (less the umask), or the old file's own mode
     with contextlib.suppress(OSError):
         mode = stat.S_IMODE(os.stat(target).st_mode)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
         refuse_unless_file(target, what)  # made meanwhile: still not replaced
         os.replace(tmp, target)
     except BaseException:
@@ -75,4 +79,4 @@ def write_whole(path: Path | str, write: Callable[[Path], None], what: str = "")
 
 
 def write_bytes_whole(path: Path | str, data: bytes, what: str = "") -> None:
-    write_whole(path, lambda tmp: tmp.write_bytes(data), what)
+    write_whole(path, lambda handle: handle.write(data), what)

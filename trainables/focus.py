@@ -185,7 +185,7 @@ class FocusLibrary:
             "meta": self.meta,
         }
         # A library is either the old file or the new one, never half; never over a device.
-        write_whole(path, lambda tmp: torch.save(state, tmp), f"focus library {path}")
+        write_whole(path, lambda handle: torch.save(state, handle), f"focus library {path}")
 
     @classmethod
     def load(cls, path: Path | str, device: torch.device | str = "cpu") -> FocusLibrary:
