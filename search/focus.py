@@ -34,7 +34,7 @@ def make_library(
 
     if out.is_dir():
         raise UsageError(
-            f"{out} is a folder; name the library file to write, e.g. {out / 'focus.pt'}"
+            f"OUT.pt {out}: is a folder; name the library file to write, e.g. {out / 'focus.pt'}"
         )
     writable_file("OUT.pt", out)  # a device, a pipe or a socket there is refused, as any folder
     if out.exists() and not overwrite:  # a library may have taken an hour: never lost silently
