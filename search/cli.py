@@ -493,6 +493,11 @@ def search(
             checkpoint_interval_s=checkpoint_interval, confirm_seeds=confirm_seeds,
             start_from=start_from,
         )  # fmt: skip
+        # Its report goes to ./reports/NAME at the end: nothing there may be a device or a pipe.
+        from flatbasin.search.report import check_report_folder
+
+        report = Path("reports") / (options.name or space.name)
+        check_report_folder(report, writable=False, what="the search's report folder")
     except (SpaceError, UsageError) as err:
         fail(str(err))
     except ValidationError as err:

@@ -156,4 +156,9 @@ def hide_from_command_line(argv: list[str]) -> None:
     if changed != args:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "flatbasin", *changed])
+        # The interpreter's own start as it was (`python -m flatbasin`, or the `flatbasin` script,
+        # with any interpreter options), then the arguments without the credentials.
+        start = sys.orig_argv[: len(sys.orig_argv) - len(args)]
+        if len(start) < 2 or sys.orig_argv[len(start) :] != args:
+            start = [sys.executable, "-m", "flatbasin"]
+        os.execv(sys.executable, [*start, *changed])

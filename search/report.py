@@ -511,23 +511,24 @@ def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
 REPORT_FILES = ("curves.png", "importances.png", "report.html")
 
 
-def check_report_folder(folder: Path) -> None:
-    """The report's folder is a folder (or can be made) and each file it writes there is a regular
-    file or none yet: each is renamed into place, never over a device, a pipe or a folder."""
+def check_report_folder(folder: Path, writable: bool = True, what: str = "--out") -> None:
+    """The report's folder is a folder (or none yet) and each file it writes there is a regular
+    file or none yet: each is renamed into place, never over a device, a pipe or a folder. With
+    `writable`, the folder must also take files (a search's own report only warns when it cannot)."""
     from flatbasin.search.preflight import check_folder
 
     if folder.exists() and not folder.is_dir():
         kind = not_a_file(folder) or "a file"
-        raise UsageError(f"--out {folder}: is {kind}, not a folder; give a folder for the report")
-    check_folder(folder, f"--out {folder}", "give a folder for the report")
+        raise UsageError(f"{what} {folder}: is {kind}, not a folder; give a folder for the report")
+    if writable:
+        check_folder(folder, f"{what} {folder}", "give a folder for the report")
     for name in REPORT_FILES:
         kind = not_a_file(folder / name)
         if kind is not None:
             raise UsageError(
-                f"--out {folder}: {name} there is {kind}, not a regular file; remove it or give "
+                f"{what} {folder}: {name} there is {kind}, not a regular file; remove it or give "
                 "another folder"
             )
-
 
 
 def write_files(report: Report, folder: Path) -> list[Path]:

@@ -885,3 +885,19 @@ def test_credentials_leave_the_command_line_and_reach_the_server(process_groups,
     text = " ".join(log.read_text().split())
     assert "the credentials of user 'alice' (both from the user-info of --tracking-uri) are wrong" in text, text
     assert secret not in text and urllib.parse.quote(secret, safe="") not in text
+
+
+def test_a_fifo_where_the_searchs_report_goes_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
+    """The report a search writes at its end (./reports/NAME) would have hung on a FIFO there."""
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "rep.yaml"
+    space.write_text(GOOD)
+    (tmp_path / "reports" / "rep").mkdir(parents=True)
+    os.mkfifo(tmp_path / "reports" / "rep" / "report.html")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "the search's report folder reports/rep: report.html there is a named pipe" in text, text
+    assert_nothing_started(tmp_path, ray_tmpdir, uri)
