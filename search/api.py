@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import json
 import os
 import re
 import site
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flatbasin.search.errors import SearchFailed, UsageError, describe, stderr
+from flatbasin.search.errors import SearchFailed, Unwritten, UsageError, describe, stderr
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -351,6 +352,13 @@ def search(
          "start_from": start_from},
         passed,
     )  # fmt: skip
+    # Its report goes to ./reports/NAME at the end: nothing there may be a device or a pipe.
+    from flatbasin.search.report import check_report_folder
+
+    check_report_folder(
+        Path("reports") / (options.name or found.name), writable=False,
+        what="the search's report folder",
+    )  # fmt: skip
     quiet_mlflow_retries()
     ray_before = _ray_running()
     here = Path.cwd()  # a search on a cluster works from its storage folder (run_search)
@@ -495,10 +503,12 @@ def _stop_ray() -> None:
 
 def tracking_uri_or_default(value: str | None) -> str:
     """MLflow's tracking URI: explicit, else $MLFLOW_TRACKING_URI, else ./mlflow.db (absolute);
-    a malformed one is refused (UsageError) before anything starts."""
+    a malformed one is refused (UsageError) before anything starts, and a server's credentials
+    move into the environment (search/credentials.py): nothing after this point holds them."""
+    from flatbasin.search.credentials import adopt
     from flatbasin.search.tracking import chosen_uri
 
-    return chosen_uri(value)
+    return adopt(chosen_uri(value), "--tracking-uri" if value else "$MLFLOW_TRACKING_URI")
 
 
 def quiet_mlflow_retries() -> None:
@@ -614,6 +624,11 @@ def run_train(
         + ("; every accuracy with test-time augmentation" if config.tta != "none" else "")
     )
     shown: list[bool] = []
+    # A checkpoint that cannot be written (a full disk) costs the resume, not the run: training goes
+    # on, and the end says so. The latest failure, cleared by a later checkpoint that is written.
+    from flatbasin.search.outputs import CheckpointWrites, write_output
+
+    saved = CheckpointWrites()
 
     def on_epoch(metrics: Any, save: Any) -> None:
         if not shown:  # with the first epoch, not before: an input the trial refuses before its
@@ -623,7 +638,7 @@ def run_train(
                 console.print(continuing)
         output.print_epoch(metrics, config.epochs, console)
         if checkpoint is not None:
-            save(checkpoint)
+            saved.attempt(lambda: save(checkpoint), metrics.epoch)
 
     try:
         result = run_trial(
@@ -635,4 +650,11 @@ def run_train(
     except (DataError, ValueError) as err:
         raise UsageError(str(err)) from err
     output.print_trial_end(result, console)
+    unwritten = [] if checkpoint is None else saved.problems(checkpoint)
+    if json_out is not None:
+        unwritten += write_output("--json", json_out, json.dumps(result.to_json(), indent=2).encode())
+    if unwritten:  # everything writable is written; the rest named in one paragraph
+        raise Unwritten(
+            f"the training ran to its end (its results are above), but {'; '.join(unwritten)}"
+        )
     return result

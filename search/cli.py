@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -14,6 +13,7 @@ from flatbasin.search.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     SearchFailed,
+    Unwritten,
     UsageError,
     fail,
     short,
@@ -170,14 +170,14 @@ def train(
         ):
             if value is not None:
                 settings[key] = value
-        result = run_train(
+        run_train(
             variant, settings, checkpoint=checkpoint, resume=resume, start_from=start_from,
             tracking_uri=tracking_uri, console=console, json_out=json_out,
         )  # fmt: skip
     except UsageError as err:
         fail(str(err))
-    if json_out is not None:
-        json_out.write_text(json.dumps(result.to_json(), indent=2))
+    except Unwritten as err:  # trained to the end; an output could not be written (a full disk)
+        fail(str(err), code=EXIT_FAILED)
 
 
 @app.command("lr-find")
@@ -225,6 +225,8 @@ def lr_find(
         suggested = run_lr_find(config, options, console)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
     if not suggested:
         raise typer.Exit(EXIT_FAILED)
 
@@ -362,6 +364,7 @@ def submit(
         if space_file.startswith("-"):  # an option where SPACE goes: unknown to submit and search
             raise UsageError(f"no such option: {space_file} (see flatbasin submit --help)")
         check_dashboard(address)
+        check_no_credentials(ctx.args)
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
         parsed = typer.Context(search_command, info_name="flatbasin search")
         search_command.parse_args(parsed, [space_file, *ctx.args])  # the same options, checked here
@@ -378,17 +381,40 @@ def submit(
         )
     except UsageError as err:
         fail(str(err))
+    from flatbasin.search.credentials import redact_uri
+
     try:
         code = run_submit(space_file, address, list(ctx.args), wait=not no_wait, console=console)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        fail(f"cannot submit to {address}: {err}")
+        fail(f"cannot submit to {redact_uri(address)}: {err}")
     raise typer.Exit(code)
+
+
+def check_no_credentials(args: list[str]) -> None:
+    """A job's command line is kept by Ray and shown on its dashboard and by `ray job list` to
+    everyone who reaches the cluster (and a job's runtime environment with it): credentials in
+    --tracking-uri are refused, never sent. The driver runs on the head node, whose environment
+    holds them."""
+    from flatbasin.search.credentials import redact_uri, tracking_uri_args, user_info, value_at
+
+    for i in tracking_uri_args(args):
+        uri = value_at(args, i)
+        if user_info(uri) != (None, None):
+            raise UsageError(
+                f"--tracking-uri {redact_uri(uri)}: the URI carries credentials (user-info), and "
+                "a job's command line is shown on the cluster's dashboard and by `ray job list`, so "
+                "they are not sent; give the cluster's nodes MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD in their environment (docs/cluster.md) and pass the URI "
+                "without them"
+            )
 
 
 def check_dashboard(address: str) -> None:
     """The Jobs API lives at the dashboard's http(s)://HOST:PORT; anything else is refused by name
     (Ray would read a bare HOST:PORT as a GCS address and try to join the cluster from here)."""
     from urllib.parse import urlsplit
+
+    from flatbasin.search.credentials import redact_uri
 
     parts = urlsplit(address)
     try:
@@ -397,7 +423,7 @@ def check_dashboard(address: str) -> None:
         port = None
     if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
         raise UsageError(
-            f"--address {address}: expected the cluster's dashboard as http://HOST:PORT "
+            f"--address {redact_uri(address)}: expected the cluster's dashboard as http://HOST:PORT "
             "(Ray's default port is 8265), e.g. http://127.0.0.1:8265"
         )
 
@@ -463,6 +489,8 @@ def report(
         page = write_report(search_name, tracking_uri_or_default(tracking_uri), out)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
     console.print(f"Report:       {page}")
 
 
@@ -502,6 +530,8 @@ def focus_library(
         make_library(out, settings, regression, ridge, console, overwrite=overwrite)
     except UsageError as err:
         fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Check data before training on it.")
@@ -544,4 +574,9 @@ def _leave(code: int) -> NoReturn:
 
 
 def main() -> None:
+    import sys
+
+    from flatbasin.search.credentials import hide_from_command_line
+
+    hide_from_command_line(sys.argv)  # execs this command again without them, when there are any
     app()

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from flatbasin.search.credentials import redact_uri
+
 
 def local_ray_on_loopback() -> None:
     """Make a local Ray listen on, and advertise, 127.0.0.1 only. Call before Ray is imported.
@@ -62,7 +64,7 @@ def check_cluster(
 
     if remote and is_local_store(tracking_uri):
         problems.append(
-            f"the tracking URI {tracking_uri} is a local file, but the cluster has {len(remote)} other node(s) and "
+            f"the tracking URI {redact_uri(tracking_uri)} is a local file, but the cluster has {len(remote)} other node(s) and "
             "the search driver may run on any of them; use an MLflow server every node reaches "
             "(--tracking-uri http://HOST:5000)"
         )

@@ -51,6 +51,11 @@ class SearchFailed(RuntimeError):
     the CLI exits with status 1."""
 
 
+class Unwritten(Exception):
+    """The work ran, but an output could not be written (a full disk): the message names each one
+    and why; the CLI exits with status 1."""
+
+
 def describe(err: ValidationError, where: str = "") -> str:
     """One line per problem, each naming the field (variant parameters without their 'params.' prefix)."""
     lines = []
@@ -64,5 +69,7 @@ def describe(err: ValidationError, where: str = "") -> str:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    stderr.print(Text("error: ", style="bold red") + Text(message))
+    from flatbasin.search.credentials import scrub  # no message shows a tracking URI's password
+
+    stderr.print(Text("error: ", style="bold red") + Text(scrub(message)))
     raise typer.Exit(code)

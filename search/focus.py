@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from flatbasin.search.errors import UsageError, describe
+from flatbasin.search.errors import Unwritten, UsageError, describe
 from flatbasin.trainables.focus import FocusLibrary, Regression
 
 
@@ -34,11 +34,11 @@ def make_library(
 
     if out.is_dir():
         raise UsageError(
-            f"{out} is a folder; name the library file to write, e.g. {out / 'focus.pt'}"
+            f"OUT.pt {out}: is a folder; name the library file to write, e.g. {out / 'focus.pt'}"
         )
+    writable_file("OUT.pt", out)  # a device, a pipe or a socket there is refused, as any folder
     if out.exists() and not overwrite:  # a library may have taken an hour: never lost silently
         raise UsageError(f"{out} exists; name a new file, or pass --overwrite to replace it")
-    writable_file("OUT.pt", out)
     if regression not in get_args(Regression):
         raise UsageError(f"--regression {regression!r}: choose {' or '.join(get_args(Regression))}")
     if not math.isfinite(ridge) or ridge < 0:
@@ -61,7 +61,13 @@ def make_library(
         library, result = fit_focus_library(config, regression=chosen, ridge=ridge)
     except (DataError, LibraryError, ValueError) as err:  # TrialError is a ValueError
         raise UsageError(str(err)) from err
-    library.save(out)
+    try:
+        library.save(out)
+    except OSError as err:  # a full disk: the fit is lost, but says so in one paragraph
+        raise Unwritten(
+            f"the focus library was fitted ({library.meta['iterations']} iterations), but {out} "
+            f"could not be written ({err.strerror or err}); free space there or give another OUT.pt"
+        ) from err
 
     table = Table(title=f"focus library {out}: {regression} ridge fit of g ≈ a·w + c")
     for column in ("parameter", "shape", "R²", "mean slope a", "mean |c|"):

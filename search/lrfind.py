@@ -21,7 +21,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flatbasin.search.errors import UsageError
+from flatbasin.search.errors import Unwritten, UsageError
+from flatbasin.trainables.files import not_a_file, write_bytes_whole, write_whole
 
 if TYPE_CHECKING:  # matplotlib and torch load when the command runs, not when the CLI starts
     from matplotlib.figure import Figure
@@ -86,8 +87,9 @@ def check_options(options: LrFindOptions, config: TrialConfig) -> None:
         )
     check_plot_path(options.plot)
     if write is not None:
-        if not write.is_file():
-            what = "is a folder" if write.is_dir() else "does not exist"
+        kind = not_a_file(write)
+        if kind is not None or not write.is_file():
+            what = f"is {kind}, not a regular file" if kind else "does not exist"
             raise UsageError(
                 f"--write {write}: {what}; give an existing space file to update (copy a bundled "
                 "one first, e.g. spaces/compare.yaml)"
@@ -160,21 +162,30 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
         f"steps from lr {options.start:g} to {options.end:g}\n{sweep.stop}"
     )
     figure = lr_find_figure(sweep, suggestion, title, details, (options.start, options.end))
+    # Every output that can be written is; those that cannot are named together at the end.
+    unwritten = []
     try:
-        figure.savefig(options.plot)
+        write_whole(options.plot, lambda handle: figure.savefig(handle, format="png"), f"--plot {options.plot}")
+        console.print(f"figure: {options.plot}")
     except OSError as err:
-        raise UsageError(
-            f"--plot {options.plot}: cannot write the figure: {err.strerror or err}"
-        ) from err
-    console.print(f"figure: {options.plot}")
+        unwritten.append(f"--plot {options.plot} could not be written ({err.strerror or err})")
 
     if suggestion.large is None or suggestion.small is None:
         console.print(f"no suggestion: {suggestion.problem}", style="yellow")
         if options.write is not None:
             console.print(f"{options.write} was not changed", style="yellow")
+        if unwritten:
+            raise Unwritten(f"the range test ran (above), but {'; '.join(unwritten)}")
         return False
     if options.write is not None:
-        changed, kept_comments = write_space(options.write, suggestion.small, suggestion.large)
+        try:
+            changed, kept_comments = write_space(options.write, suggestion.small, suggestion.large)
+        except OSError as err:
+            unwritten.append(
+                f"--write {options.write} could not be written ({err.strerror or err}; it was "
+                "left as it was)"
+            )
+            raise Unwritten(f"the range test ran (above), but {'; '.join(unwritten)}") from err
         console.print(f"updated {options.write}:")
         for line in changed:
             console.print(f"  {line}")
@@ -183,6 +194,8 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
             if kept_comments
             else "  (the file was re-written from its parsed YAML: its comments are gone)"
         )
+    if unwritten:
+        raise Unwritten(f"the range test ran (above), but {'; '.join(unwritten)}")
     return True
 
 
@@ -398,14 +411,11 @@ def write_space(path: Path, small: float, large: float) -> tuple[list[str], bool
         lines.append(
             f"fixed.lr ({raw['fixed']['lr']}) stays, but each variant's own lr range now wins over it"
         )
-    try:
-        path.write_bytes(text.encode("utf-8"))
-    except OSError as err:
-        raise UsageError(f"--write {path}: cannot write: {err.strerror or err}") from err
+    write_bytes_whole(path, text.encode("utf-8"), f"--write {path}")  # the old file, or the new
     try:
         load_space(path)
     except SpaceError as err:
-        path.write_bytes(original.encode("utf-8"))
+        write_bytes_whole(path, original.encode("utf-8"), f"--write {path}")
         raise UsageError(
             f"--write {path}: with the suggested ranges the space no longer loads, so the file was "
             f"put back as it was: {err}"

@@ -150,8 +150,11 @@ def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> N
 
 
 def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -> None:
+    from flatbasin.search.credentials import redact_uri
     from flatbasin.search.tracking import browse_hint
     from flatbasin.search.tuner import learned_nothing
+
+    tracking_uri = redact_uri(tracking_uri)  # every command printed here: without credentials
 
     if not outcome.best:
         console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
@@ -206,20 +209,35 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
         console.print(
             f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
         )
+    print_credentials_note(console)
+
+
+def print_credentials_note(console: Console = CONSOLE) -> None:
+    """The commands printed carry no credentials: say so when this one had them in its URI."""
+    from flatbasin.search.credentials import from_uri
+
+    if from_uri():
+        console.print(
+            "(the flatbasin commands printed here leave out the credentials given in the tracking URI: set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD before running them)"
+        )
 
 
 def write_search_report(
     parent_run_id: str, tracking_uri: str, console: Console = CONSOLE
 ) -> Path | None:
     """The report at the end of a search; one that cannot be written is a warning, never a failure."""
+    from flatbasin.search.credentials import redact_uri, scrub
+
     try:
         from flatbasin.search.report import write_report
 
         page = write_report(parent_run_id, tracking_uri)
     except Exception as err:  # the search's results are safe in MLflow whatever happens here
         stderr.print(
-            f"warning: the report was not written ({type(err).__name__}: {err}); "
-            f"try: flatbasin report {parent_run_id} --tracking-uri {tracking_uri}",
+            f"warning: the report was not written ({type(err).__name__}: {scrub(str(err))}); "
+            f"try: flatbasin report {parent_run_id} --tracking-uri "
+            f"{shlex.quote(redact_uri(tracking_uri))}",
             style="yellow",
         )
         return None

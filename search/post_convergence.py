@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 from rich.console import Console
 
+from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, describe
 from flatbasin.search.tracking import (
     BASE_RUN,
@@ -305,7 +306,9 @@ def _check_store(uri: str, where: str) -> None:
     """A SQLite store that does not exist holds no run; asking it would make the file."""
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
-        raise UsageError(f"{where}: no such MLflow run: {uri} holds no runs yet (no {path})")
+        raise UsageError(
+            f"{where}: no such MLflow run: {redact_uri(uri)} holds no runs yet (no {path})"
+        )
 
 
 def _from_run(client: MlflowClient, uri: str, run_id: str, where: str) -> Converged:
@@ -313,7 +316,7 @@ def _from_run(client: MlflowClient, uri: str, run_id: str, where: str) -> Conver
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise UsageError(f"{where}: no such MLflow run at {uri}") from err
+        raise UsageError(f"{where}: no such MLflow run at {redact_uri(uri)}") from err
     names = {a.path for a in client.list_artifacts(run_id)}
     if CHECKPOINT_ARTIFACT not in names:
         role = run.data.tags.get(ROLE, "no flatbasin role")

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from flatbasin.search.errors import UsageError
 from flatbasin.spaces import Space
+from flatbasin.trainables.files import not_a_file
 
 if TYPE_CHECKING:
     from flatbasin.trainables.config import TrialConfig
@@ -65,7 +66,7 @@ def check_folder(folder: Path, what: str, advice: str) -> None:
             break
         probe = probe.parent
     if probe == folder and not folder.is_dir():
-        raise UsageError(f"{what}: is a file, not a folder; {advice}")
+        raise UsageError(f"{what}: is {not_a_file(folder) or 'a file'}, not a folder; {advice}")
     if probe != folder and not probe.is_dir():
         raise UsageError(f"{what}: {probe} is a file, so the folder cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -79,9 +80,12 @@ def check_folder(folder: Path, what: str, advice: str) -> None:
 
 
 def writable_file(option: str, path: Path) -> None:
-    """A file a command will write: its folder must exist and take files; it may not be a folder."""
-    if path.is_dir():
-        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    """A file a command will write: its folder must exist and take files; what is there already must
+    be a regular file (the write renames a new file over it: a device, a pipe, a socket or a
+    folder, or a link to one, is refused)."""
+    kind = not_a_file(path)
+    if kind is not None:
+        raise UsageError(f"{option} {path}: is {kind}, not a regular file; give a file name")
     folder = path.expanduser().absolute().parent
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"

@@ -29,7 +29,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import flatbasin
 from flatbasin.search import figures
 from flatbasin.search.confirm import ALPHA, confirmation_stats
-from flatbasin.search.errors import UsageError
+from flatbasin.search.credentials import redact_uri
+from flatbasin.search.errors import Unwritten, UsageError
 from flatbasin.search.tracking import (
     ERROR,
     FINAL,
@@ -42,6 +43,7 @@ from flatbasin.search.tracking import (
     read_store,
 )
 from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
+from flatbasin.trainables.files import not_a_file, write_bytes_whole
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
@@ -112,18 +114,23 @@ def write_report(search: str, uri: str, out: Path | None = None, log: bool = Tru
     Raises UsageError for anything the user can fix: an unknown search, a store that is down, a search
     without a finished trial.
     """
+    if out is not None:
+        check_report_folder(out)  # before anything is read
     client = _client(uri)
     try:
         parent = find_search(client, search, uri)
         report = read_report(client, parent, uri)
     except MlflowException as err:  # the store went away, or refuses one of the reads
-        raise UsageError(f"cannot read search '{search}' from {uri}: {_first_line(err)}") from err
+        raise UsageError(
+            f"cannot read search '{search}' from {redact_uri(uri)}: {_first_line(err)}"
+        ) from err
     folder = out if out is not None else Path("reports") / _folder_name(report)
+    check_report_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         files = write_files(report, folder)
-    except OSError as err:
-        raise UsageError(f"cannot write the report into {folder}: {err.strerror or err}") from err
+    except OSError as err:  # a full disk, a quota: not the user's input
+        raise Unwritten(f"cannot write the report into {folder}: {err.strerror or err}") from err
     if log:
         try:
             for path in files:
@@ -153,7 +160,9 @@ def find_search(client: MlflowClient, search: str, uri: str) -> Run:
             order_by=["attributes.start_time DESC"],
         )
         if not parents:
-            raise UsageError(f"experiment '{search}' in {uri} holds no flatbasin search")
+            raise UsageError(
+                f"experiment '{search}' in {redact_uri(uri)} holds no flatbasin search"
+            )
         return parents[0]  # the latest search of that name; an older one by its run id
     if RUN_ID.fullmatch(search):
         try:
@@ -173,7 +182,7 @@ def find_search(client: MlflowClient, search: str, uri: str) -> Run:
         if e.name != "Default" and e.lifecycle_stage == "active"
     )
     known = f"searches there: {', '.join(names[:20])}" if names else "there are no searches there"
-    raise UsageError(f"no search named or with run id '{search}' in {uri} ({known})")
+    raise UsageError(f"no search named or with run id '{search}' in {redact_uri(uri)} ({known})")
 
 
 def _children(client: MlflowClient, parent: Run) -> Iterator[Run]:
@@ -499,6 +508,28 @@ def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
 
 # ----------------------------------------------------------------------------- writing
 
+REPORT_FILES = ("curves.png", "importances.png", "report.html")
+
+
+def check_report_folder(folder: Path, writable: bool = True, what: str = "--out") -> None:
+    """The report's folder is a folder (or none yet) and each file it writes there is a regular
+    file or none yet: each is renamed into place, never over a device, a pipe or a folder. With
+    `writable`, the folder must also take files (a search's own report only warns when it cannot)."""
+    from flatbasin.search.preflight import check_folder
+
+    if folder.exists() and not folder.is_dir():
+        kind = not_a_file(folder) or "a file"
+        raise UsageError(f"{what} {folder}: is {kind}, not a folder; give a folder for the report")
+    if writable:
+        check_folder(folder, f"{what} {folder}", "give a folder for the report")
+    for name in REPORT_FILES:
+        kind = not_a_file(folder / name)
+        if kind is not None:
+            raise UsageError(
+                f"{what} {folder}: {name} there is {kind}, not a regular file; remove it or give "
+                "another folder"
+            )
+
 
 def write_files(report: Report, folder: Path) -> list[Path]:
     """curves.png, importances.png (when there are any) and report.html, the page last."""
@@ -520,10 +551,10 @@ def write_files(report: Report, folder: Path) -> list[Path]:
     files = []
     for name, data in images.items():
         path = folder / name
-        path.write_bytes(data)
+        write_bytes_whole(path, data)
         files.append(path)
     page = folder / "report.html"
-    page.write_text(render_html(report, images), encoding="utf-8")
+    write_bytes_whole(page, render_html(report, images).encode("utf-8"))
     files.append(page)
     return files
 
@@ -725,7 +756,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
     epochs = sorted({t.params.get("epochs", "?") for t in report.trials})
     facts: list[tuple[str, str]] = [
         ("search run", f"<code>{esc(report.parent.info.run_id)}</code>"),
-        ("tracking URI", f"<code>{esc(report.uri)}</code>"),
+        ("tracking URI", f"<code>{esc(redact_uri(report.uri))}</code>"),
         ("state", esc(tags.get(STATE, report.parent.info.status.lower()))),
         ("data", esc(", ".join(datasets))
          + (esc(f" (validation set: {report.val_size} examples)") if report.val_size else "")),

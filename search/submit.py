@@ -3,7 +3,8 @@
 The job runs `flatbasin search SPACE --address auto [options]` on the cluster (flatbasin is installed in
 the cluster's image); the space file travels as the job's working directory, with its whole folder when
 the space names the user's own modules (model: or dataset: module:callable). Tracking URI and storage
-path go as options, never secrets: credentials for MLflow belong in the cluster's environment.
+path go as options, never secrets: credentials for MLflow belong in the cluster's environment (the
+command refuses a --tracking-uri with user-info: Ray shows every job's entrypoint on its dashboard).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flatbasin.search.credentials import redact_uri
 from flatbasin.search.tuner import CODE_EXCLUDES
 from flatbasin.spaces.loader import BUNDLED, load_space, resolve
 
@@ -42,9 +44,10 @@ def submit(
             target = path.name
         entrypoint = shlex.join(["flatbasin", "search", target, "--address", "auto", *search_args])
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-    console.print(f"submitted job {job_id} to {address}: {entrypoint}")
+    shown = redact_uri(address)
+    console.print(f"submitted job {job_id} to {shown}: {entrypoint}")
     if not wait:
-        console.print(f"follow it with: ray job logs --address {address} --follow {job_id}")
+        console.print(f"follow it with: ray job logs --address {shown} --follow {job_id}")
         return 0
 
     async def follow() -> None:

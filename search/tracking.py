@@ -28,9 +28,11 @@ from mlflow.utils.credentials import read_mlflow_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
+from flatbasin.search.credentials import PASSWORD, USERNAME, redact_uri, scrub, source_of
 from flatbasin.search.errors import UsageError, short
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import TrialConfig, trial_config
+from flatbasin.trainables.files import not_a_file
 from flatbasin.trainables.start import write_converged
 from flatbasin.trainables.usercode import text_digest
 
@@ -77,31 +79,61 @@ class TrackingRefused(TrackingUnavailable):
 
 
 def refusal_message(uri: str, status: int) -> str:
-    """What to do about a 401/403, naming the variables MLflow reads the credentials from."""
-    user = read_mlflow_creds().username  # from the environment, else ~/.mlflow/credentials
-    where = f"MLflow tracking server at {uri} refused the request (HTTP {status})"
+    """What to do about a 401/403: whose credentials were refused and where each came from (a
+    tracking URI's user-info, MLflow's variables, ~/.mlflow/credentials); never the password."""
+    creds = read_mlflow_creds()  # from the environment, else ~/.mlflow/credentials
+    where = f"MLflow tracking server at {redact_uri(uri)} refused the request (HTTP {status})"
+    user_from, password_from = _came_from(USERNAME), _came_from(PASSWORD)
+    if creds.username is None and creds.password is None:
+        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        sent = " (only the token in MLFLOW_TRACKING_TOKEN was sent)" if token else ""
+        if status == 403:
+            return (
+                f"{where}: anonymous requests may not read experiments there{sent}. Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with access."
+            )
+        return (
+            f"{where}: it requires credentials and none were given{sent}: no user-info in the "
+            "tracking URI, no MLFLOW_TRACKING_USERNAME or MLFLOW_TRACKING_PASSWORD in the "
+            "environment, no ~/.mlflow/credentials. Set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD in the environment (they are never logged)."
+        )
+    if creds.username is None or creds.password is None:
+        given, source, missing = (
+            ("a password", password_from, "username")
+            if creds.username is None
+            else (f"user '{creds.username}'", user_from, "password")
+        )
+        return (
+            f"{where}: {given} came from {source}, but no {missing}, so no credentials were "
+            "sent; give both (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."
+        )
+    if (user_from, password_from) == (f"${USERNAME}", f"${PASSWORD}"):
+        source = f"from the environment: {USERNAME} and {PASSWORD}"
+    elif user_from == password_from:
+        source = f"both from {user_from}"
+    else:
+        source = f"the username from {user_from}, the password from {password_from}"
     if status == 403:
         return (
-            f"{where}: user '{user}' has no permission to read experiments there. Ask the server's "
-            "admin for access, or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to "
-            "another account."
+            f"{where}: user '{creds.username}' ({source}) has no permission to read experiments "
+            "there. Ask the server's admin for access, or give another account's credentials."
         )
-    if user is None:
-        return (
-            f"{where}: it requires credentials and none were given. Set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD in the environment (they are never logged)."
-        )
-    return (
-        f"{where}: the credentials of user '{user}' are wrong. Check MLFLOW_TRACKING_USERNAME "
-        "and MLFLOW_TRACKING_PASSWORD."
-    )
+    return f"{where}: the credentials of user '{creds.username}' ({source}) are wrong; correct them there."
+
+
+def _came_from(variable: str) -> str:
+    """Where MLflow's username or password came from; MLflow reads its variable, else the file."""
+    if os.environ.get(variable):
+        return source_of(variable)
+    return "~/.mlflow/credentials"
 
 
 def browse_hint(uri: str) -> str:
     """How to look at the runs: a server has its own UI; a local store is opened with `mlflow ui`."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser (the MLflow server's UI)"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+        return f"open {redact_uri(uri)} in a browser (the MLflow server's UI)"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact_uri(uri))}"
 
 
 def default_tracking_uri() -> str:
@@ -341,11 +373,11 @@ def _store_refused(uri: str, err: Exception) -> str:
     scheme = uri.partition("://")[0] if "://" in uri else ""
     if "unsupported URI" in str(err) and scheme:
         return (
-            f"MLflow tracking URI {uri}: MLflow has no tracking store for '{scheme}://'; give "
+            f"MLflow tracking URI {redact_uri(uri)}: MLflow has no tracking store for '{scheme}://'; give "
             "sqlite:///PATH.db, a server's http://HOST:PORT, or a database URI such as "
             "postgresql://USER@HOST/DB"
         )
-    return f"MLflow tracking URI {uri} cannot be used: {_first_line(err)}"
+    return f"MLflow tracking URI {redact_uri(uri)} cannot be used: {_first_line(err)}"
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -361,7 +393,9 @@ def read_store(uri: str) -> MlflowClient:
     server that is down is named as such, not as a run that is missing. Raises TrackingUnavailable."""
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
-        raise TrackingUnavailable(f"no MLflow store at {path} (from --tracking-uri {uri})")
+        raise TrackingUnavailable(
+            f"no MLflow store at {path} (from --tracking-uri {redact_uri(uri)})"
+        )
     tracker = Tracker(uri, experiment="", search_key="")
     tracker.check()
     return tracker.client
@@ -379,8 +413,15 @@ class Tracker:
         self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
         self._ended: dict[str, str] = {}  # run id -> the record status its run was ended with
 
-    def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
-        return {"uri": self.uri, "experiment": self.experiment, "search_key": self.search_key}
+    def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address,
+        # without credentials (a restored search gets this process's live tracker back: callbacks.py)
+        uri = redact_uri(self.uri)
+        return {"uri": uri, "experiment": self.experiment, "search_key": self.search_key}
+
+    @property
+    def shown(self) -> str:
+        """The URI as messages show it: without credentials."""
+        return redact_uri(self.uri)
 
     def __setstate__(self, state: dict[str, str]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -410,28 +451,28 @@ class Tracker:
                 raise TrackingRefused(refusal_message(self.uri, status)) from err
             if status not in (None, 500, 502, 503, 504) and "error code" in str(err):
                 raise TrackingUnavailable(
-                    f"{self.uri} answered HTTP {status} to MLflow's API, so it is not an MLflow "
+                    f"{self.shown} answered HTTP {status} to MLflow's API, so it is not an MLflow "
                     "tracking server (or not its root address); give the server's address, e.g. "
                     "http://HOST:5000"
                 ) from err
             if not self.uri.startswith(("http://", "https://")):  # a store, not a server
                 raise TrackingUnavailable(_store_refused(self.uri, err)) from err
             raise TrackingUnavailable(
-                f"MLflow tracking server at {self.uri} is not reachable: {_first_line(err)}"
+                f"MLflow tracking server at {self.shown} is not reachable: {_first_line(err)}"
             ) from err
         except Exception as err:
             if self.uri.startswith(("http://", "https://")):
                 raise TrackingUnavailable(
-                    f"MLflow tracking server at {self.uri} is not reachable: {err}"
+                    f"MLflow tracking server at {self.shown} is not reachable: {scrub(str(err))}"
                 ) from err
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri} cannot be used: {_first_line(err)}"
+                f"MLflow tracking URI {self.shown} cannot be used: {_first_line(err)}"
             ) from err
         if found is not None and (not found.experiment_id or found.name != self.experiment):
             # An MLflow server answers a name it lacks with 404, and one it has with that
             # experiment; a server that answers everything with an empty 200 is something else.
             raise TrackingUnavailable(
-                f"{self.uri} answers MLflow's API with empty replies, so it is not an MLflow "
+                f"{self.shown} answers MLflow's API with empty replies, so it is not an MLflow "
                 "tracking server (or not its root address); give the server's address, e.g. "
                 "http://HOST:5000"
             )
@@ -442,8 +483,14 @@ class Tracker:
         assert path is not None
         if path.is_dir():
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri}: {path} is a folder; name a file, e.g. "
+                f"MLflow tracking URI {self.shown}: {path} is a folder; name a file, e.g. "
                 f"sqlite:///{path / 'mlflow.db'}"
+            )
+        kind = not_a_file(path)
+        if kind is not None:  # opening a named pipe would wait for a writer forever
+            raise TrackingUnavailable(
+                f"MLflow tracking URI {self.shown}: {path} is {kind}, not a database file; name "
+                "a new file or MLflow's own database"
             )
         if path.exists():
             self._check_mlflow_database(path)
@@ -452,14 +499,14 @@ class Tracker:
         if not folder.is_dir():
             what = "is a file" if folder.exists() else "does not exist"
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri}: the folder {folder} {what}, so the database "
+                f"MLflow tracking URI {self.shown}: the folder {folder} {what}, so the database "
                 "cannot be made there"
             )
         from flatbasin.search.preflight import takes_files
 
         if not takes_files(folder):
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri}: the folder {folder} is not writable"
+                f"MLflow tracking URI {self.shown}: the folder {folder} is not writable"
             )
         return True
 
@@ -471,12 +518,12 @@ class Tracker:
                 tables = {row[0] for row in db.execute("select name from sqlite_master")}
         except sqlite3.Error as err:
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri}: {path} is not a SQLite database ({err}); name "
+                f"MLflow tracking URI {self.shown}: {path} is not a SQLite database ({err}); name "
                 "a new file or MLflow's own database"
             ) from err
         if tables and not {"experiments", "runs", "alembic_version"} <= tables:
             raise TrackingUnavailable(
-                f"MLflow tracking URI {self.uri}: {path} is a SQLite database of something else "
+                f"MLflow tracking URI {self.shown}: {path} is a SQLite database of something else "
                 f"(tables {short(sorted(tables))}); MLflow would add its tables to it; name a new "
                 "file or MLflow's own database"
             )
@@ -529,7 +576,7 @@ class Tracker:
             return self._open_parent(params, space_file, space_digest)
         except (MlflowException, OSError) as err:
             raise TrackingUnavailable(
-                f"MLflow tracking store {self.uri} failed when the search's run was made: "
+                f"MLflow tracking store {self.shown} failed when the search's run was made: "
                 f"{_first_line(err)}"
             ) from err
 
@@ -862,7 +909,7 @@ def log_weights(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    text = scrub(str(err)).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 

@@ -36,6 +36,7 @@ from flatbasin.search.callbacks import (
 )
 from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
+from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
@@ -238,7 +239,7 @@ def resume_command(space: Space, options: SearchOptions) -> str:
     if space.path is None or space.overridden:
         return _resume_call(space, options, storage)
     args = ["flatbasin", "search", str(space.path), "--name", options.name or space.name,
-            "--storage", str(storage), "--tracking-uri", options.tracking_uri]  # fmt: skip
+            "--storage", str(storage), "--tracking-uri", redact_uri(options.tracking_uri)]  # fmt: skip
     if options.address:
         args += ["--address", options.address]
     if options.confirm_seeds is not None:  # not in Tune's state: the confirmation comes after it

@@ -374,8 +374,7 @@ def read_space(name_or_path: str | Path) -> tuple[Path, Any]:
 def make_space(raw: Any, path: Path | None, start_from: str | None = None) -> Space:
     """A space from its content as read: from the file at `path`, or a dict (path None)."""
     label = str(path) if path is not None else DICT
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{label}: expected a mapping with at least 'variants'")
+    _check_top_level(label, raw)
     if path is None and not raw.get("name"):
         raise SpaceError(
             f"{label}: name: give the search a name (in the dict, or as name=): it names the "
@@ -492,6 +491,36 @@ def _names_user_code(
         models |= {fixed["model"]} if "model" in fixed else set()
         models |= set(searched["model"].values) if "model" in searched else set()
     return any(names_user_code(m, settings.get("dataset")) for m in models)
+
+
+# What a message shows of a file's unknown top-level keys: a few, each cut short. A file that is not
+# a space file (a path mistyped, a link to /etc/shadow) is named as such, its contents never shown.
+SHOWN_KEYS, SHOWN_KEY_CHARS = 3, 24
+
+
+def _check_top_level(path: str | Path, raw: Any) -> None:
+    """A space file is a mapping with at least one of a space file's keys; its unknown keys are named,
+    a few and cut short. Anything else is not a space file, and nothing of it is echoed."""
+    known = set(_SpaceFile.model_fields) - {"start"} | {"from"}
+    keys = list(raw) if isinstance(raw, dict) else []
+    if not any(isinstance(k, str) and k in known for k in keys):
+        found = f"none of its {len(keys)} top-level keys is a space file's" if keys else "not a mapping"
+        raise SpaceError(
+            f"{path}: not a space file ({found}); expected a mapping with at least 'variants' "
+            "(see spaces/compare.yaml); check the path"
+        )
+    unknown = [k for k in keys if not (isinstance(k, str) and k in known)]
+    if unknown:
+        shown = [_cut(str(k)) for k in unknown[:SHOWN_KEYS]]
+        more = f" and {len(unknown) - SHOWN_KEYS} more" if len(unknown) > SHOWN_KEYS else ""
+        raise SpaceError(
+            f"{path}: unknown key{'s' * (len(unknown) > 1)} {', '.join(shown)}{more}; a space "
+            f"file's keys are {', '.join(sorted(known))}"
+        )
+
+
+def _cut(key: str) -> str:
+    return repr(key if len(key) <= SHOWN_KEY_CHARS else key[: SHOWN_KEY_CHARS - 1] + "…")
 
 
 def space_digest(raw: Any) -> str:

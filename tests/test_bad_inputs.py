@@ -7,15 +7,22 @@ contain. Every case fails before Ray starts, so the whole table runs in seconds,
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
 import math
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1084,3 +1091,285 @@ def test_a_search_whose_data_cannot_fit_is_refused_before_ray(tmp_path, ray_tmpd
     assert "fewer synthetic_images (now 1000000)" in text, text
     assert not list(ray_tmpdir.rglob("session_*")), "a Ray session was started"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ---- a file that is not a space file: named as such, its contents never echoed
+SHADOW = "root:$6$saltsalt$HASHofROOT0123:19000:0:99999:7:::\nalice:$6$pepper$HASHofALICE4567:19000:0:99999:7:::\n"
+NOT_SPACES = {
+    "a shadow file": (SHADOW, ["HASHofROOT", "HASHofALICE", "alice"]),
+    "a JSON of secrets": ('{"password": "hunter2-json", "api_key": "sk-json-0123"}', ["hunter2", "sk-json", "password"]),
+    "a compose file": ("services:\n  db:\n    environment: {PGPASSWORD: pg-compose-9}\n", ["pg-compose-9", "PGPASSWORD"]),
+    "a plain text file": ("the secret phrase is tulip-azure-88\nand more\n", ["tulip-azure-88"]),
+    "a list": ("- token-in-a-list-77\n", ["token-in-a-list-77"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_SPACES), ids=str)
+@pytest.mark.parametrize("through", ["search", "search via a link", "lr-find --write"])
+def test_a_file_that_is_not_a_space_file_is_named_not_echoed(case, through, tmp_path):
+    text, secrets = NOT_SPACES[case]
+    real = tmp_path / "not-a-space"
+    real.write_text(text)
+    path = real
+    if through == "search via a link":  # as a link to /etc/shadow would be
+        path = tmp_path / "space.yaml"
+        path.symlink_to(real)
+    if through == "lr-find --write":
+        args = ["lr-find", "--write", str(path), "--plot", str(tmp_path / "lr.png")]
+    else:
+        args = ["search", str(path), "--storage", str(tmp_path / "runs"),
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "not a space file" in result.output and "Traceback" not in result.output, result.output
+    assert [s for s in secrets if s in result.output] == [], result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "lr.png").exists()
+
+
+def test_unknown_keys_of_a_space_file_are_a_few_cut_short(tmp_path):
+    """A file that looks like a space file (it has one of its keys) gets its unknown keys named:
+    three at most, each cut to a few words."""
+    long_key = "a_key_far_longer_than_anyone_would_type_" + "x" * 200
+    path = tmp_path / "typo.yaml"
+    path.write_text(f"epoch: 2\nvariants: {{sgd: {{}}}}\n{long_key}: 1\nk3: 1\nk4: 1\nk5: 1\n")
+    result = runner.invoke(app, ["search", str(path), "--storage", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "unknown keys 'epoch', 'a_key_far_longer_than_a…', 'k3' and 2 more" in text, text
+    assert "x" * 20 not in text and "k4" not in text
+
+
+# ---- outputs: a regular file or nothing; never a device, a pipe, a socket or a folder
+def make_node(path: Path, kind: str) -> Path:
+    """`kind` at `path`: a private character device (a copy of /dev/null's numbers: never the
+    real one), a FIFO, a listening Unix socket, a folder, or a link to a FIFO."""
+    if kind == "character device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.stat("/dev/null").st_rdev)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()  # the socket file stays
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "link to a fifo":
+        os.mkfifo(path.with_name(path.name + ".fifo"))
+        path.symlink_to(path.with_name(path.name + ".fifo"))
+    return path
+
+
+OUTPUT_KINDS = ["character device", "fifo", "socket", "folder", "link to a fifo"]
+OUTPUTS = {  # the command, with {out} where the output goes; what the message names
+    "train --json": (train_args("--json", "{out}"), "--json"),
+    "train --checkpoint": (train_args("--checkpoint", "{out}"), "--checkpoint"),
+    "lr-find --plot": (["lr-find", "--plot", "{out}"], "--plot"),
+    "lr-find --write": (["lr-find", "--write", "{out}"], "--write"),
+    "focus-library OUT": (["focus-library", "{out}"], "OUT.pt"),
+    "report, a file in --out": (["report", "s", "--out", "{folder}"], "report.html there is"),
+    "report --out": (["report", "s", "--out", "{out}"], "--out"),
+}
+
+
+@pytest.mark.parametrize("kind", OUTPUT_KINDS)
+@pytest.mark.parametrize("output", sorted(OUTPUTS), ids=str)
+def test_an_output_that_is_no_regular_file_is_refused_before_work(output, kind, tmp_path, monkeypatch):
+    if output == "report --out" and kind == "folder":
+        pytest.skip("a folder is what --out takes")
+    monkeypatch.chdir(tmp_path)  # a default output (lr_find.png, ./mlflow.db) lands here, if any
+    args, names = OUTPUTS[output]
+    folder = tmp_path / "reportdir"
+    folder.mkdir()
+    inside = "a file in" in output
+    out = make_node(folder / "report.html" if inside else tmp_path / "out.png", kind)
+    before = {p.name: os.lstat(p) for p in (*tmp_path.iterdir(), *folder.iterdir())}
+    filled = [a.replace("{out}", str(out)).replace("{folder}", str(folder)) for a in args]
+    result = runner.invoke(app, filled)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert names in text, text
+    assert any(why in text for why in ("not a regular file", "not a folder", "is a folder")), text
+    assert "Traceback" not in result.output and "epoch" not in text, text  # before any training
+    after = {p.name: os.lstat(p) for p in (*tmp_path.iterdir(), *folder.iterdir())}
+    assert {n: (s.st_ino, s.st_mode) for n, s in after.items()} == {
+        n: (s.st_ino, s.st_mode) for n, s in before.items()
+    }, "an output was made or replaced"
+
+
+def test_an_output_made_a_device_during_the_run_is_not_replaced(tmp_path):
+    """The check is made again just before the rename: a FIFO that appears meanwhile stays."""
+    from flatbasin.trainables.files import NotAFileError, write_whole
+
+    target = tmp_path / "out.json"
+
+    def write(handle) -> None:
+        handle.write(b"{}")
+        os.mkfifo(target)  # appears while the temporary file is written
+
+    with pytest.raises(NotAFileError, match="named pipe"):
+        write_whole(target, write)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file left
+
+
+# ---- a full disk at the end of a run: what can be written is, the rest named in one paragraph
+@pytest.fixture
+def full_disk(tmp_path) -> Iterator[Path]:
+    """A 256 KiB tmpfs filled to the last byte (root only; skipped where mounting is refused)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {made.stderr.strip()}")
+    try:
+        (mount / "old.json").write_text('{"old": true}')
+        with suppress(OSError), open(mount / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_train_on_a_full_disk_keeps_its_result(full_disk, tmp_path):
+    spare_before = set(Path(tempfile.gettempdir()).glob("flatbasin-*.json"))
+    args = train_args("--json", str(full_disk / "old.json"), "--checkpoint", str(full_disk / "c.pt"))
+    result = runner.invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "deployed model" in text, text  # the run is shown
+    assert "warning: the checkpoint of epoch 1 could not be written (No space left on device)" in text
+    paragraph = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(paragraph) == 1, result.output
+    assert f"--checkpoint {full_disk / 'c.pt'} could not be written from epoch 1 on" in text
+    assert f"--json {full_disk / 'old.json'} could not be written (No space left on device)" in text
+    spare = set(Path(tempfile.gettempdir()).glob("flatbasin-*.json")) - spare_before
+    assert len(spare) == 1 and str(next(iter(spare))) in text, text
+    try:
+        assert json.loads(next(iter(spare)).read_text())["config"]["variant"] == "sgd"
+    finally:
+        next(iter(spare)).unlink()
+    # The old file is whole (a failed write never truncates it) and no temporary file is left.
+    assert (full_disk / "old.json").read_text() == '{"old": true}'
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "old.json"]
+
+
+def test_lr_find_on_a_full_disk_says_so_in_one_paragraph(full_disk, tmp_path):
+    result = runner.invoke(app, ["lr-find", "--steps", "50", "--plot", str(full_disk / "lr.png")])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "suggested" in text.lower() or "suggest" in text.lower(), text
+    assert f"--plot {full_disk / 'lr.png'} could not be written (No space left on device)" in text
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "old.json"]
+
+
+# ---- credentials in a tracking URI: never shown, never on a command line
+def test_submit_refuses_credentials_in_the_tracking_uri(tmp_path):
+    """A job's entrypoint is shown on the cluster's dashboard: they are refused, never sent."""
+    for uri in ("http://alice:pw-submit-0123@127.0.0.1:5000", "https://alice@127.0.0.1:5000"):
+        for form in (["--tracking-uri", uri], [f"--tracking-uri={uri}"]):
+            result = runner.invoke(app, ["submit", "compare", "--address", "http://127.0.0.1:9", *form])
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2, result.output
+            assert "carries credentials" in text and "--tracking-uri http" in text, text
+            assert "pw-submit-0123" not in text and "alice" not in text, text
+
+
+CLEAN_ENV = {k: None for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI",
+             "FLATBASIN_TRACKING_USERNAME_FROM", "FLATBASIN_TRACKING_PASSWORD_FROM")}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [["reproduce", "0123456789abcdef0123456789abcdef"], ["report", "s"],
+                                     ["sync", "{tmp}"], ["search", "{space}"]])  # fmt: skip
+def test_a_password_in_the_uri_is_in_no_message(command, tmp_path, ray_tmpdir):
+    """A server that is down, named without the user-info its URI was given with (nor its password)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(GOOD)
+    secret = "pw/with%special@chars-0123"
+    port = closed_port()
+    uri = f"http://alice:{urllib.parse.quote(secret, safe='')}@127.0.0.1:{port}"
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{space}", str(space)) for a in command]
+    env = {**CLEAN_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "RAY_TMPDIR": str(ray_tmpdir)}
+    result = runner.invoke(app, [*args, "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+                           if command[0] == "search" else [*args, "--tracking-uri", uri], env=env)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for leak in (secret, urllib.parse.quote(secret, safe=""), "alice"):
+        assert leak not in result.output, result.output
+    if command[0] != "sync":  # sync first finds no search in the folder
+        assert f"http://127.0.0.1:{port}" in result.output, result.output
+
+
+def test_credentials_leave_the_command_line_and_reach_the_server(process_groups, tmp_path):
+    """`python -m flatbasin ... --tracking-uri http://alice:PASSWORD@HOST` execs itself without them
+    (Ray records a driver's command line, `ps` shows it): while the server holds the first request,
+    the process's command line is clean and the request carries them; the refusal says where they
+    came from."""
+    secret = "pw/cmdline%0123"
+    seen: list[dict[str, str]] = []
+    asked, answer = threading.Event(), threading.Event()
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers))
+            asked.set()
+            answer.wait(120)
+            self.send_response(401)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        uri = f"http://alice:{urllib.parse.quote(secret, safe='')}@127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+        env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="120")
+        log = tmp_path / "out.log"
+        proc = process_groups.spawn(
+            [sys.executable, "-m", "flatbasin", "reproduce", "0" * 32, "--tracking-uri", uri],
+            log=log, env=env,
+        )  # fmt: skip
+        assert asked.wait(120), log.read_text()
+        command_line = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        answer.set()
+        deadline = time.monotonic() + 120
+        while process_groups.running(proc) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        answer.set()
+        server.shutdown()
+    assert secret not in command_line and urllib.parse.quote(secret, safe="") not in command_line
+    assert f"http://127.0.0.1:{port}" in command_line and "alice" not in command_line, command_line
+    expected = base64.b64encode(f"alice:{secret}".encode()).decode()
+    assert seen[0].get("Authorization") == f"Basic {expected}", seen[0]
+    process_groups.kill(proc)
+    assert proc.returncode == 2
+    text = " ".join(log.read_text().split())
+    assert "the credentials of user 'alice' (both from the user-info of --tracking-uri) are wrong" in text, text
+    assert secret not in text and urllib.parse.quote(secret, safe="") not in text
+
+
+def test_a_fifo_where_the_searchs_report_goes_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
+    """The report a search writes at its end (./reports/NAME) would have hung on a FIFO there."""
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "rep.yaml"
+    space.write_text(GOOD)
+    (tmp_path / "reports" / "rep").mkdir(parents=True)
+    os.mkfifo(tmp_path / "reports" / "rep" / "report.html")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["search", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "the search's report folder reports/rep: report.html there is a named pipe" in text, text
+    assert_nothing_started(tmp_path, ray_tmpdir, uri)

@@ -262,23 +262,39 @@ def write_space(tmp: Path, name: str) -> Path:
     return path
 
 
-def flatbasin_search(service: Service, space: Path, tmp: Path, credentials: dict[str, str]):
-    """`python -m flatbasin search` in its own process group, credentials only in its environment.
-    Returns the finished process and the files of its Ray session (logs), read before they go."""
+def flatbasin_search(
+    service: Service, space: Path, tmp: Path, credentials: dict[str, str], uri: str | None = None
+):
+    """`python -m flatbasin search` in its own process group, credentials only in its environment
+    (or in `uri`). Returns the finished process, the files of its Ray session (logs), read before
+    they go, and every command line its processes (its session: Ray's too) had while Ray ran."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     ray_tmp = tempfile.mkdtemp(prefix="fbsvc-ray-", dir="/tmp")  # short: Ray's socket paths
     env.update(PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp, **credentials)
-    cmd = [sys.executable, "-m", "flatbasin", "search", str(space), "--tracking-uri", service.uri,
+    cmd = [sys.executable, "-m", "flatbasin", "search", str(space), "--tracking-uri", uri or service.uri,
            "--storage", str(tmp / "runs"), "--seed", "3", "--concurrency", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    out, err = tmp / f"{space.stem}.out", tmp / f"{space.stem}.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=stdout, stderr=stderr,
+                                start_new_session=True)  # fmt: skip
+    command_lines: set[str] = set()
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            # From the moment Ray runs: the command as typed is the user's (their shell history
+            # has it too); what matters is the one Ray records as its job's entrypoint, and after.
+            lines = set(session_command_lines(proc.pid).values())
+            if command_lines or any("raylet" in line for line in lines):
+                command_lines |= lines
+            time.sleep(0.2)
+        if proc.returncode is None:
+            raise TimeoutError(f"the search ran past 240 s:\n{out.read_text()}{err.read_text()}")
     finally:
         stop_group(proc, signal.SIGKILL, grace_s=5)  # anything it left behind (a Ray it started)
         ray_files = {p: p.read_bytes() for p in Path(ray_tmp).rglob("*") if p.is_file()}
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), ray_files
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+    return done, ray_files, command_lines
 
 
 def admin_client(monkeypatch, service: Service) -> MlflowClient:
@@ -290,6 +306,17 @@ def admin_client(monkeypatch, service: Service) -> MlflowClient:
 def leaks(blob: bytes | str) -> list[str]:
     data = blob.encode() if isinstance(blob, str) else blob
     return [name for name, secret in SECRETS.items() if secret.encode() in data]
+
+
+def session_command_lines(session: int) -> dict[int, str]:
+    """Every live process of this session (a search and the Ray it started), with its command line."""
+    lines = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[3]) == session:
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                lines[int(stat.parent.name)] = cmdline.decode(errors="replace")
+    return lines
 
 
 def group_command_lines(groups: list[int]) -> dict[int, str]:
@@ -323,7 +350,7 @@ def test_the_service_refuses_requests_without_valid_credentials(service):
 
 def test_search_without_credentials_is_refused_and_starts_nothing(service, tmp_path, monkeypatch):
     space = write_space(tmp_path, "refused")
-    done, _ = flatbasin_search(service, space, tmp_path, credentials={})
+    done, _, _ = flatbasin_search(service, space, tmp_path, credentials={})
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "refused the request (HTTP 401)" in out and "none were given" in out, out
@@ -333,14 +360,15 @@ def test_search_without_credentials_is_refused_and_starts_nothing(service, tmp_p
     assert admin_client(monkeypatch, service).get_experiment_by_name("refused") is None
     # A wrong password is refused the same way, through the same check, and says so.
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password-0123")
-    with pytest.raises(TrackingRefused, match="credentials of user 'admin' are wrong"):
+    refused = "credentials of user 'admin' (from the environment: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) are wrong"
+    with pytest.raises(TrackingRefused, match=re.escape(refused)):
         Tracker(service.uri, "refused", search_key="k").check()
 
 
 def test_search_is_recorded_whole_and_leaks_no_secret(service, tmp_path, monkeypatch):
     space = write_space(tmp_path, "served")
     credentials = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
-    done, ray_files = flatbasin_search(service, space, tmp_path, credentials)
+    done, ray_files, command_lines = flatbasin_search(service, space, tmp_path, credentials)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"open {service.uri} in a browser" in done.stdout
     assert "mlflow ui --backend-store-uri http" not in done.stdout
@@ -368,30 +396,122 @@ def test_search_is_recorded_whole_and_leaks_no_secret(service, tmp_path, monkeyp
     stored = {p.name for p in service.artifacts.rglob("*") if p.is_file()}
     assert {"served.yaml", "summary.json", "trial_config.json", "curve.png"} <= stored
 
+    assert secrets_found(client, runs, tmp_path, {"search": done}, ray_files, command_lines,
+                         service) == {}  # fmt: skip
+
+
+def secrets_found(
+    client: MlflowClient,
+    runs: list,
+    tmp: Path,
+    outputs: dict[str, subprocess.CompletedProcess],
+    ray_files: dict[Path, bytes],
+    command_lines: set[str],
+    service: Service,
+) -> dict[str, list[str]]:
+    """Where a secret is: the commands' output, every run's params, tags, metric names and
+    artifacts, every file under `tmp` (Tune's storage and its pickles, the reports), the Ray
+    session's files, the command lines seen while the search ran, the services' logs."""
     found: dict[str, list[str]] = {}
 
     def scan(where: str, blob: bytes | str) -> None:
         if names := leaks(blob):
             found[where] = names
 
-    scan("search stdout", done.stdout)
-    scan("search stderr", done.stderr)
+    for name, done in outputs.items():
+        scan(f"{name} stdout", done.stdout)
+        scan(f"{name} stderr", done.stderr)
     for run in runs:
         rid = run.info.run_id
         scan(f"run {rid} params", "\n".join(f"{k}={v}" for k, v in run.data.params.items()))
         scan(f"run {rid} tags", "\n".join(f"{k}={v}" for k, v in run.data.tags.items()))
         scan(f"run {rid} metric names", "\n".join(run.data.metrics))
-        downloaded = Path(client.download_artifacts(rid, "", str(tmp_path / "artifacts" / rid)))
+        downloaded = Path(client.download_artifacts(rid, "", str(tmp / "artifacts" / rid)))
         for path in downloaded.rglob("*"):
             if path.is_file():
                 scan(f"run {rid} artifact {path.relative_to(downloaded)}", path.read_bytes())
-    tune_files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    tune_files = [p for p in (tmp / "runs").rglob("*") if p.is_file()]
     assert len(tune_files) > 5  # the experiment state, each trial's result.json and checkpoint
-    for path in tune_files:
-        scan(f"Tune storage {path.relative_to(tmp_path)}", path.read_bytes())
+    assert any(p.name == "tuner.pkl" for p in tune_files)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            scan(f"file {path.relative_to(tmp)}", path.read_bytes())
     assert any(path.suffix in (".log", ".out", ".err") for path in ray_files)
     for path, blob in ray_files.items():  # not flatbasin's own files, but where a leak would hide
         scan(f"Ray session {path.name}", blob)
+    assert any("raylet" in line for line in command_lines), command_lines  # seen while it ran
+    for line in command_lines:
+        scan(f"command line {line[:80]}", line)
     for path in service.logs:  # the entrypoint's promise: no secret in the services' logs either
         scan(f"log {path.name}", path.read_bytes())
+    return found
+
+
+def run_flatbasin(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m flatbasin ARGS` with no credentials in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    return subprocess.run([sys.executable, "-m", "flatbasin", *args], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+
+
+def test_credentials_in_the_uri_leak_nowhere(service, tmp_path, monkeypatch):
+    """`--tracking-uri http://admin:PASSWORD@HOST` (the password URL-encoded, as a URI needs): the
+    search, then `sync` and `report` the same way, and the password is nowhere a user of the server
+    or of the shared storage could read it; the commands printed name the clean URI."""
+    space = write_space(tmp_path, "inuri")
+    host = service.uri.removeprefix("http://")
+    uri = f"http://{ADMIN}:{urllib.parse.quote(ADMIN_PASSWORD, safe='')}@{host}"
+    done, ray_files, command_lines = flatbasin_search(service, space, tmp_path, {}, uri=uri)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert f"open {service.uri} in a browser" in text and "Report:" in text, text
+    assert f"--tracking-uri {service.uri}" in text, text  # the Reproduce line, clean
+    assert "leave out the credentials given in the tracking URI" in text, text
+    synced = run_flatbasin(tmp_path, "sync", str(tmp_path / "runs" / "inuri"), "--tracking-uri", uri)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    reported = run_flatbasin(tmp_path, "report", "inuri", "--tracking-uri", uri,
+                             "--out", str(tmp_path / "report-again"))  # fmt: skip
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    assert (tmp_path / "reports" / "inuri" / "report.html").is_file()  # the search's own
+    page = (tmp_path / "report-again" / "report.html").read_text()
+    assert f"<code>{service.uri}</code>" in page and f"{ADMIN}@" not in page
+
+    client = admin_client(monkeypatch, service)
+    runs = client.search_runs([client.get_experiment_by_name("inuri").experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    parent = next(r for r in runs if r.data.tags.get("flatbasin.role") == "search")
+    assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    outputs = {"search": done, "sync": synced, "report": reported}
+    found = secrets_found(client, runs, tmp_path, outputs, ray_files, command_lines, service)
     assert found == {}
+
+
+@pytest.mark.parametrize("given", ["uri", "uri user, environment password", "environment"])
+def test_a_wrong_password_says_where_it_came_from(service, tmp_path, given):
+    host = service.uri.removeprefix("http://")
+    wrong = "not-the-password-0123"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "FLATBASIN_"))}
+    uri, source = {
+        "uri": (f"http://{ADMIN}:{wrong}@{host}", "both from the user-info of --tracking-uri"),
+        "uri user, environment password": (
+            f"http://{ADMIN}@{host}",
+            "the username from the user-info of --tracking-uri, the password from "
+            "$MLFLOW_TRACKING_PASSWORD",
+        ),
+        "environment": (service.uri, "from the environment: MLFLOW_TRACKING_USERNAME and "
+                        "MLFLOW_TRACKING_PASSWORD"),
+    }[given]  # fmt: skip
+    if given != "uri":
+        env["MLFLOW_TRACKING_PASSWORD"] = wrong
+    if given == "environment":
+        env["MLFLOW_TRACKING_USERNAME"] = ADMIN
+    space = write_space(tmp_path, "wrong")
+    done = subprocess.run(
+        [sys.executable, "-m", "flatbasin", "search", str(space), "--tracking-uri", uri,
+         "--storage", str(tmp_path / "runs")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    text = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, text
+    assert f"refused the request (HTTP 401): the credentials of user 'admin' ({source}) are wrong" in text, text
+    assert wrong not in text and "none were given" not in text and "Traceback" not in text, text

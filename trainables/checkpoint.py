@@ -8,13 +8,15 @@ variant or other settings would silently mix two trials, so it is refused with t
 
 from __future__ import annotations
 
-import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.averagers import Averager
@@ -73,9 +75,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
+    # A checkpoint is either the old one or the new one, never half of each; never over a device.
+    write_whole(path, lambda handle: torch.save(state, handle), f"checkpoint {path}")
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -95,7 +96,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else None
         raise CheckpointError(
-            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {found!r})"
+            f"checkpoint {path} is not a flatbasin checkpoint of format {FORMAT} (found {reprlib.repr(found)})"
         )
     return state
 

@@ -26,13 +26,15 @@ weights_only=True (no pickled code runs).
 
 from __future__ import annotations
 
-import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.config import TrialConfig
@@ -182,9 +184,8 @@ class FocusLibrary:
             "intercepts": self.intercepts,
             "meta": self.meta,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a library is either the old file or the new one, never half
+        # A library is either the old file or the new one, never half; never over a device.
+        write_whole(path, lambda handle: torch.save(state, handle), f"focus library {path}")
 
     @classmethod
     def load(cls, path: Path | str, device: torch.device | str = "cpu") -> FocusLibrary:
@@ -210,12 +211,12 @@ class FocusLibrary:
         found = state.get("format") if isinstance(state, dict) else None
         if found != FORMAT:
             raise LibraryError(
-                f"{where} is not a flatbasin focus library (format {found!r}, expected {FORMAT!r}); "
+                f"{where} is not a flatbasin focus library (format {reprlib.repr(found)}, expected {FORMAT!r}); "
                 + MAKE_ONE
             )
         if state.get("version") != VERSION:
             raise LibraryError(
-                f"{where} is a focus library of format version {state.get('version')!r}; this "
+                f"{where} is a focus library of format version {reprlib.repr(state.get('version'))}; this "
                 f"flatbasin reads version {VERSION}: {MAKE_ONE}"
             )
         library = cls(

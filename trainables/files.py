@@ -1,0 +1,82 @@
+"""Output files written whole, and only where a regular file is or may be.
+
+A temporary file beside the target is written and then renamed over it: the target is the old file or
+the new one, never half of each (a full disk leaves the old one). The rename would put a file where a
+device, a named pipe, a socket or a folder was (as root, `/dev/null` itself), so anything at the path
+that is not a regular file, directly or through a link, is refused before and again just before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class NotAFileError(OSError):
+    """Something other than a regular file is where an output file goes."""
+
+
+def not_a_file(path: Path | str) -> str | None:
+    """What is at `path` if it is not a regular file ('a character device', 'a folder', ... 'through
+    the link X'); None when a regular file or nothing is there (a link to nothing: its target is
+    written)."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: what a write would reach
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    if os.path.islink(path):
+        kind += f" (through the link {path} -> {os.path.realpath(path)})"
+    return kind
+
+
+def refuse_unless_file(path: Path | str, what: str) -> None:
+    """NotAFileError when `path` holds something other than a regular file. `what` starts the
+    message ('--json out.json')."""
+    kind = not_a_file(path)
+    if kind is not None:
+        raise NotAFileError(f"{what}: is {kind}, not a regular file; give a file name")
+
+
+def write_whole(path: Path | str, write: Callable[[BinaryIO], object], what: str = "") -> None:
+    """Call `write(handle)` to write a temporary file beside `path` through a Python file handle
+    (so that a full disk is an OSError, whoever writes: torch's own file writer raises a bare
+    RuntimeError), then rename it over `path`. A link is written through (its target is
+    replaced). The temporary file is gone whatever happens; a failing write leaves `path` as it
+    was."""
+    what = what or str(path)
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    refuse_unless_file(target, what)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    mode = 0o666  # as open() would make it (less the umask), or the old file's own mode
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        refuse_unless_file(target, what)  # made meanwhile: still not replaced
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_whole(path: Path | str, data: bytes, what: str = "") -> None:
+    write_whole(path, lambda handle: handle.write(data), what)
