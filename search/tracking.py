@@ -375,7 +375,7 @@ def _store_refused(uri: str, err: Exception) -> str:
         return (
             f"MLflow tracking URI {redact_uri(uri)}: MLflow has no tracking store for '{scheme}://'; give "
             "sqlite:///PATH.db, a server's http://HOST:PORT, or a database URI such as "
-            "postgresql://USER@HOST/DB"
+            "postgresql://HOST/DB"
         )
     return f"MLflow tracking URI {redact_uri(uri)} cannot be used: {_first_line(err)}"
 
