@@ -193,8 +193,8 @@ def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
 def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
     from flatbasin.trainables.data import DataError
 
-    try:
-        item = dataset[index]
+    try:  # under a fixed seed: a random transform in the Dataset hashes alike in every process
+        item = _Seeded(dataset).__getitems__((EVAL_SEED, [index]))[0]
     except Exception as err:
         raise DataError(f"{what}: item {index} cannot be read: {usercode.describe_error(err)}") from None
     if not isinstance(item, tuple | list) or len(item) != 2:
@@ -263,7 +263,9 @@ def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
         if labels is not None and labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer):
             return labels.astype(np.int64)
     found = []
-    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    loader = DataLoader(  # its own generator: starting workers draws a seed, not from torch's
+        dataset, batch_size=256, num_workers=workers, generator=torch.Generator().manual_seed(0)
+    )
     try:
         for _, y in loader:
             found.append(torch.as_tensor(y).reshape(-1))
@@ -519,6 +521,10 @@ class StreamedData:
                 num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.workers > 0,
+                # The loader draws its workers' base seed from this generator when it starts them
+                # (from torch's global one, the trial's dropout draws, without it). Each batch is
+                # read under its own seed, so the value does not matter.
+                generator=torch.Generator().manual_seed(0),
             )
             self._loaders[key] = (loader, passes)
         loader, passes = self._loaders[key]
