@@ -1,6 +1,6 @@
 """Streamed data against data in memory and against a bare PyTorch DataLoader loop, side by side.
 
-    python benchmarks/streaming.py [--images 1200] [--image-size 32] [--epochs 2] [--rounds 3]
+    python benchmarks/streaming.py [--images 1000] [--image-size 32] [--epochs 2] [--rounds 4]
                                    [--workers 2] [--threads 1] [--batch-size 64] [--decode]
 
 The same `sgd` trial (flatbasin's `train`, small_cnn, 3 x SIZE x SIZE images, batch 64, cosine
@@ -12,8 +12,9 @@ schedule) three ways, on the same images:
 - streamed: `train` on the same Dataset given to flatbasin as a user's Dataset (user_data.streamed:
   a seeded batch order, three persistent loaders; every epoch scores the validation split and the
   "fit" sample of the training split, the generalisation gap).
-- memory: `train` on the same number of images held as tensors, as flatbasin holds built-in sets and
-  a user's arrays (the fastest way when the data fits).
+- memory: `train` on the same images held as tensors (the built-in synthetic set, split by its
+  seeded split into sets of the same sizes), as flatbasin holds built-in sets and a user's arrays
+  (the fastest way when the data fits).
 
 The Dataset returns precomputed uint8 tensors read from a NumPy file mapped into memory, as a fast
 disk-backed data set would (the file stays in the page cache). With --decode, two more ways read
@@ -24,6 +25,9 @@ streamed loaders from trial to trial). The ways take turns, round after round, i
 rotates, so that a busy machine slows each alike. Prints training images per second of each
 (epochs x steps x batch over the trial's wall time, evaluation included), and per way the median over
 rounds of its ratio to the bare loop of the same round. Goal (issue 16): streamed >= 0.9 x bare.
+Also the share of the trial spent in the per-epoch evaluation and the CPU seconds of the training
+process itself (its workers not counted): on a machine busy with other work, where wall times move
+by tens of percent from round to round, the work each way does in its own process moves much less.
 """
 
 from __future__ import annotations
@@ -149,10 +153,10 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
     )  # fmt: skip
-    parser.add_argument("--images", type=int, default=1200, help="images in all (1/4 are the test set)")
+    parser.add_argument("--images", type=int, default=1000, help="images in all (1/4 are the test set)")
     parser.add_argument("--image-size", type=int, default=32, help="height and width in pixels")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each trial")
-    parser.add_argument("--rounds", type=int, default=3, help="times each way runs")
+    parser.add_argument("--rounds", type=int, default=4, help="times each way runs")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of every loader")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -203,25 +207,31 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {name: [] for name in ways}
     eval_share: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}  # the training process's own
     names = list(ways)
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             _, eval_s = ways[name]()
             seconds = time.perf_counter() - tick
+            cpu[name].append(time.process_time() - cpu_tick)
             rates[name].append(per_trial / seconds)
             eval_share[name].append(eval_s / seconds)
         print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f}/s" for n in names))
 
     print()
-    print("| way | training images / s (median) | / bare loop (median of rounds) | rounds | per-epoch evaluation, share of the trial |")
-    print("|---|---|---|---|---|")
+    print(
+        "| way | training images / s (median) | / bare loop (median of rounds) | rounds | "
+        "per-epoch evaluation, share of the trial | CPU s of the training process (median) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in names:
         ratios = [a / b for a, b in zip(rates[name], rates[reference[name]], strict=True)]
         print(
             f"| {name} | {statistics.median(rates[name]):.0f} | {statistics.median(ratios):.3f} | "
             f"{', '.join(f'{r:.3f}' for r in ratios)} | "
-            f"{100 * statistics.median(eval_share[name]):.1f}% |"
+            f"{100 * statistics.median(eval_share[name]):.1f}% | "
+            f"{statistics.median(cpu[name]):.2f} |"
         )
     mapped.close()
     folder.cleanup()
