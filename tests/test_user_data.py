@@ -18,7 +18,7 @@ import torch
 from conftest import STREAMED_TEST, STREAMED_TRAIN, DigitImages
 from rich.console import Console
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset, get_worker_info
 from typer.testing import CliRunner
 
 from flatbasin.search.cli import app
@@ -182,6 +182,27 @@ def test_every_split_streams_in_order_with_its_labels(make_streamed, workers, ba
     x, y = data.examples(idx)
     assert torch.equal(y, data.y_train[idx]), "examples line up with the held labels"
     assert torch.equal(x, read_directly(data, "train")[0][idx])
+
+
+class WhoReads(Dataset):
+    """Each item says which worker read it (-1: the trial's own process)."""
+
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, index):
+        worker = get_worker_info()
+        return torch.full((1, 2), float(worker.id if worker is not None else -1)), index % 2
+
+
+def test_one_evaluation_batch_is_read_by_every_worker():
+    """A pass of one evaluation batch (the 360 training examples, batches of 1,024; the BN pass) is
+    read by both workers, in pieces, not by one while the other waits; the batch comes out whole."""
+    data = streamed(WhoReads(), WhoReads(), workers=2)
+    (batch,) = list(data.inputs("train", 1024))
+    assert batch.shape == (360, 1, 2)
+    assert set(batch[:, 0, 0].tolist()) == {0.0, 1.0}
+    data.close()
 
 
 def test_train_is_bit_for_bit_repeatable_and_the_same_with_0_or_2_workers(

@@ -332,7 +332,8 @@ def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> Streamed
 # A batch as the loaders' batch samplers hand it to the workers: the seed that the user's Dataset
 # draws its random transforms from while it reads this batch, and the items' indices.
 Batch = tuple[int, list[int]]
-EVAL_SEED = 0  # evaluation batch k reads under seed EVAL_SEED + k: every pass sees the same inputs
+EVAL_SEED = 0  # evaluation read k is under seed EVAL_SEED + k: every pass sees the same inputs
+READ_ITEMS = 64  # items one worker reads per request in an evaluation pass
 
 
 class _Passes(Sampler[Batch]):
@@ -454,15 +455,27 @@ class StreamedData:
             yield x, y
 
     def inputs(self, split: Split, batch_size: int = 1024) -> Iterator[Tensor]:
-        """A split's inputs in order, in batches (see data.Data.inputs)."""
+        """A split's inputs in order, in batches (see data.Data.inputs). The workers read them in
+        pieces of READ_ITEMS, all workers at once, joined here into batches of `batch_size`: a
+        whole pass is often one or two evaluation batches, which one worker alone would read while
+        the others wait."""
         index = self._index(split)
-        batches = [
-            (EVAL_SEED + k, index[start : start + batch_size])
-            for k, start in enumerate(range(0, len(index), batch_size))
+        reads = [
+            (EVAL_SEED + k, index[start : start + READ_ITEMS])
+            for k, start in enumerate(range(0, len(index), READ_ITEMS))
         ]
         key, dataset = ("test", self.test_set) if split == "test" else ("eval", self.train_set)
-        for x, _y in self._pass(key, dataset, batches):
-            yield x
+        pending: list[Tensor] = []
+        held = 0
+        for x, _y in self._pass(key, dataset, reads):
+            pending.append(x)
+            held += len(x)
+            while held >= batch_size:
+                joined = torch.cat(pending)
+                yield joined[:batch_size]
+                pending, held = [joined[batch_size:]], held - batch_size
+        if held:
+            yield torch.cat(pending)
 
     def labels(self, split: Split) -> Tensor:
         return {
