@@ -8,7 +8,7 @@ schedule) three ways, on the same images:
 
 - bare: the loop anyone would write: a DataLoader over a map-style Dataset (shuffle, drop_last,
   WORKERS persistent workers), per-batch cosine learning rate, a validation pass through a second
-  DataLoader every epoch, a test pass at the end. The reference.
+  DataLoader every epoch, a test pass through a third at the end. The reference.
 - streamed: `train` on the same Dataset given to flatbasin as a user's Dataset (user_data.streamed:
   a seeded batch order, three persistent loaders; every epoch scores the validation split and the
   "fit" sample of the training split, the generalisation gap).
@@ -20,8 +20,9 @@ The Dataset returns precomputed uint8 tensors read from a NumPy file mapped into
 disk-backed data set would (the file stays in the page cache). With --decode, two more ways read
 each image from PNG bytes decoded by Pillow per item, as an image folder would: bare and streamed.
 
-Each way starts its own DataLoader workers in each trial (in a search, one worker process keeps its
-streamed loaders from trial to trial). The ways take turns, round after round, in an order that
+Each way starts its own DataLoader workers in each trial; the clock stops when the trial has its
+result, before the workers are stopped (in a search, one worker process keeps its streamed loaders
+from trial to trial), and whatever a way leaves behind is collected before the next way starts. The ways take turns, round after round, in an order that
 rotates, so that a busy machine slows each alike. Prints training images per second of each
 (epochs x steps x batch over the trial's wall time, evaluation included), and per way the median over
 rounds of its ratio to the bare loop of the same round. Goal (issue 16): streamed >= 0.9 x bare.
@@ -33,6 +34,7 @@ by tens of percent from round to round, the work each way does in its own proces
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import math
 import statistics
@@ -91,11 +93,13 @@ class PNGImages(Dataset):
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy()), int(self.labels[index])
 
 
-def bare(
-    streamed: user_data.StreamedData, args: argparse.Namespace, seed: int = 0
-) -> tuple[float, float]:
-    """The bare DataLoader loop on `streamed`'s Datasets and splits; (test accuracy, seconds of the
-    per-epoch evaluation)."""
+# What a way returns: the seconds of its per-epoch evaluation, and what stops its DataLoader workers
+# (called after the clock stops, for every way alike: in a search they outlive the trial).
+Outcome = tuple[float, Callable[[], None]]
+
+
+def bare(streamed: user_data.StreamedData, args: argparse.Namespace, seed: int = 0) -> Outcome:
+    """The bare DataLoader loop on `streamed`'s Datasets and splits."""
     torch.manual_seed(seed)
     model = build_model("small_cnn", streamed.shape, streamed.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -125,13 +129,15 @@ def bare(
         with torch.no_grad():
             hits = sum(int((model(scale(x)).argmax(1) == y).sum()) for x, y in val_loader)
         eval_s += time.perf_counter() - tick
-    test_loader = DataLoader(streamed.test_set, batch_size=EVAL_BATCH, num_workers=args.workers)
+    test_loader = DataLoader(streamed.test_set, batch_size=EVAL_BATCH, **workers)
     with torch.no_grad():
         hits = sum(int((model(scale(x)).argmax(1) == y).sum()) for x, y in test_loader)
-    return hits / len(streamed.test_set), eval_s
+    assert 0 <= hits <= len(streamed.test_set)
+    loaders = [train_loader, val_loader, test_loader]
+    return eval_s, loaders.clear
 
 
-def flatbasin(data: Data | user_data.StreamedData, args: argparse.Namespace) -> tuple[float, float]:
+def flatbasin(data: Data | user_data.StreamedData, args: argparse.Namespace) -> Outcome:
     """flatbasin's trial; (test accuracy, seconds of the per-epoch evaluation: validation, the
     deployed model's score, the "fit" sample)."""
     config = make_config(
@@ -141,11 +147,9 @@ def flatbasin(data: Data | user_data.StreamedData, args: argparse.Namespace) -> 
     )  # fmt: skip
     if isinstance(data, user_data.StreamedData):
         data = data.to(torch.device("cpu"))  # a fresh copy: new loaders, new workers, as a trial
-    try:
-        result = train(config, data=data)
-    finally:
-        data.close()
-    return result.test_acc or 0.0, result.seconds["eval"]
+    result = train(config, data=data)
+    assert result.test_acc is not None
+    return result.seconds["eval"], data.close
 
 
 def main() -> None:
@@ -182,7 +186,7 @@ def main() -> None:
         MappedImages(Path(folder.name) / "train.npy", labels[:cut]),
         MappedImages(Path(folder.name) / "test.npy", labels[cut:]),
     )
-    ways: dict[str, Callable[[], tuple[float, float]]] = {
+    ways: dict[str, Callable[[], Outcome]] = {
         "bare DataLoader loop": lambda: bare(mapped, args),
         "flatbasin, streamed": lambda: flatbasin(mapped, args),
         "flatbasin, in memory": lambda: flatbasin(memory, args),
@@ -203,7 +207,8 @@ def main() -> None:
         f"batch {args.batch_size}, {args.epochs} epochs ({per_trial} training images a trial), "
         f"{args.workers} workers, {args.threads} thread(s), {args.rounds} rounds"
     )
-    bare(mapped, argparse.Namespace(**{**vars(args), "epochs": 1}))  # warm-up, not timed
+    bare(mapped, argparse.Namespace(**{**vars(args), "epochs": 1}))[1]()  # warm-up, not timed
+    gc.collect()
 
     rates: dict[str, list[float]] = {name: [] for name in ways}
     eval_share: dict[str, list[float]] = {name: [] for name in ways}
@@ -212,9 +217,11 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             tick, cpu_tick = time.perf_counter(), time.process_time()
-            _, eval_s = ways[name]()
+            eval_s, stop_workers = ways[name]()
             seconds = time.perf_counter() - tick
             cpu[name].append(time.process_time() - cpu_tick)
+            stop_workers()
+            gc.collect()  # nothing of this way's is left to be collected in the next one's time
             rates[name].append(per_trial / seconds)
             eval_share[name].append(eval_s / seconds)
         print(f"round {round_ + 1}: " + ", ".join(f"{n} {rates[n][-1]:.0f}/s" for n in names))
