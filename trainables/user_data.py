@@ -381,7 +381,7 @@ class _Seeded(Dataset):
             np.random.set_state(np_state)
 
     def _read(self, seed: int, indices: list[int]) -> list[Any]:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU one: a GPU trial's draws are its own
         random.seed(seed)
         np.random.seed(seed % 2**32)
         many = getattr(self.dataset, "__getitems__", None)  # a Dataset that reads batches itself
