@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, DataSpec, load_data, load_raw
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +45,58 @@ def small(digits: Data) -> Data:
         x_test=digits.x_test,
         y_test=digits.y_test,
     )
+
+
+class DigitImages(Dataset):
+    """Digits served as a user's Dataset would: uint8 (1, 8, 8) tensors and int labels, one item at
+    a time. `jitter`: a random transform drawn from torch's global generator, as torchvision's are;
+    `targets`: the labels as an attribute, torchvision's convention; `blank`: every image zero."""
+
+    def __init__(self, images, labels, *, jitter=False, targets=False, blank=False):
+        self.images = torch.zeros_like(torch.from_numpy(images)) if blank else torch.from_numpy(images)
+        self.labels, self.jitter = [int(y) for y in labels], jitter
+        if targets:
+            self.targets = list(self.labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        x = self.images[index]
+        if self.jitter:
+            x = (x.int() + torch.randint(0, 9, x.shape)).clamp(0, 255).to(torch.uint8)
+        return x, self.labels[index]
+
+
+STREAMED_TRAIN, STREAMED_TEST = 720, 200  # digits: 648 training (20 steps of 32), 72 val, 200 test
+
+
+@pytest.fixture(scope="session")
+def make_streamed() -> Iterator[Callable[..., Any]]:
+    """Streamed digits (user_data.StreamedData, as `dataset: module:callable` returning two Datasets
+    makes them): make(workers=2, **DigitImages options). Their loaders' workers stop at the end."""
+    from flatbasin.trainables import user_data
+
+    x, y, _, _ = load_raw(DataSpec())
+    made = []
+
+    def make(workers: int = 2, **options: Any):
+        train = DigitImages(x[:STREAMED_TRAIN], y[:STREAMED_TRAIN], **options)
+        test_end = STREAMED_TRAIN + STREAMED_TEST
+        test = DigitImages(x[STREAMED_TRAIN:test_end], y[STREAMED_TRAIN:test_end], **options)
+        spec = DataSpec(dataset="tests:digit_images", loader_workers=workers)
+        made.append(user_data.streamed(spec, (train, test), source="conftest"))
+        return made[-1]
+
+    yield make
+    for data in made:
+        data.close()
+
+
+@pytest.fixture(scope="session")
+def streamed_small(make_streamed):
+    """Streamed digits read by 2 workers, with a random transform in the Dataset."""
+    return make_streamed(workers=2, jitter=True)
 
 
 @pytest.fixture(autouse=True)

@@ -134,3 +134,40 @@ def test_variant_evaluates_with_tta_and_ensembles_report_diversity(name, small, 
     for p in result.diversity:
         assert 0.0 <= p.disagreement <= 1.0
         assert p.error_corr is None or -1.0 <= p.error_corr <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_variant_trains_and_resumes_on_streamed_data(name, streamed_small, tmp_path, libraries):
+    """The same contract on a user's Datasets read by DataLoader workers (with a random transform
+    in them): the BN passes, members' scoring and the curve read through the loaders, and a run
+    interrupted after epoch 1 resumes bit for bit although its workers start afresh."""
+    config = smoke_config(name, libraries["digits"])
+    full = train(config, data=streamed_small)
+
+    assert not full.diverged and full.test_acc is not None
+    assert [m.epoch for m in full.history] == [1, 2]
+    assert all(
+        math.isfinite(v) for m in full.history for k, v in asdict(m).items() if k in METRICS
+    )
+    assert len(full.curve) == expected_curve_length(config, streamed_small.steps_per_epoch(32))
+    assert full.score == pytest.approx(full.history[-1].score)
+    assert full.score > 0.3, "two epochs on digits should be well above chance"
+
+    ckpt = tmp_path / "ckpt.pt"
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_epoch(metrics, save):
+        save(ckpt)
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(config, data=streamed_small, on_epoch=die_after_first_epoch)
+    streamed_small.close()  # a resumed trial runs in a new process: new workers, same numbers
+    resumed = train(config, data=streamed_small, resume=ckpt)
+
+    assert resumed.history == full.history
+    assert resumed.curve == full.curve
+    assert resumed.extra_curves == full.extra_curves
+    assert (resumed.score, resumed.test_acc) == (full.score, full.test_acc)

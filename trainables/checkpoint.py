@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 # Settings that may differ between the run that wrote a checkpoint and the one that resumes it.
-# Memory format and compilation are how a device runs the same trial, like the device itself.
-RUNTIME_KEYS = frozenset({"threads", "device", "data_dir", "download", "channels_last", "compile"})
+# Memory format and compilation are how a device runs the same trial, like the device itself; so is
+# the number of DataLoader workers reading streamed data (each batch is read under its own seed).
+RUNTIME_KEYS = frozenset(
+    {"threads", "device", "data_dir", "download", "channels_last", "compile", "loader_workers"}
+)
 # Settings added after checkpoints of this format were first written, with the value that means what
 # the older code did: a checkpoint without the key was written with that value.
 ADDED_SETTINGS = {"tta": "none", "precision": "auto", "channels_last": "auto", "compile": False}

@@ -288,12 +288,25 @@ def resolve_name(name: str, shape: tuple[int, ...]) -> str:
     """`auto`: cnn1d for 1-D signals (channels, length), small_cnn below 32x32 images, else resnet18."""
     if name != "auto":
         return name
+    _check_layout(name, shape)
     if len(shape) == 2:
         return "cnn1d"
     return "small_cnn" if shape[1] < 32 else "resnet18"
 
 
+def _check_layout(name: str, shape: tuple[int, ...]) -> None:
+    """The built-in networks take images (C, H, W) and 1-D signals (C, L), nothing else (feature
+    vectors (F,) from the user's arrays or Datasets, say)."""
+    if len(shape) not in (2, 3):
+        raise ValueError(
+            f"model '{name}': the built-in networks take images (channels, height, width) or 1-D "
+            f"signals (channels, length); this data set's examples have shape {shape}; give your "
+            "own model (model: module:callable)"
+        )
+
+
 def _check_fits(name: ModelName, shape: tuple[int, ...]) -> None:
+    _check_layout(name, shape)
     signal = len(shape) == 2
     if name == "cnn1d" and not signal:
         raise ValueError(

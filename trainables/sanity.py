@@ -62,6 +62,14 @@ def check_data(config: TrialConfig, data: Data) -> None:
         raise TrialError(
             f"data set '{config.dataset}' has {data.num_classes} class; a classifier needs at least 2"
         )
+    if len(data.shape) not in (2, 3):  # augmentation and TTA views exist for these two only
+        for key, value, off in (("augment", config.augment, False), ("tta", config.tta, "none")):
+            if value != off:
+                raise TrialError(
+                    f"{key} {str(value).lower()} applies to images (channels, height, width) and 1-D signals "
+                    f"(channels, length); the examples of '{config.dataset}' have shape "
+                    f"{data.shape}; leave {key} out"
+                )
     n_train = data.size("train")
     if config.batch_size > n_train:
         raise TrialError(

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from flatbasin.trainables import usercode
 
@@ -192,8 +193,8 @@ def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
 def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
     from flatbasin.trainables.data import DataError
 
-    try:
-        item = dataset[index]
+    try:  # under a fixed seed: a random transform in the Dataset hashes alike in every process
+        item = _Seeded(dataset).__getitems__((EVAL_SEED, [index]))[0]
     except Exception as err:
         raise DataError(f"{what}: item {index} cannot be read: {usercode.describe_error(err)}") from None
     if not isinstance(item, tuple | list) or len(item) != 2:
@@ -262,7 +263,9 @@ def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
         if labels is not None and labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer):
             return labels.astype(np.int64)
     found = []
-    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    loader = DataLoader(  # its own generator: starting workers draws a seed, not from torch's
+        dataset, batch_size=256, num_workers=workers, generator=torch.Generator().manual_seed(0)
+    )
     try:
         for _, y in loader:
             found.append(torch.as_tensor(y).reshape(-1))
@@ -326,24 +329,80 @@ def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> Streamed
     )
 
 
-class _EpochBatches(Sampler[list[int]]):
-    """The batches of the epoch about to run, set before each pass: a DataLoader with persistent
-    workers asks its batch sampler again at every epoch, so the order stays the trial's own (drawn
+# A batch as the loaders' batch samplers hand it to the workers: the seed that the user's Dataset
+# draws its random transforms from while it reads this batch, and the items' indices.
+Batch = tuple[int, list[int]]
+EVAL_SEED = 0  # evaluation read k is under seed EVAL_SEED + k: every pass sees the same inputs
+READ_ITEMS = 64  # items one worker reads per request in an evaluation pass
+
+
+class _Passes(Sampler[Batch]):
+    """The batches of the pass about to run, set before each pass: a DataLoader with persistent
+    workers asks its batch sampler again at every pass, so the order stays the trial's own (drawn
     from its generator, as for data in memory) without new worker processes per epoch."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        self.batches: list[Batch] = []
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
+class _Seeded(Dataset):
+    """The user's Dataset, read one batch at a time under that batch's seed (torch's, numpy's and
+    Python's global generators, which torchvision's random transforms and most hand-written ones
+    draw from). So what a random transform draws depends on the trial's seed, the epoch and the
+    batch only, not on which worker reads the batch, how many workers there are, or whether they
+    were started afresh by a resumed trial. In the trial's own process (loader_workers 0) the
+    generators are put back afterwards: the trial's dropout draws stay its own."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, batch: Batch) -> list[Any]:
+        seed, indices = batch
+        if get_worker_info() is not None:  # a worker's generators are its own
+            return self._read(seed, indices)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return self._read(seed, indices)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def _read(self, seed: int, indices: list[int]) -> list[Any]:
+        torch.default_generator.manual_seed(seed)  # the CPU one: a GPU trial's draws are its own
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        many = getattr(self.dataset, "__getitems__", None)  # a Dataset that reads batches itself
+        return list(many(indices)) if many else [self.dataset[i] for i in indices]
+
+
+def _collate(items: list[Any]) -> tuple[Tensor, Tensor]:
+    """Inputs stacked as default_collate does; labels (ints, numpy or one-element tensors) as one
+    vector of class indices."""
+    x, y = default_collate(items)
+    return x, torch.as_tensor(y).reshape(-1).long()
+
+
 class StreamedData:
     """The same interface as data.Data, with inputs read by DataLoader workers instead of held as
-    tensors. Labels are held (they decide the split and score every evaluation); inputs are not."""
+    tensors. Labels are held (they decide the split and score every evaluation); inputs are not.
+
+    Three loaders, each with persistent workers: one for training batches, one for evaluation
+    passes over the training set (validation, the "fit" sample, the BN pass) and one for the test
+    set. Training needs its own: a member joining mid-epoch is scored while the epoch's loader is
+    still running."""
 
     def __init__(
         self,
@@ -371,7 +430,7 @@ class StreamedData:
         self.y_train, self.y_val, self.y_test = (
             t.to(self.device) for t in (y_train, y_val, y_test)
         )
-        self._loaders: dict[Any, tuple[DataLoader, _EpochBatches | None]] = {}
+        self._loaders: dict[str, tuple[DataLoader, _Passes]] = {}
 
     # -- what data.Data offers ------------------------------------------------------------------
     def steps_per_epoch(self, batch_size: int) -> int:
@@ -380,28 +439,43 @@ class StreamedData:
     def train_batches(
         self, batch_size: int, generator: torch.Generator, augment: bool
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """One shuffled epoch in the order the trial's generator draws (as for data in memory); the
-        last partial batch is dropped."""
+        """One shuffled epoch in the order the trial's generator draws (as for data in memory), and
+        the seed the Dataset's own random transforms read this epoch under, from the same generator;
+        the last partial batch is dropped."""
         from flatbasin.trainables.data import flip_and_crop, random_shift
 
         order = self.train_index[torch.randperm(len(self.train_index), generator=generator)]
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
         steps = self.steps_per_epoch(batch_size)
-        loader, batches = self._loader(("train", batch_size), self.train_set, shuffled=True)
-        assert batches is not None
-        batches.batches = [
-            order[k * batch_size : (k + 1) * batch_size].tolist() for k in range(steps)
-        ]
-        for x, y in loader:
-            x, y = self._input(x), y.to(self.device, non_blocking=True)
+        batches = [order[k * batch_size : (k + 1) * batch_size].tolist() for k in range(steps)]
+        seeded = [(seed + k, batch) for k, batch in enumerate(batches)]
+        for x, y in self._pass("train", self.train_set, seeded):
             if augment:
                 x = flip_and_crop(x, generator) if x.dim() == 4 else random_shift(x, generator)
             yield x, y
 
     def inputs(self, split: Split, batch_size: int = 1024) -> Iterator[Tensor]:
-        dataset, _ = self._split(split)
-        loader, _ = self._loader((split, batch_size), dataset, batch_size=batch_size)
-        for x, _y in loader:
-            yield self._input(x)
+        """A split's inputs in order, in batches (see data.Data.inputs). The workers read them in
+        pieces of READ_ITEMS, all workers at once, joined here into batches of `batch_size`: a
+        whole pass is often one or two evaluation batches, which one worker alone would read while
+        the others wait."""
+        index = self._index(split)
+        reads = [
+            (EVAL_SEED + k, index[start : start + READ_ITEMS])
+            for k, start in enumerate(range(0, len(index), READ_ITEMS))
+        ]
+        key, dataset = ("test", self.test_set) if split == "test" else ("eval", self.train_set)
+        pending: list[Tensor] = []
+        held = 0
+        for x, _y in self._pass(key, dataset, reads):
+            pending.append(x)
+            held += len(x)
+            while held >= batch_size:
+                joined = torch.cat(pending)
+                yield joined[:batch_size]
+                pending, held = [joined[batch_size:]], held - batch_size
+        if held:
+            yield torch.cat(pending)
 
     def labels(self, split: Split) -> Tensor:
         return {
@@ -413,10 +487,10 @@ class StreamedData:
         return len(self.labels(split))
 
     def examples(self, index: slice | Tensor) -> tuple[Tensor, Tensor]:
-        positions = self.train_index[index]
-        items = [self.train_set[int(i)] for i in positions.reshape(-1)]
-        x, y = default_collate(items)
-        return self._input(x), torch.as_tensor(y).to(self.device)
+        """Training examples by position, read in this process under the evaluation seed."""
+        positions = self.train_index[index].reshape(-1).tolist()
+        x, y = _collate(_Seeded(self.train_set).__getitems__((EVAL_SEED, positions)))
+        return self._input(x), y.to(self.device)
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.y_train, self.y_val, self.y_test))
@@ -432,39 +506,44 @@ class StreamedData:
 
     def close(self) -> None:
         """Stop the loaders' worker processes."""
+        for loader, _ in self._loaders.values():
+            workers = getattr(loader, "_iterator", None)
+            if workers is not None and hasattr(workers, "_shutdown_workers"):
+                workers._shutdown_workers()
         self._loaders.clear()
 
     # -- inside ---------------------------------------------------------------------------------
-    def _split(self, split: Split) -> tuple[Dataset, Tensor | None]:
+    def _index(self, split: Split) -> list[int]:
         if split == "test":
-            return self.test_set, None
-        index = {
+            return list(range(len(self.y_test)))
+        return {
             "train": self.train_index, "val": self.val_index,
             "fit": self.train_index[: len(self.val_index)],
-        }[split]  # fmt: skip
-        return Subset(self.train_set, index.tolist()), index
+        }[split].tolist()  # fmt: skip
 
-    def _loader(
-        self, key: Any, dataset: Dataset, *, shuffled: bool = False, batch_size: int = 1
-    ) -> tuple[DataLoader, _EpochBatches | None]:
+    def _pass(
+        self, key: str, dataset: Dataset, batches: list[Batch]
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass of `key`'s loader over `batches`, inputs and labels on the device."""
         if key not in self._loaders:
-            batches = _EpochBatches() if shuffled else None
-            workers = self.workers
-            batching: dict[str, Any] = (
-                {"batch_sampler": batches} if shuffled else {"batch_size": batch_size}
-            )
+            passes = _Passes()
             loader = DataLoader(
-                dataset,
-                **batching,
-                num_workers=workers,
+                _Seeded(dataset),
+                batch_sampler=passes,
+                collate_fn=_collate,
+                num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
-                persistent_workers=workers > 0,
-                # Worker seeds from a fixed generator: a Dataset's own random transforms draw the
-                # same numbers in a trial and in its reproduction.
+                persistent_workers=self.workers > 0,
+                # The loader draws its workers' base seed from this generator when it starts them
+                # (from torch's global one, the trial's dropout draws, without it). Each batch is
+                # read under its own seed, so the value does not matter.
                 generator=torch.Generator().manual_seed(0),
             )
-            self._loaders[key] = (loader, batches)
-        return self._loaders[key]
+            self._loaders[key] = (loader, passes)
+        loader, passes = self._loaders[key]
+        passes.batches = batches
+        for x, y in loader:
+            yield self._input(x), y.to(self.device, non_blocking=True)
 
     def _input(self, x: Tensor) -> Tensor:
         x = x.to(self.device, non_blocking=True)
