@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -387,6 +389,7 @@ def search(
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
     import os
 
+    from flatbasin.search import signals
     from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -439,28 +442,31 @@ def search(
     except BaseFailed as err:
         fail(f"{err}. Nothing was kept.", code=EXIT_FAILED)
     except KeyboardInterrupt:
-        if resumable(space, options):
-            stderr.print(
-                "interrupted; what Tune saved resumes with:\n  " + resume_command(space, options),
-                style="yellow",
-            )
-        else:
-            stderr.print(
-                "interrupted before any trial was saved; nothing to resume: run the same command "
-                "again to start the search",
-                style="yellow",
-            )
-        _leave(EXIT_INTERRUPTED)
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no message
+            if resumable(space, options):
+                stderr.print(
+                    f"interrupted ({signals.name()}); what Tune saved resumes with:\n  "
+                    + resume_command(space, options),
+                    style="yellow",
+                )
+            else:
+                stderr.print(
+                    f"interrupted ({signals.name()}) before any trial was saved; nothing to "
+                    "resume: run the same command again to start the search",
+                    style="yellow",
+                )
+        _leave(signals.exit_status())
     print_summary(outcome, options.tracking_uri)
     if outcome.best:
         write_search_report(outcome.parent_run_id, options.tracking_uri)
     if outcome.interrupted:
         console.print(
-            "The search was interrupted; finished trials are kept. Continue it with:",
+            f"The search was interrupted ({signals.name()}); finished trials are kept. "
+            "Continue it with:",
             style="yellow",
         )
         console.print(f"  {outcome.resume_command}")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(signals.exit_status())
     if outcome.out_of_time and not outcome.errors:
         if not outcome.best:
             fail(
@@ -766,12 +772,27 @@ def _leave(code: int) -> NoReturn:
     """Exit now. After a Ctrl-C inside Ray's start-up, Ray's own exit handlers can crash the
     interpreter (a segfault, exit 139, was seen): its local processes die with this one anyway."""
     import os
-    import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)
 
 
 def main() -> None:
-    app()
+    from flatbasin.search import signals
+
+    signals.install()  # SIGTERM and SIGHUP end every command as Ctrl-C does
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+        # Typer ends a command that a KeyboardInterrupt stopped with 130, silently: say what came,
+        # and exit with its status (143 for SIGTERM, 129 for SIGHUP).
+        if code == EXIT_INTERRUPTED and isinstance(
+            getattr(done.__context__, "__cause__", None), KeyboardInterrupt
+        ):
+            with contextlib.suppress(OSError):
+                stderr.print(f"interrupted ({signals.name()})", style="yellow")
+            code = signals.exit_status()
+        raise SystemExit(code) from None

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from flatbasin.search import post_convergence, preflight
+from flatbasin.search import post_convergence, preflight, signals
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -124,7 +124,9 @@ def _init_ray(address: str | None) -> None:
         # No job runtime_env (an earlier worker set-up hook that imported torch was one): Ray only
         # hands a prestarted worker to an actor whose runtime_env is empty, so with one every trial
         # actor was a new process and the warmed workers sat idle (checked by their pids).
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        with signals.spared_children():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    signals.install()  # ray.init's own SIGTERM handler aborts the driver (exit 134, nothing saved)
 
 
 def trial_name(trial: Any) -> str:
