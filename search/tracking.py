@@ -53,6 +53,10 @@ STOP_REASONS = {
     "INTERRUPTED": "the search was interrupted; --resume continues this trial",
     "STOPPED": "the search stopped at another trial's permanent error",
 }
+LOST = (
+    "lost: the search's driver was killed before Tune saved this trial, so --resume ran its place "
+    "again as another trial; not part of the search"
+)
 CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
 # Post-convergence: the run whose checkpoint.pt holds the converged model a trial (and its search)
 # continues, the SHA-256 of those weights, and, on a base run, what the weights came from.
@@ -590,6 +594,27 @@ class Tracker:
         base = self.base_run()
         if base is not None:
             self.client.delete_run(base)
+
+    def settle_lost(self, known: set[str], role: str = "trial") -> int:
+        """End the runs of trials that Tune does not know. A driver killed outright (SIGKILL, the
+        OOM killer) after a trial's run was made but before Tune saved that trial leaves a run that
+        would say RUNNING forever and count as a trial, while --resume runs the slot again as a new
+        trial. Such a run is ended KILLED and its role becomes 'lost', so that no count, summary or
+        report takes it for a trial; what it logged stays. Returns how many there were."""
+        if self._parent is None:
+            return 0
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._parent}' and "
+            f"tags.`{ROLE}` = '{role}' and attributes.status = 'RUNNING'",
+            max_results=50_000,
+        )
+        lost = [run for run in runs if run.data.tags.get(TRIAL_ID) not in known]
+        for run in lost:
+            tags = [RunTag(ROLE, "lost"), RunTag(STOPPED, LOST)]
+            self.client.log_batch(run.info.run_id, tags=tags)
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return len(lost)
 
     # ------------------------------------------------------------------ trial level
     def run_for(self, record: TrialRecord) -> str:

@@ -464,6 +464,12 @@ def _run(
         )
     confirm_ended = time.perf_counter()
     state = search_state(bool(errors), interrupted, bool(out_of_time))
+    if written and (lost := tracker.settle_lost(_tune_trial_ids(grid))):
+        console.print(
+            f"note: {lost} trial run(s) of an earlier driver that was killed outright were never "
+            "saved by Tune (their places ran again); they are marked lost in MLflow",
+            style="yellow",
+        )
     if written:
         _finish_parent(tracker, parent, best, grid, confirmed)
         tracker.end_parent(state)
@@ -578,6 +584,11 @@ def _unfinished(grid: Any) -> list[str]:
     """
     trials = grid._experiment_analysis.trials  # Result has no status; the analysis' trials do
     return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def _tune_trial_ids(grid: Any) -> set[str]:
+    """Every trial Tune's experiment holds, whatever its state."""
+    return {t.trial_id for t in grid._experiment_analysis.trials}
 
 
 def _errors(writer: MlflowWriter, grid: Any) -> list[str]:
@@ -717,7 +728,8 @@ def _confirm(
         grid = tuner.fit()
     _fill_from_grid(writer, grid)
     errors = _errors(writer, grid)
-    writer.drain()
+    if writer.drain():
+        tracker.settle_lost(_tune_trial_ids(grid), role="confirm")
     finals: dict[str, list[dict[str, Any]]] = {}
     for record in writer.records.values():
         if record.final is not None:
@@ -823,6 +835,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
         interrupted=bool(_unfinished(grid)) and not errors, errors=errors,
     )  # fmt: skip
     if writer.drain():
+        tracker.settle_lost(_tune_trial_ids(grid))
         _finish_parent(tracker, parent, best, grid)
         tracker.end_parent(outcome.state)
     return dataclasses.replace(
