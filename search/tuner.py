@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from flatbasin.search import post_convergence, preflight, signals
+from flatbasin.search import post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -157,13 +157,17 @@ def check_new_or_resumable(
 ) -> None:
     """--resume needs a search to resume, of the same space; without it, a search of the same name
     is never merged into."""
-    from ray import tune
-
-    restorable = tune.Tuner.can_restore(str(experiment_path))
     earlier = tracker.find_parent()
+    # A damaged state is refused with or without --resume (without, the advice would be --resume);
+    # so is the confirmation runs' own experiment, which a resumed search continues too.
+    restorable = saved_state.check(experiment_path, earlier)
+    if resume:
+        saved_state.check(confirm_path(experiment_path), earlier)
     if resume and not restorable:
         hint = (
-            f" (MLflow has its run {earlier}, but Tune's folder is gone)"
+            f" (MLflow has its run {earlier}, but Tune's folder is gone or holds nothing to "
+            "resume: put it back if it was moved, or start a new search with --name NEW_NAME; "
+            "what was recorded stays in MLflow)"
             if earlier
             else "; run without --resume to start it"
         )
@@ -318,10 +322,8 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             # before Tune saved anything leaves no run behind (it holds nothing, and would only block
             # running the same command again), its base run included. A store that is down keeps what
             # it has: the error that brought us here is the one to report.
-            from ray import tune
-
             with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
-                restorable = tune.Tuner.can_restore(str(experiment_path))
+                restorable = saved_state.saved(experiment_path)
                 if not restorable:
                     tracker.discard_base()
                 if restorable or not tracker.discard_parent():
@@ -361,10 +363,13 @@ class _TrialFailures(logging.Filter):
 
 def resumable(space: Space, options: SearchOptions) -> bool:
     """Whether Tune saved enough of this search for --resume to continue it."""
-    from ray import tune
-
     experiment_path = options.storage.expanduser().resolve() / (options.name or space.name)
-    return tune.Tuner.can_restore(str(experiment_path))
+    return saved_state.saved(experiment_path)
+
+
+def confirm_path(experiment_path: Path) -> Path:
+    """The confirmation runs' Tune experiment, beside the search's."""
+    return experiment_path.with_name(f"{experiment_path.name}.confirm")
 
 
 def _run(
@@ -684,7 +689,7 @@ def _confirm(
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    path = experiment_path.with_name(f"{experiment_path.name}.confirm")
+    path = confirm_path(experiment_path)
     configs = [
         {**row["config"], "settings": {**row["config"]["settings"], "seed": seed},
          "confirm_of": row["trial_id"]}
@@ -698,7 +703,7 @@ def _confirm(
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
     make_live(writer, progress)
-    if tune.Tuner.can_restore(str(path)):
+    if saved_state.saved(path):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -820,7 +825,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     from flatbasin.trainables import ray_entry
 
     experiment_path = experiment_path.expanduser().resolve()
-    if not tune.Tuner.can_restore(str(experiment_path)):
+    if not saved_state.check(experiment_path, command="sync"):  # before MLflow is touched
         raise UsageError(f"no search at {experiment_path} (a Tune folder such as runs/NAME)")
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
