@@ -396,7 +396,13 @@ def search(
         local_ray_on_loopback()  # before anything imports Ray
     from flatbasin.search.post_convergence import BaseFailed
     from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import SearchOptions, resumable, resume_command, run_search
+    from flatbasin.search.tuner import (
+        DiskFailure,
+        SearchOptions,
+        resumable,
+        resume_command,
+        run_search,
+    )
     from flatbasin.spaces import SpaceError, load_space
     from flatbasin.spaces.loader import check_name
 
@@ -441,6 +447,11 @@ def search(
         fail(str(err))
     except BaseFailed as err:
         fail(f"{err}. Nothing was kept.", code=EXIT_FAILED)
+    except DiskFailure as err:
+        fail(
+            disk_failed(str(err), resume_command(space, options), resumable(space, options)),
+            code=EXIT_FAILED,
+        )
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no message
             if resumable(space, options):
@@ -457,8 +468,10 @@ def search(
                 )
         _leave(signals.exit_status())
     print_summary(outcome, options.tracking_uri)
-    if outcome.best:
+    if outcome.best and not outcome.store:
         write_search_report(outcome.parent_run_id, options.tracking_uri)
+    if outcome.store:  # before the rest: what is not in MLflow is the first thing to put right
+        fail(store_failed(outcome, options.tracking_uri), code=EXIT_FAILED)
     if outcome.interrupted:
         console.print(
             f"The search was interrupted ({signals.name()}); finished trials are kept. "
@@ -467,6 +480,8 @@ def search(
         )
         console.print(f"  {outcome.resume_command}")
         raise typer.Exit(signals.exit_status())
+    if outcome.disk:
+        fail(disk_failed(outcome.disk, outcome.resume_command, True), code=EXIT_FAILED)
     if outcome.out_of_time and not outcome.errors:
         if not outcome.best:
             fail(
@@ -486,6 +501,30 @@ def search(
             + (more if len(outcome.errors) > 1 else ""),
             code=EXIT_FAILED,
         )
+
+
+def store_failed(outcome: Any, tracking_uri: str) -> str:
+    """One paragraph for trials left unwritten by a store that waiting will not bring back."""
+    return (
+        f"{outcome.store}: {outcome.unwritten} trial(s) are not in MLflow, nor is the end of the "
+        "search's run; Tune's result files hold them all. Free space there (or make the file "
+        "writable again, or put it back), then write them with: flatbasin sync "
+        f"{shlex.quote(str(outcome.experiment_path))} --tracking-uri "
+        f"{shlex.quote(tracking_uri)}"
+    )
+
+
+def disk_failed(disk: str, resume: str, resumable: bool) -> str:
+    """One paragraph for a search that a full or read-only disk stopped: which disk, and how to go on."""
+    then = (
+        f"then continue it with: {resume}"
+        if resumable
+        else "then run the same command again (Tune had saved nothing to resume)"
+    )
+    return (
+        f"the search stopped: {disk}. Every unfinished trial keeps its last checkpoint, and the "
+        f"search's run says failed. Free space there (or make it writable again), {then}"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -561,6 +600,8 @@ def sync(
     except (TrackingUnavailable, UsageError) as err:
         fail(str(err))
     print_summary(outcome, uri)
+    if outcome.store:
+        fail(store_failed(outcome, uri), code=EXIT_FAILED)
 
 
 @app.command()
@@ -745,7 +786,7 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         )
     if outcome.confirmed:
         print_confirmed(outcome.confirmed)
-    if outcome.unwritten:
+    if outcome.unwritten and not outcome.store:  # else a paragraph of its own says it
         console.print(
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
             style="yellow",

@@ -85,9 +85,9 @@ def check(
     if found.kind != "damaged":
         return found.kind == "saved"
     kept = (
-        f"MLflow's run {mlflow_run} and the folder {folder} are"
+        f"MLflow's run {mlflow_run} and the folder {folder} are as they were"
         if mlflow_run
-        else f"the folder {folder} is"
+        else f"the folder {folder} is as it was"
     )
     if command == "sync":
         consequence, otherwise = "so its trials cannot be read back", ""
@@ -103,7 +103,7 @@ def check(
     raise UsageError(
         f"Tune's saved state of the search '{folder.name}' cannot be restored: {found.file} "
         f"{found.problem}. {consequence[0].upper()}{consequence[1:]}, and nothing was changed "
-        f"({kept} as they were). If a good copy of that file exists (a "
+        f"({kept}). If a good copy of that file exists (a "
         f"backup, the shared storage), put it back and run this command again{otherwise}"
     )
 

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord,
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
+from flatbasin.trainables.files import disk_problem, disk_state
 
 MODEL_LOGGED = "flatbasin.model_logged"
 
@@ -82,6 +84,8 @@ class Outcome:
     unwritten: int  # trials whose MLflow writes are still pending (server away at the end)
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
     interrupted: bool = False  # Ctrl-C: trials left unfinished, resumable
+    disk: str = ""  # a full or read-only disk stopped the search (resumable once there is room)
+    store: str = ""  # why trials are left unwritten, when it lasts (a full disk, a deleted file)
     errors: list[str] = field(default_factory=list)  # one line per failed trial, first first
     resume_command: str = ""
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
@@ -91,7 +95,7 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        return search_state(bool(self.errors), self.interrupted, bool(self.out_of_time))
+        return search_state(bool(self.errors or self.disk), self.interrupted, bool(self.out_of_time))
 
 
 def search_state(failed: bool, interrupted: bool, out_of_time: bool) -> str:
@@ -228,11 +232,14 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # Ours to report: a store that fails is named by the writer, not by SQLAlchemy's tracebacks.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for logger, own in (
         ("ray.tune.tune", _OwnMessages),
         ("ray.tune.analysis.experiment_analysis", _OwnMessages),
         ("ray.tune.execution.tune_controller", _TrialFailures),
+        ("ray.tune.execution.experiment_state", _SavingFailures),
+        ("ray.train._internal.syncer", _SavingFailures),
     ):
         log = logging.getLogger(logger)
         if not any(isinstance(f, own) for f in log.filters):
@@ -316,19 +323,31 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             return _run(
                 space, options, console, tracker, parent, experiment_path, samples, started, weights
             )
-        except BaseException:
+        except BaseException as err:
             # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
             # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
             # before Tune saved anything leaves no run behind (it holds nothing, and would only block
             # running the same command again), its base run included. A store that is down keeps what
-            # it has: the error that brought us here is the one to report.
+            # it has: the error that brought us here is the one to report. A disk that filled up (or
+            # went read-only) under the driver's own writes is a failure, named by its path.
+            problem = disk_problem(err) if isinstance(err, Exception) else None
             with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
                 restorable = saved_state.saved(experiment_path)
                 if not restorable:
                     tracker.discard_base()
                 if restorable or not tracker.discard_parent():
-                    tracker.end_parent("interrupted")
+                    tracker.end_parent("failed" if problem else "interrupted")
+            if problem is not None:
+                first = next((line for line in str(err).splitlines() if line.strip()), "")
+                raise DiskFailure(
+                    disk_paragraph(problem, f"{type(err).__name__}: {first}", experiment_path)
+                ) from err
             raise
+
+
+class DiskFailure(Exception):
+    """The driver's own write (Tune's state or result files, the search's records) found its disk
+    full or read-only; the message names the disk and the error."""
 
 
 class _OwnMessages(logging.Filter):
@@ -357,6 +376,27 @@ class _TrialFailures(logging.Filter):
         line = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {first}").strip()
         record.msg, record.args, record.exc_info, record.exc_text = (
             f"{text}: {line if len(line) <= 300 else line[:299] + '…'}", (), None, None,
+        )  # fmt: skip
+        return True
+
+
+class _SavingFailures(logging.Filter):
+    """While a disk is full, Tune logs every failed save of its state and every failed sync with a
+    whole traceback, every few seconds: one line, once; the search's paragraph says the rest."""
+
+    said = False  # per process: one search at a time
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if _SavingFailures.said:
+            return False
+        _SavingFailures.said = True
+        error = record.exc_info[1] if record.exc_info else None
+        lines = [line.strip() for line in str(error or record.getMessage()).splitlines()]
+        last = next((line for line in reversed(lines) if line), "")
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"Tune could not save its state to its storage: {last[:300]}", (), None, None,
         )  # fmt: skip
         return True
 
@@ -394,8 +434,8 @@ def _run(
     trainable = _trainable(options, start_weights)
     writer = MlflowWriter(tracker, console)
     progress = Progress(samples, console)
-    make_live(writer, progress)  # a restored Tuner gets these objects back, not copies
     stopper = StopOnPermanentError()
+    make_live(writer, progress, stopper)  # a restored Tuner gets these objects back, not copies
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage),
@@ -457,18 +497,19 @@ def _run(
     _fill_from_grid(writer, grid, stopped_by=stopper.error)
     best = _best_per_variant(writer)
     errors = _errors(writer, grid)
-    interrupted = interrupt.caught and not errors
+    disk = disk_paragraph(stopper.disk, stopper.disk_error, experiment_path) if stopper.disk else ""
+    interrupted = interrupt.caught and not errors and not disk
     out_of_time = _out_of_time(options, writer, samples, fit_ended - fit_started)
     written = writer.drain()
     confirmed: list[dict[str, Any]] = []
     seeds = options.confirm_seeds if options.confirm_seeds is not None else space.confirm_seeds
     confirm_started = time.perf_counter()
-    if seeds and best and not interrupted and not errors and not out_of_time:
-        confirmed, interrupted, errors = _confirm(
+    if seeds and best and not interrupted and not errors and not disk and not out_of_time:
+        confirmed, interrupted, errors, disk = _confirm(
             tracker, console, options, experiment_path, best, seeds, trainable
         )
     confirm_ended = time.perf_counter()
-    state = search_state(bool(errors), interrupted, bool(out_of_time))
+    state = search_state(bool(errors or disk), interrupted, bool(out_of_time))
     if written and (lost := tracker.settle_lost(_tune_trial_ids(grid))):
         console.print(
             f"note: {lost} trial run(s) of an earlier driver that was killed outright were never "
@@ -490,8 +531,27 @@ def _run(
         resume_command=resume_command(space, options), confirmed=confirmed,
         trials_per_variant=(counts := _count_variants(writer)),
         untried=[] if interrupted else [v for v in space.variants if v not in counts],
-        out_of_time=out_of_time,
+        out_of_time=out_of_time, disk=disk, store=_lasting_failure(writer),
     )  # fmt: skip
+
+
+def _lasting_failure(writer: MlflowWriter) -> str:
+    """The store's failure when trials are left unwritten and waiting will not write them."""
+    return writer.failure or "" if writer.unwritten and writer.lasting else ""
+
+
+def disk_paragraph(problem: str, error: str | None, experiment_path: Path) -> str:
+    """What filled up (or went read-only), named by its path: Tune's storage or the temporary folder
+    the trials write their checkpoints through, as they are now; else the error as it came."""
+    where = f"a disk the trials write to is {problem}"
+    for what, path in (
+        ("Tune's storage", experiment_path.parent),
+        ("the temporary folder", Path(tempfile.gettempdir())),
+    ):
+        if (now := disk_state(path)) is not None:
+            where = f"{what} {path} is {now}"
+            break
+    return f"{where}: {error}" if error else where
 
 
 def _out_of_time(
@@ -681,7 +741,7 @@ def _confirm(
     best: list[dict[str, Any]],
     seeds: int,
     trainable: Any,
-) -> tuple[list[dict[str, Any]], bool, list[str]]:
+) -> tuple[list[dict[str, Any]], bool, list[str], str]:
     """Retrain each variant's best configuration with `seeds` fresh seeds, as Ray trials in parallel
     (a Tune experiment of its own beside the search's, resumable the same way); their runs are tagged
     flatbasin.role=confirm and never touch the search's own runs. `trainable` is the search's own:
@@ -702,7 +762,8 @@ def _confirm(
     )
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
-    make_live(writer, progress)
+    stopper = StopOnPermanentError()
+    make_live(writer, progress, stopper)
     if saved_state.saved(path):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
@@ -725,7 +786,7 @@ def _confirm(
                 callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                stop=StopOnPermanentError(),
+                stop=stopper,
                 verbose=0,
             ),
         )
@@ -733,13 +794,14 @@ def _confirm(
         grid = tuner.fit()
     _fill_from_grid(writer, grid)
     errors = _errors(writer, grid)
+    disk = disk_paragraph(stopper.disk, stopper.disk_error, path) if stopper.disk else ""
     if writer.drain():
         tracker.settle_lost(_tune_trial_ids(grid), role="confirm")
     finals: dict[str, list[dict[str, Any]]] = {}
     for record in writer.records.values():
         if record.final is not None:
             finals.setdefault(record.config["variant"], []).append(record.final)
-    return confirmation_stats(finals), interrupt.caught and not errors, errors
+    return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
 
 
 def _finish_parent(
@@ -827,6 +889,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     experiment_path = experiment_path.expanduser().resolve()
     if not saved_state.check(experiment_path, command="sync"):  # before MLflow is touched
         raise UsageError(f"no search at {experiment_path} (a Tune folder such as runs/NAME)")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # the writer says it
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()
@@ -844,5 +907,6 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
         _finish_parent(tracker, parent, best, grid)
         tracker.end_parent(outcome.state)
     return dataclasses.replace(
-        outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer)
-    )
+        outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer),
+        store=_lasting_failure(writer),
+    )  # fmt: skip

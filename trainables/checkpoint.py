@@ -8,13 +8,14 @@ variant or other settings would silently mix two trials, so it is refused with t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.averagers import Averager
@@ -73,9 +74,9 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a checkpoint is either the old one or the new one, never half of each
+    # A checkpoint is either the old one or the new one, never half of each, and an interrupted
+    # write leaves no temporary file behind.
+    write_whole(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

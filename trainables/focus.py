@@ -26,13 +26,14 @@ weights_only=True (no pickled code runs).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:
     from flatbasin.trainables.config import TrialConfig
@@ -182,9 +183,7 @@ class FocusLibrary:
             "intercepts": self.intercepts,
             "meta": self.meta,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a library is either the old file or the new one, never half
+        write_whole(path, lambda tmp: torch.save(state, tmp))  # the old file or the new, never half
 
     @classmethod
     def load(cls, path: Path | str, device: torch.device | str = "cpu") -> FocusLibrary:
