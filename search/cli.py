@@ -399,6 +399,7 @@ def search(
     from flatbasin.search.tuner import (
         DiskFailure,
         SearchOptions,
+        experiment_folder,
         resumable,
         resume_command,
         run_search,
@@ -449,7 +450,7 @@ def search(
         fail(f"{err}. Nothing was kept.", code=EXIT_FAILED)
     except DiskFailure as err:
         fail(
-            disk_failed(str(err), resume_command(space, options), resumable(space, options)),
+            disk_failed(str(err), resume_command(space, options), experiment_folder(space, options)),
             code=EXIT_FAILED,
         )
     except KeyboardInterrupt:
@@ -481,7 +482,10 @@ def search(
         console.print(f"  {outcome.resume_command}")
         raise typer.Exit(signals.exit_status())
     if outcome.disk:
-        fail(disk_failed(outcome.disk, outcome.resume_command, True), code=EXIT_FAILED)
+        fail(
+            disk_failed(outcome.disk, outcome.resume_command, outcome.experiment_path),
+            code=EXIT_FAILED,
+        )
     if outcome.out_of_time and not outcome.errors:
         if not outcome.best:
             fail(
@@ -514,13 +518,27 @@ def store_failed(outcome: Any, tracking_uri: str) -> str:
     )
 
 
-def disk_failed(disk: str, resume: str, resumable: bool) -> str:
-    """One paragraph for a search that a full or read-only disk stopped: which disk, and how to go on."""
-    then = (
-        f"then continue it with: {resume}"
-        if resumable
-        else "then run the same command again (Tune had saved nothing to resume)"
-    )
+def disk_failed(disk: str, resume: str, experiment_path: Path) -> str:
+    """One paragraph for a search that a full or read-only disk stopped: which disk, and how to go on
+    (Tune's state itself may have been cut short on its way to that disk: then how to put it back)."""
+    from flatbasin.search import saved_state
+
+    state = saved_state.inspect(experiment_path)
+    if state.kind == "saved":
+        then = f"then continue it with: {resume}"
+    elif (copied := saved_state.complete_copy(experiment_path)) is not None:
+        copy, cut = (shlex.quote(str(p)) for p in copied)
+        then = (
+            "then put back Tune's state, which was cut short there, and continue: "
+            f"cp {copy} {cut} && {resume}"
+        )
+    elif state.kind == "damaged":
+        then = (
+            f"then see what --resume says of Tune's state ({state.file} {state.problem}): "
+            f"{resume}"
+        )
+    else:
+        then = "then run the same command again (Tune had saved nothing to resume)"
     return (
         f"the search stopped: {disk}. Every unfinished trial keeps its last checkpoint, and the "
         f"search's run says failed. Free space there (or make it writable again), {then}"

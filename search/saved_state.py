@@ -9,6 +9,9 @@ refused in one paragraph that names the file; nothing is changed.
 from __future__ import annotations
 
 import glob
+import os
+import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +79,27 @@ def inspect(folder: Path) -> SavedState:
     return SavedState("saved")
 
 
+def complete_copy(folder: Path) -> tuple[Path, Path] | None:
+    """(copy, damaged file) when Tune's state in `folder` is damaged and the driver's own copy of
+    that file reads well. Tune writes its state in a staging folder of the driver's Ray session
+    (under $RAY_TMPDIR or /tmp) and copies it to the storage; a disk that fills up during the copy
+    leaves a file cut short there, and the whole one in the staging folder. Found by its name, which
+    holds the session's timestamp."""
+    found = inspect(folder)
+    if found.kind != "damaged" or found.file is None or "*" in found.file.name:
+        return None
+    roots = {Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray", Path("/tmp/ray")}
+    for root in sorted(roots):
+        pattern = f"session_*/artifacts/*/{folder.name}/driver_artifacts/{found.file.name}"
+        for copy in sorted(root.glob(pattern), reverse=True):
+            try:
+                READERS[found.file.name.partition("-")[0]](copy)
+            except Exception:  # not whole either
+                continue
+            return copy.resolve(), found.file  # not through session_latest, which moves on
+    return None
+
+
 def check(
     folder: Path, mlflow_run: str | None = None, *, command: Literal["search", "sync"] = "search"
 ) -> bool:
@@ -100,11 +124,20 @@ def check(
             "; otherwise start a new search with --name NEW_NAME (flatbasin report still shows "
             "what this one recorded)"
         )
+    remedy = (
+        "If a good copy of that file exists (a backup, the shared storage), put it back and run "
+        f"this command again{otherwise}"
+    )
+    if (copied := complete_copy(folder)) is not None:
+        remedy = (
+            f"A whole copy, which Tune wrote before copying it there, is {copied[0]}: copy it "
+            f"back (cp {shlex.quote(str(copied[0]))} {shlex.quote(str(copied[1]))}) and run this "
+            "command again"
+        )
     raise UsageError(
         f"Tune's saved state of the search '{folder.name}' cannot be restored: {found.file} "
         f"{found.problem}. {consequence[0].upper()}{consequence[1:]}, and nothing was changed "
-        f"({kept}). If a good copy of that file exists (a "
-        f"backup, the shared storage), put it back and run this command again{otherwise}"
+        f"({kept}). {remedy}"
     )
 
 
@@ -150,3 +183,12 @@ def _read_pickled_state(path: Path) -> None:
     state = pickle.loads(path.read_bytes())
     if not isinstance(state, (dict, tuple)):
         raise ValueError("it holds no search state")
+
+
+READERS = {  # by the part of the file name before its first '-'
+    "tuner.pkl": _read_tuner,
+    "experiment_state": _read_experiment_state,
+    "search_gen_state": _read_pickled_state,
+    "searcher": _read_pickled_state,
+    "basic": _read_pickled_state,
+}

@@ -291,6 +291,7 @@ class Tracker:
         self._finalised: set[str] = set()
         self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
         self._ended: dict[str, str] = {}  # run id -> the record status its run was ended with
+        self._stop_tagged: set[str] = set()  # runs tagged STOPPED, which a --resume may finish
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address
         return {"uri": self.uri, "experiment": self.experiment, "search_key": self.search_key}
@@ -630,6 +631,8 @@ class Tracker:
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "score")
             self._logged[run_id] = {m.step for m in history}
+            if found[0].data.tags.get(STOPPED):
+                self._stop_tagged.add(run_id)
             if found[0].data.tags.get(FINAL) == "true":
                 self._finalised.add(run_id)
             elif "final_score" in found[0].data.metrics:
@@ -718,6 +721,10 @@ class Tracker:
             tags = [] if final else [RunTag(STOPPED, STOP_REASONS.get(record.status, "failed"))]
             if tags:
                 self.client.log_batch(run_id, tags=tags)
+                self._stop_tagged.add(run_id)
+            elif run_id in self._stop_tagged:  # interrupted once, finished after --resume
+                self.client.delete_tag(run_id, STOPPED)
+                self._stop_tagged.discard(run_id)
             self.client.set_terminated(run_id, status)
             self._ended[run_id] = record.status
 

@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -232,6 +233,8 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A trial resumed from its checkpoint reports its next epoch's step again: Optuna keeps the first.
+    warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
     # Ours to report: a store that fails is named by the writer, not by SQLAlchemy's tracebacks.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for logger, own in (
@@ -401,10 +404,14 @@ class _SavingFailures(logging.Filter):
         return True
 
 
+def experiment_folder(space: Space, options: SearchOptions) -> Path:
+    """Tune's folder of this search."""
+    return options.storage.expanduser().resolve() / (options.name or space.name)
+
+
 def resumable(space: Space, options: SearchOptions) -> bool:
     """Whether Tune saved enough of this search for --resume to continue it."""
-    experiment_path = options.storage.expanduser().resolve() / (options.name or space.name)
-    return saved_state.saved(experiment_path)
+    return saved_state.saved(experiment_folder(space, options))
 
 
 def confirm_path(experiment_path: Path) -> Path:
