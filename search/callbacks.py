@@ -81,10 +81,10 @@ class MlflowWriter(Callback):
         self._closed = False
         self._warned = False
         self._thread: threading.Thread | None = None
-        # The last failure of the store, in words, and whether it is one that waiting does not cure
-        # (a full or read-only disk, a deleted SQLite file): then the search ends in a failure.
+        # The last failure of the store, in words, and its kind when waiting does not cure it ('full',
+        # 'read-only', 'deleted': see store_failure): then the search ends in a failure.
         self.failure: str | None = None
-        self.lasting = False
+        self.lasting = ""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (MlflowWriter, {"tracker": self.tracker})
@@ -183,7 +183,7 @@ class MlflowWriter(Callback):
         if self._warned:
             self.console.print("MLflow is back; results written", style="green")
             self._warned = False
-        self.failure, self.lasting = None, False
+        self.failure, self.lasting = None, ""
         return True
 
     def drain(self, attempts: int = 2) -> bool:
@@ -200,23 +200,26 @@ class MlflowWriter(Callback):
         return not self.unwritten
 
 
-def store_failure(uri: str, err: BaseException) -> tuple[str, bool]:
-    """Why a write to the tracking store failed, in words, and whether it lasts until someone acts:
-    a full or read-only disk, or a SQLite file deleted under the search (SQLite then makes an empty
-    one, which has no tables). A server that is down or busy is neither."""
-    first = next((line for line in str(err).splitlines() if line.strip()), "")
+def store_failure(uri: str, err: BaseException) -> tuple[str, str]:
+    """Why a write to the tracking store failed, in words, and what lasts until someone acts: 'full'
+    or 'read-only' (its disk), 'deleted' (a SQLite file removed under the search: SQLite then makes
+    an empty one, without MLflow's tables), else '' (a server that is down or busy comes back)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = next((line for line in lines if line.startswith("(sqlite3.")), lines[0] if lines else "")
     path = sqlite_file(uri)
     if path is not None:
         if "no such table" in str(err) or not path.is_file() or path.stat().st_size == 0:
-            return f"MLflow's store {path} was deleted while the search ran ({first[:200]})", True
+            return f"MLflow's store {path} was deleted while the search ran ({said[:200]})", "deleted"
         problem = disk_state(path) or disk_problem(err)
         if problem is not None:
-            return f"MLflow's store {path} cannot be written: its disk is {problem}", True
-        return f"MLflow's store {path} failed ({type(err).__name__}: {first[:200]})", False
+            kind = "read-only" if "read-only" in problem else "full"
+            return f"MLflow's store {path} cannot be written: its disk is {problem}", kind
+        return f"MLflow's store {path} failed ({type(err).__name__}: {said[:200]})", ""
     problem = disk_problem(err)
     if problem is not None:  # a server's database on a full disk says so in its answer
-        return f"MLflow's server {uri} cannot write: its disk is {problem}", True
-    return f"MLflow unavailable ({type(err).__name__})", False
+        kind = "read-only" if "read-only" in problem else "full"
+        return f"MLflow's server {uri} cannot write: its disk is {problem}", kind
+    return f"MLflow unavailable ({type(err).__name__})", ""
 
 
 class Progress(Callback):

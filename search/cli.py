@@ -469,9 +469,9 @@ def search(
                 )
         _leave(signals.exit_status())
     print_summary(outcome, options.tracking_uri)
-    if outcome.best and not outcome.store:
+    if outcome.best and not outcome.store[0]:
         write_search_report(outcome.parent_run_id, options.tracking_uri)
-    if outcome.store:  # before the rest: what is not in MLflow is the first thing to put right
+    if outcome.store[0]:  # before the rest: what is not in MLflow is the first thing to put right
         fail(store_failed(outcome, options.tracking_uri), code=EXIT_FAILED)
     if outcome.interrupted:
         console.print(
@@ -509,12 +509,20 @@ def search(
 
 def store_failed(outcome: Any, tracking_uri: str) -> str:
     """One paragraph for trials left unwritten by a store that waiting will not bring back."""
-    return (
-        f"{outcome.store}: {outcome.unwritten} trial(s) are not in MLflow, nor is the end of the "
-        "search's run; Tune's result files hold them all. Free space there (or make the file "
-        "writable again, or put it back), then write them with: flatbasin sync "
-        f"{shlex.quote(str(outcome.experiment_path))} --tracking-uri "
+    failure, kind = outcome.store
+    sync = (
+        f"flatbasin sync {shlex.quote(str(outcome.experiment_path))} --tracking-uri "
         f"{shlex.quote(tracking_uri)}"
+    )
+    remedy = {
+        "full": "Free space there, then write them with",
+        "read-only": "Make it writable again, then write them with",
+        "deleted": "Put the file back if it was moved, or let sync make a new store there with "
+        "the whole search; either way run",
+    }[kind]
+    return (
+        f"{failure}: {outcome.unwritten} trial(s) are not in MLflow, nor is the end of the "
+        f"search's run; Tune's result files hold them all. {remedy}: {sync}"
     )
 
 
@@ -618,7 +626,7 @@ def sync(
     except (TrackingUnavailable, UsageError) as err:
         fail(str(err))
     print_summary(outcome, uri)
-    if outcome.store:
+    if outcome.store[0]:
         fail(store_failed(outcome, uri), code=EXIT_FAILED)
 
 
@@ -804,7 +812,7 @@ def print_summary(outcome: Any, tracking_uri: str) -> None:
         )
     if outcome.confirmed:
         print_confirmed(outcome.confirmed)
-    if outcome.unwritten and not outcome.store:  # else a paragraph of its own says it
+    if outcome.unwritten and not outcome.store[0]:  # else a paragraph of its own says it
         console.print(
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
             style="yellow",

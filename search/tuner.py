@@ -86,7 +86,8 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
     interrupted: bool = False  # Ctrl-C: trials left unfinished, resumable
     disk: str = ""  # a full or read-only disk stopped the search (resumable once there is room)
-    store: str = ""  # why trials are left unwritten, when it lasts (a full disk, a deleted file)
+    # Why trials are left unwritten, when it lasts, and its kind (full, read-only, deleted).
+    store: tuple[str, str] = ("", "")
     errors: list[str] = field(default_factory=list)  # one line per failed trial, first first
     resume_command: str = ""
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
@@ -542,9 +543,12 @@ def _run(
     )  # fmt: skip
 
 
-def _lasting_failure(writer: MlflowWriter) -> str:
-    """The store's failure when trials are left unwritten and waiting will not write them."""
-    return writer.failure or "" if writer.unwritten and writer.lasting else ""
+def _lasting_failure(writer: MlflowWriter) -> tuple[str, str]:
+    """The store's failure and its kind when trials are left unwritten and waiting will not write
+    them (see store_failure); ('', '') otherwise."""
+    if writer.unwritten and writer.lasting and writer.failure:
+        return writer.failure, writer.lasting
+    return "", ""
 
 
 def disk_paragraph(problem: str, error: str | None, experiment_path: Path) -> str:
