@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -229,6 +230,7 @@ def train(
         fail(str(err))
 
     from flatbasin.trainables.data import DataError
+    from flatbasin.trainables.files import disk_problem, write_whole
     from flatbasin.trainables.loop import train as run_trial
 
     legend = (
@@ -259,6 +261,28 @@ def train(
         )
     except (DataError, ValueError) as err:
         fail(str(err))
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the checkpoint holds the last whole epoch
+        if checkpoint is not None and checkpoint.is_file():
+            with contextlib.suppress(OSError):
+                stderr.print(
+                    f"{checkpoint} holds the last finished epoch; continue with: {again(resume)}",
+                    style="yellow",
+                )
+        raise
+    except OSError as err:  # a checkpoint that cannot be written (a full disk): say so, and how on
+        beside = checkpoint is not None and err.filename is not None and (
+            Path(err.filename).parent == checkpoint.parent
+        )
+        if not beside and disk_problem(err) is None:
+            raise
+        kept = (
+            f"; {checkpoint} holds the last epoch written: once there is room, continue with: "
+            f"{again(resume)}"
+            if checkpoint is not None and checkpoint.is_file()
+            else ""
+        )
+        fail(f"training stopped: {err.filename or checkpoint}: {err.strerror or err}{kept}",
+             code=EXIT_FAILED)  # fmt: skip
     last = result.history[-1].epoch if result.history else 0
     if result.diverged:
         console.print(f"diverged at epoch {last}: the loss is not finite", style="yellow")
@@ -277,8 +301,31 @@ def train(
         + (f", {to_best:.1f} s of training to the best epoch" if to_best is not None else "")
         + f"; plan {result.plan}"
     )
-    if json_out is not None:
-        json_out.write_text(json.dumps(result.to_json(), indent=2))
+    if json_out is not None:  # whole or not at all; a run's result is never lost to a failed write
+        text = json.dumps(result.to_json(), indent=2)
+        try:
+            write_whole(json_out, lambda tmp: tmp.write_text(text))
+        except OSError as err:
+            fail(f"--json {json_out}: cannot write it ({err.strerror or err}); {kept_elsewhere(text)}",
+                 code=EXIT_FAILED)  # fmt: skip
+
+
+def again(resume: bool) -> str:
+    """This command again, with --resume: what continues a run from its --checkpoint."""
+    return shlex.join(["flatbasin", *sys.argv[1:], *([] if resume else ["--resume"])])
+
+
+def kept_elsewhere(text: str) -> str:
+    """Where a result that could not be written went instead: a file in the temporary folder."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix="flatbasin-result-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+    except OSError:
+        return "the result is not saved anywhere else (the numbers are printed above)"
+    return f"the result was written to {name} instead"
 
 
 @app.command("lr-find")

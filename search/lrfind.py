@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flatbasin.search.errors import UsageError
+from flatbasin.trainables.files import write_whole
 
 if TYPE_CHECKING:  # matplotlib and torch load when the command runs, not when the CLI starts
     from matplotlib.figure import Figure
@@ -158,7 +159,7 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
     )
     figure = lr_find_figure(sweep, suggestion, title, details, (options.start, options.end))
     try:
-        figure.savefig(options.plot)
+        write_whole(options.plot, figure.savefig)  # an interrupted run leaves no half a figure
     except OSError as err:
         raise UsageError(
             f"--plot {options.plot}: cannot write the figure: {err.strerror or err}"
@@ -396,13 +397,13 @@ def write_space(path: Path, small: float, large: float) -> tuple[list[str], bool
             f"fixed.lr ({raw['fixed']['lr']}) stays, but each variant's own lr range now wins over it"
         )
     try:
-        path.write_bytes(text.encode("utf-8"))
+        write_whole(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))  # never half a space
     except OSError as err:
         raise UsageError(f"--write {path}: cannot write: {err.strerror or err}") from err
     try:
         load_space(path)
     except SpaceError as err:
-        path.write_bytes(original.encode("utf-8"))
+        write_whole(path, lambda tmp: tmp.write_bytes(original.encode("utf-8")))
         raise UsageError(
             f"--write {path}: with the suggested ranges the space no longer loads, so the file was "
             f"put back as it was: {err}"

@@ -42,6 +42,7 @@ from flatbasin.search.tracking import (
     read_store,
 )
 from flatbasin.spaces.loader import NAME, Dist, Space, SpaceError, load_space
+from flatbasin.trainables.files import write_whole
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
@@ -520,10 +521,11 @@ def write_files(report: Report, folder: Path) -> list[Path]:
     files = []
     for name, data in images.items():
         path = folder / name
-        path.write_bytes(data)
+        write_whole(path, lambda tmp, data=data: tmp.write_bytes(data))
         files.append(path)
-    page = folder / "report.html"
-    page.write_text(render_html(report, images), encoding="utf-8")
+    page = folder / "report.html"  # last and whole: a report cut short keeps the page it had
+    html = render_html(report, images)
+    write_whole(page, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     files.append(page)
     return files
 

@@ -72,6 +72,9 @@ def whole(path: Path) -> Iterator[Path]:
     keeps what it held: a file is either the old one or the new one, never half of each."""
     path = Path(path)
     target = path.resolve() if path.is_symlink() else path  # replace what the link points to
+    if target.exists() and not target.is_file():  # a device or a pipe: written into, never replaced
+        yield target
+        return
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -84,8 +87,13 @@ def whole(path: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        # torch.save says a full disk as "RuntimeError: ... unexpected pos": say it as the OS does
+        state = disk_state(target.parent) if not isinstance(err, OSError) else None
+        if isinstance(err, Exception) and state is not None:
+            code = errno.EROFS if state in READ_ONLY.values() else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(target)) from err
         raise
 
 
