@@ -8,6 +8,7 @@ path go as options, never secrets: credentials for MLflow belong in the cluster'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import shutil
 import tempfile
@@ -43,7 +44,17 @@ def submit(
         async for lines in client.tail_job_logs(job_id):
             console.out(lines, end="", highlight=False)
 
-    asyncio.run(follow())
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP stop the following, not the job
+        with contextlib.suppress(OSError):
+            console.print(
+                f"stopped following job {job_id}; it keeps running on the cluster. Follow it "
+                f"again with: ray job logs --address {address} --follow {job_id}; stop it with: "
+                f"ray job stop --address {address} {job_id}",
+                style="yellow",
+            )
+        raise
     info = client.get_job_info(job_id)
     console.print(f"job {job_id}: {info.status}")
     if info.status == JobStatus.SUCCEEDED:
