@@ -611,6 +611,10 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
         else:
             continue
         record = TrialRecord(trial_id, config)
+        # What the events brought first, then the files over it, epoch by epoch: a file that lags
+        # behind the events (Tune syncs the driver's copy to the storage now and then) loses nothing.
+        for row in seen.results if seen is not None else []:
+            record.add(row)
         rows = read_results(Path(result.path)) if result.path else []
         if not rows and result.metrics_dataframe is not None:
             rows = result.metrics_dataframe.to_dict("records")
