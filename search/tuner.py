@@ -117,6 +117,9 @@ def _init_ray(address: str | None) -> None:
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A trial stopped on a full disk (StopOnPermanentError) raises after Tune stopped waiting for it;
+    # Ray would print that error again, traceback and all: the search's paragraph names it.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     os.environ.setdefault(
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"
     )  # our summary names the runs
