@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import sys
@@ -230,7 +229,7 @@ def train(
         fail(str(err))
 
     from flatbasin.trainables.data import DataError
-    from flatbasin.trainables.files import disk_problem, write_whole
+    from flatbasin.trainables.files import disk_problem, keep_in_temp, write_whole
     from flatbasin.trainables.loop import train as run_trial
 
     legend = (
@@ -306,26 +305,16 @@ def train(
         try:
             write_whole(json_out, lambda tmp: tmp.write_text(text))
         except OSError as err:
-            fail(f"--json {json_out}: cannot write it ({err.strerror or err}); {kept_elsewhere(text)}",
+            kept = keep_in_temp(text)
+            fail(f"--json {json_out}: cannot write it ({err.strerror or err}); "
+                 + (f"the result was written to {kept} instead" if kept else
+                    "the result is not saved anywhere else (the numbers are printed above)"),
                  code=EXIT_FAILED)  # fmt: skip
 
 
 def again(resume: bool) -> str:
     """This command again, with --resume: what continues a run from its --checkpoint."""
     return shlex.join(["flatbasin", *sys.argv[1:], *([] if resume else ["--resume"])])
-
-
-def kept_elsewhere(text: str) -> str:
-    """Where a result that could not be written went instead: a file in the temporary folder."""
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(prefix="flatbasin-result-", suffix=".json")
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-    except OSError:
-        return "the result is not saved anywhere else (the numbers are printed above)"
-    return f"the result was written to {name} instead"
 
 
 @app.command("lr-find")
@@ -438,6 +427,7 @@ def search(
 
     from flatbasin.search import signals
     from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
+    from flatbasin.search.recovery import disk_failed, store_failed
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
@@ -554,52 +544,6 @@ def search(
         )
 
 
-def store_failed(outcome: Any, tracking_uri: str) -> str:
-    """One paragraph for trials left unwritten by a store that waiting will not bring back."""
-    failure, kind = outcome.store
-    sync = (
-        f"flatbasin sync {shlex.quote(str(outcome.experiment_path))} --tracking-uri "
-        f"{shlex.quote(tracking_uri)}"
-    )
-    remedy = {
-        "full": "Free space there, then write them with",
-        "read-only": "Make it writable again, then write them with",
-        "deleted": "Put the file back if it was moved, or let sync make a new store there with "
-        "the whole search; either way run",
-    }[kind]
-    return (
-        f"{failure}: {outcome.unwritten} trial(s) are not in MLflow, nor is the end of the "
-        f"search's run; Tune's result files hold them all. {remedy}: {sync}"
-    )
-
-
-def disk_failed(disk: str, resume: str, experiment_path: Path) -> str:
-    """One paragraph for a search that a full or read-only disk stopped: which disk, and how to go on
-    (Tune's state itself may have been cut short on its way to that disk: then how to put it back)."""
-    from flatbasin.search import saved_state
-
-    state = saved_state.inspect(experiment_path)
-    if state.kind == "saved":
-        then = f"then continue it with: {resume}"
-    elif (copied := saved_state.complete_copy(experiment_path)) is not None:
-        copy, cut = (shlex.quote(str(p)) for p in copied)
-        then = (
-            "then put back Tune's state, which was cut short there, and continue: "
-            f"cp {copy} {cut} && {resume}"
-        )
-    elif state.kind == "damaged":
-        then = (
-            f"then see what --resume says of Tune's state ({state.file} {state.problem}): "
-            f"{resume}"
-        )
-    else:
-        then = "then run the same command again (Tune had saved nothing to resume)"
-    return (
-        f"the search stopped: {disk}. Every unfinished trial keeps its last checkpoint, and the "
-        f"search's run says failed. Free space there (or make it writable again), {then}"
-    )
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
@@ -663,6 +607,7 @@ def sync(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
+    from flatbasin.search.recovery import store_failed
     from flatbasin.search.tracking import TrackingUnavailable
     from flatbasin.search.tuner import sync as run_sync
 

@@ -103,6 +103,18 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
 
 
+def keep_in_temp(text: str) -> Path | None:
+    """`text` in a new file of the temporary folder (a result that could not be written where it
+    was asked for); None when that cannot be written either."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="flatbasin-result-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+    except OSError:
+        return None
+    return Path(name)
+
+
 def _umask() -> int:
     """This process's umask, read without changing it (os.umask would, for a moment, in every
     thread)."""
