@@ -191,16 +191,43 @@ def interrupted(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_a_damaged_state_is_refused_and_nothing_is_touched(
-    interrupted, tmp_path, ray_tmpdir, damage
-):
-    """--resume on a Tune state that cannot be restored: one paragraph naming the file and what can
-    be done, exit 2, before Ray starts; the store and the folder exactly as they were."""
+def copy_of(interrupted: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(folder, Tune folder) of a copy of the interrupted search, its store naming the copy."""
     folder = tmp_path / "copy"
     shutil.copytree(interrupted, folder)
     experiment = folder / "runs" / "damaged"
     _retag(folder / "mlflow.db", experiment)
+    return folder, experiment
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_state_is_refused_naming_the_file(interrupted, tmp_path, damage):
+    """Every kind of damage, through the check --resume and sync make before Ray starts: one
+    paragraph naming the file and what can be done; the folder as it was."""
+    from flatbasin.search import saved_state
+    from flatbasin.search.errors import UsageError
+
+    _, experiment = copy_of(interrupted, tmp_path)
+    assert saved_state.check(experiment) is True  # the control: undamaged, it resumes
+    DAMAGES[damage](experiment)
+    files = listing(experiment)
+    with pytest.raises(UsageError) as refused:
+        saved_state.check(experiment, "RUN")
+    message = str(refused.value)
+    assert message.startswith("Tune's saved state of the search 'damaged' cannot be restored: ")
+    assert str(experiment) in message and "\n" not in message
+    assert "nothing was changed (MLflow's run RUN and the folder" in message
+    assert "--name NEW_NAME" in message and "Tune would start the search over" in message
+    assert listing(experiment) == files
+
+
+@pytest.mark.parametrize("damage", ["state cut short", "tuner.pkl deleted"])
+def test_resume_refuses_a_damaged_state_before_ray_and_touches_nothing(
+    interrupted, tmp_path, ray_tmpdir, damage
+):
+    """The command: exit 2, one paragraph, no traceback, Ray never started, the store and the
+    folder exactly as they were."""
+    folder, experiment = copy_of(interrupted, tmp_path)
     DAMAGES[damage](experiment)
     store, files = digest(folder / "mlflow.db"), listing(experiment)
     done = flatbasin(
@@ -210,8 +237,7 @@ def test_a_damaged_state_is_refused_and_nothing_is_touched(
     message = done.stderr.strip()
     assert message.startswith("error: Tune's saved state of the search 'damaged' cannot be restored")
     assert "\n" not in message and "Traceback" not in done.stdout + done.stderr
-    assert str(experiment) in message and "--name NEW_NAME" in message
-    assert "nothing was changed" in message and "MLflow's run " in message
+    assert "nothing was changed (MLflow's run " in message
     assert digest(folder / "mlflow.db") == store and listing(experiment) == files
     assert not list(ray_tmpdir.iterdir())  # Ray never started
 
@@ -232,23 +258,8 @@ def _retag(db: Path, experiment: Path) -> None:
         )
 
 
-def test_an_intact_copy_resumes_so_the_damage_cases_can_fail(interrupted, tmp_path, ray_tmpdir):
-    """The control for the cases above: the same copy, undamaged, resumes to the end."""
-    folder = tmp_path / "copy"
-    shutil.copytree(interrupted, folder)
-    experiment = folder / "runs" / "damaged"
-    _retag(folder / "mlflow.db", experiment)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    done = flatbasin(*resume_args(folder), cwd=folder, env={"RAY_TMPDIR": str(ray_tmpdir)})
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert_finished_once(MlflowClient(uri), "damaged", experiment, 4)
-
-
 def test_a_missing_search_folder_is_refused_naming_the_run(interrupted, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(interrupted, folder)
-    experiment = folder / "runs" / "damaged"
-    _retag(folder / "mlflow.db", experiment)
+    folder, experiment = copy_of(interrupted, tmp_path)
     shutil.rmtree(experiment)
     store = digest(folder / "mlflow.db")
     done = flatbasin(*resume_args(folder), cwd=folder, timeout=300)
