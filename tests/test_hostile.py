@@ -150,6 +150,26 @@ def test_a_stopped_training_run_exits_as_interrupted_and_resumes(tmp_path, proce
     assert json.loads((tmp_path / "result.json").read_text())["history"][-1]["epoch"] == 30
 
 
+@pytest.mark.slow
+def test_a_stopped_focus_library_run_writes_no_library(tmp_path, process_groups):
+    """SIGTERM while the harvest trains: exit 143, one line, and no library, whole or half."""
+    out = tmp_path / "focus.pt"
+    proc = process_groups.spawn(
+        [sys.executable, "-m", "flatbasin", "focus-library", str(out), "--dataset", "mnist1d",
+         "--epochs", "200", "--set", "threads=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith("harvesting:"), first
+    process_groups.send(proc, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip() == "interrupted (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_on_a_full_disk_ends_in_one_paragraph_and_keeps_its_checkpoint(tmp_path):
     """The checkpoint of epoch 2 does not fit: one paragraph naming the file and the disk, the
     checkpoint of epoch 1 whole, and the command that continues once there is room."""
