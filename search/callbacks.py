@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,8 +17,9 @@ from ray.tune import Callback
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
-from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord
+from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord, sqlite_file
 from flatbasin.trainables.config import sampled
+from flatbasin.trainables.files import disk_problem, disk_state
 
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
@@ -78,6 +81,10 @@ class MlflowWriter(Callback):
         self._closed = False
         self._warned = False
         self._thread: threading.Thread | None = None
+        # The last failure of the store, in words, and its kind when waiting does not cure it ('full',
+        # 'read-only', 'deleted': see store_failure): then the search ends in a failure.
+        self.failure: str | None = None
+        self.lasting = ""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _revive, (MlflowWriter, {"tracker": self.tracker})
@@ -165,9 +172,10 @@ class MlflowWriter(Callback):
                 left = [r.trial_id for r in pending[i:] if not self.tracker.is_written(r)]
                 with self._lock:
                     self.unwritten.update(left)
+                self.failure, self.lasting = store_failure(self.tracker.uri, err)
                 if not self._warned:
                     self.console.print(
-                        f"MLflow unavailable ({type(err).__name__}); results are kept and written when it is back",
+                        f"{self.failure}; results are kept and written when it can be",
                         style="yellow",
                     )
                     self._warned = True
@@ -175,6 +183,7 @@ class MlflowWriter(Callback):
         if self._warned:
             self.console.print("MLflow is back; results written", style="green")
             self._warned = False
+        self.failure, self.lasting = None, ""
         return True
 
     def drain(self, attempts: int = 2) -> bool:
@@ -189,6 +198,28 @@ class MlflowWriter(Callback):
             if not self.unwritten or self._write_pending():
                 break
         return not self.unwritten
+
+
+def store_failure(uri: str, err: BaseException) -> tuple[str, str]:
+    """Why a write to the tracking store failed, in words, and what lasts until someone acts: 'full'
+    or 'read-only' (its disk), 'deleted' (a SQLite file removed under the search: SQLite then makes
+    an empty one, without MLflow's tables), else '' (a server that is down or busy comes back)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = next((line for line in lines if line.startswith("(sqlite3.")), lines[0] if lines else "")
+    path = sqlite_file(uri)
+    if path is not None:
+        if "no such table" in str(err) or not path.is_file() or path.stat().st_size == 0:
+            return f"MLflow's store {path} was deleted while the search ran ({said[:200]})", "deleted"
+        problem = disk_state(path) or disk_problem(err)
+        if problem is not None:
+            kind = "read-only" if "read-only" in problem else "full"
+            return f"MLflow's store {path} cannot be written: its disk is {problem}", kind
+        return f"MLflow's store {path} failed ({type(err).__name__}: {said[:200]})", ""
+    problem = disk_problem(err)
+    if problem is not None:  # a server's database on a full disk says so in its answer
+        kind = "read-only" if "read-only" in problem else "full"
+        return f"MLflow's server {uri} cannot write: its disk is {problem}", kind
+    return f"MLflow unavailable ({type(err).__name__})", ""
 
 
 class Progress(Callback):
@@ -293,19 +324,42 @@ class Progress(Callback):
 
 class StopOnPermanentError(tune.Stopper):
     """A trial that reports a permanent error (its data or model cannot work) ends the search: every
-    other trial would hit the same wall, and retrying it would only repeat the error."""
+    other trial would hit the same wall, and retrying it would only repeat the error.
+
+    A trial that reports a full or read-only disk stops the search too, but the way Ctrl-C does (Tune
+    saves its state, and its SIGUSR1 handler is the same as its SIGINT one): trials stopped by this
+    stopper would count as finished, and every trial must stay resumable once there is room."""
 
     def __init__(self) -> None:
         self.error: str | None = None
+        self.disk_error: str | None = None  # 'trial ID: OSError: [Errno 28] ...', the first one
+        self.disk: str | None = None  # 'full (no space left on device)', 'read-only', ...
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a restored search's Tuner gets this live object
+        return _revive, (StopOnPermanentError, {})
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StopOnPermanentError:
+        return cls()
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if result.get("permanent_error"):
             self.error = self.error or str(result["permanent_error"])
             return True
+        if result.get("disk_error") and self.disk_error is None:
+            self.disk_error, self.disk = f"trial {trial_id}: {result['disk_error']}", result["disk"]
+            _interrupt_tune()
         return False
 
     def stop_all(self) -> bool:
         return self.error is not None
+
+
+def _interrupt_tune() -> None:
+    """Stop the experiment as Ctrl-C would: Tune's handler of SIGUSR1 (it installs one with its
+    SIGINT handler, in the main thread) saves the state and leaves every unfinished trial resumable."""
+    if callable(signal.getsignal(signal.SIGUSR1)):
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _clock(seconds: float) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -434,6 +436,7 @@ def sync(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
+    from flatbasin.search.recovery import store_failed
     from flatbasin.search.tracking import TrackingUnavailable
     from flatbasin.search.tuner import sync as run_sync
 
@@ -444,6 +447,8 @@ def sync(
     except (TrackingUnavailable, UsageError) as err:
         fail(str(err))
     print_summary(outcome, uri)
+    if outcome.store[0]:
+        fail(store_failed(outcome, uri), code=EXIT_FAILED)
 
 
 @app.command()
@@ -566,10 +571,10 @@ def _leave(code: int) -> NoReturn:
     """Exit now. After a Ctrl-C inside Ray's start-up, Ray's own exit handlers can crash the
     interpreter (a segfault, exit 139, was seen): its local processes die with this one anyway."""
     import os
-    import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)
 
 

@@ -11,6 +11,7 @@ numbers match exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -134,6 +135,25 @@ def reproduce(
               **({BASE_RUN: config.start.run_id} if config.start and config.start.run_id else {})},
     )  # fmt: skip
     new_run_id = reproduction.info.run_id
+    try:
+        _record(client, new_run_id, config, result, last)
+    except BaseException:
+        # Ctrl-C, SIGTERM, a store that failed: the reproduction's run must not say RUNNING forever.
+        with contextlib.suppress(Exception):
+            client.set_terminated(new_run_id, "KILLED")
+        raise
+    folder.cleanup()
+    code_folder.cleanup()
+    client.set_terminated(new_run_id)
+    verdict = Text("exact match", style="green") if exact else Text("numbers differ", style="red")
+    console.print(verdict + Text(f"; logged as run {new_run_id}"))
+    return exact
+
+
+def _record(
+    client: MlflowClient, new_run_id: str, config: TrialConfig, result: Any, last: Path
+) -> None:
+    """The reproduction's params, metrics, record and weights, into its run."""
     params = [Param(k, str(v)) for k, v in sorted(config.flat().items())]
     for start in range(0, len(params), 100):
         client.log_batch(new_run_id, params=params[start : start + 100])
@@ -154,12 +174,6 @@ def reproduce(
     client.log_dict(new_run_id, result.to_json(), "reproduction.json")
     if last.is_file():
         log_weights(client, new_run_id, last)
-    folder.cleanup()
-    code_folder.cleanup()
-    client.set_terminated(new_run_id)
-    verdict = Text("exact match", style="green") if exact else Text("numbers differ", style="red")
-    console.print(verdict + Text(f"; logged as run {new_run_id}"))
-    return exact
 
 
 def with_code(

@@ -10,6 +10,7 @@ command refuses a --tracking-uri with user-info: Ray shows every job's entrypoin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import shutil
 import tempfile
@@ -54,7 +55,17 @@ def submit(
         async for lines in client.tail_job_logs(job_id):
             console.out(lines, end="", highlight=False)
 
-    asyncio.run(follow())
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP stop the following, not the job
+        with contextlib.suppress(OSError):
+            console.print(
+                f"stopped following job {job_id}; it keeps running on the cluster. Follow it "
+                f"again with: ray job logs --address {address} --follow {job_id}; stop it with: "
+                f"ray job stop --address {address} {job_id}",
+                style="yellow",
+            )
+        raise
     info = client.get_job_info(job_id)
     console.print(f"job {job_id}: {info.status}")
     if info.status == JobStatus.SUCCEEDED:

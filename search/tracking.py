@@ -57,6 +57,10 @@ STOP_REASONS = {
     "INTERRUPTED": "the search was interrupted; --resume continues this trial",
     "STOPPED": "the search stopped at another trial's permanent error",
 }
+LOST = (
+    "lost: the search's driver was killed before Tune saved this trial, so --resume ran its place "
+    "again as another trial; not part of the search"
+)
 CONFIRMS = "flatbasin.confirms"  # of a confirmation run: the trial id whose best config it retrains
 # Post-convergence: the run whose checkpoint.pt holds the converged model a trial (and its search)
 # continues, the SHA-256 of those weights, and, on a base run, what the weights came from.
@@ -412,6 +416,7 @@ class Tracker:
         self._finalised: set[str] = set()
         self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
         self._ended: dict[str, str] = {}  # run id -> the record status its run was ended with
+        self._stop_tagged: set[str] = set()  # runs tagged STOPPED, which a --resume may finish
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address,
         # without credentials (a restored search gets this process's live tracker back: callbacks.py)
@@ -729,6 +734,27 @@ class Tracker:
         if base is not None:
             self.client.delete_run(base)
 
+    def settle_lost(self, known: set[str], role: str = "trial") -> int:
+        """End the runs of trials that Tune does not know. A driver killed outright (SIGKILL, the
+        OOM killer) after a trial's run was made but before Tune saved that trial leaves a run that
+        would say RUNNING forever and count as a trial, while --resume runs the slot again as a new
+        trial. Such a run is ended KILLED and its role becomes 'lost', so that no count, summary or
+        report takes it for a trial; what it logged stays. Returns how many there were."""
+        if self._parent is None:
+            return 0
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self._parent}' and "
+            f"tags.`{ROLE}` = '{role}' and attributes.status = 'RUNNING'",
+            max_results=50_000,
+        )
+        lost = [run for run in runs if run.data.tags.get(TRIAL_ID) not in known]
+        for run in lost:
+            tags = [RunTag(ROLE, "lost"), RunTag(STOPPED, LOST)]
+            self.client.log_batch(run.info.run_id, tags=tags)
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return len(lost)
+
     # ------------------------------------------------------------------ trial level
     def run_for(self, record: TrialRecord) -> str:
         if record.trial_id in self._runs:
@@ -743,6 +769,8 @@ class Tracker:
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "score")
             self._logged[run_id] = {m.step for m in history}
+            if found[0].data.tags.get(STOPPED):
+                self._stop_tagged.add(run_id)
             if found[0].data.tags.get(FINAL) == "true":
                 self._finalised.add(run_id)
             elif "final_score" in found[0].data.metrics:
@@ -831,6 +859,10 @@ class Tracker:
             tags = [] if final else [RunTag(STOPPED, STOP_REASONS.get(record.status, "failed"))]
             if tags:
                 self.client.log_batch(run_id, tags=tags)
+                self._stop_tagged.add(run_id)
+            elif run_id in self._stop_tagged:  # interrupted once, finished after --resume
+                self.client.delete_tag(run_id, STOPPED)
+                self._stop_tagged.discard(run_id)
             self.client.set_terminated(run_id, status)
             self._ended[run_id] = record.status
 

@@ -12,8 +12,10 @@ import os
 import re
 import shlex
 import signal
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from flatbasin.search import post_convergence, preflight
+from flatbasin.search import post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -43,6 +45,7 @@ from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord,
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
+from flatbasin.trainables.files import disk_problem, disk_state
 
 MODEL_LOGGED = "flatbasin.model_logged"
 
@@ -94,6 +97,9 @@ class Outcome:
     unwritten: int  # trials whose MLflow writes are still pending (server away at the end)
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, finish
     interrupted: bool = False  # Ctrl-C: trials left unfinished, resumable
+    disk: str = ""  # a full or read-only disk stopped the search (resumable once there is room)
+    # Why trials are left unwritten, when it lasts, and its kind (full, read-only, deleted).
+    store: tuple[str, str] = ("", "")
     errors: list[str] = field(default_factory=list)  # one line per failed trial, first first
     resume_command: str = ""
     confirmed: list[dict[str, Any]] = field(default_factory=list)  # per variant over fresh seeds
@@ -103,7 +109,7 @@ class Outcome:
 
     @property
     def state(self) -> str:
-        return search_state(bool(self.errors), self.interrupted, bool(self.out_of_time))
+        return search_state(bool(self.errors or self.disk), self.interrupted, bool(self.out_of_time))
 
 
 def search_state(failed: bool, interrupted: bool, out_of_time: bool) -> str:
@@ -140,6 +146,9 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A trial stopped on a full disk (StopOnPermanentError) raises after Tune stopped waiting for it;
+    # Ray would print that error again, traceback and all: the search's paragraph names it.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     os.environ.setdefault(
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"
     )  # our summary names the runs
@@ -153,7 +162,9 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
         # No job runtime_env (an earlier worker set-up hook that imported torch was one): Ray only
         # hands a prestarted worker to an actor whose runtime_env is empty, so with one every trial
         # actor was a new process and the warmed workers sat idle (checked by their pids).
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        with signals.spared_children():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    signals.install()  # ray.init's own SIGTERM handler aborts the driver (exit 134, nothing saved)
 
 
 def trial_name(trial: Any) -> str:
@@ -184,13 +195,17 @@ def check_new_or_resumable(
 ) -> None:
     """--resume needs a search to resume, of the same space; without it, a search of the same name
     is never merged into."""
-    from ray import tune
-
-    restorable = tune.Tuner.can_restore(str(experiment_path))
     earlier = tracker.find_parent()
+    # A damaged state is refused with or without --resume (without, the advice would be --resume);
+    # so is the confirmation runs' own experiment, which a resumed search continues too.
+    restorable = saved_state.check(experiment_path, earlier)
+    if resume:
+        saved_state.check(confirm_path(experiment_path), earlier)
     if resume and not restorable:
         hint = (
-            f" (MLflow has its run {earlier}, but Tune's folder is gone)"
+            f" (MLflow has its run {earlier}, but Tune's folder is gone or holds nothing to "
+            "resume: put it back if it was moved, or start a new search with --name NEW_NAME; "
+            "what was recorded stays in MLflow)"
             if earlier
             else "; run without --resume to start it"
         )
@@ -310,11 +325,16 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # A trial resumed from its checkpoint reports its next epoch's step again: Optuna keeps the first.
+    warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+    # Ours to report: a store that fails is named by the writer, not by SQLAlchemy's tracebacks.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for logger, own in (
         ("ray.tune.tune", _OwnMessages),
         ("ray.tune.analysis.experiment_analysis", _OwnMessages),
         ("ray.tune.execution.tune_controller", _TrialFailures),
+        ("ray.tune.execution.experiment_state", _SavingFailures),
+        ("ray.train._internal.syncer", _SavingFailures),
     ):
         log = logging.getLogger(logger)
         if not any(isinstance(f, own) for f in log.filters):
@@ -404,21 +424,31 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
             return _run(
                 space, options, console, tracker, parent, experiment_path, samples, started, weights
             )
-        except BaseException:
+        except BaseException as err:
             # Ctrl-C pressed twice, or a failure of the driver itself: the search is not finished, and
             # its run must not say RUNNING forever. What Tune saved stays resumable; a search stopped
             # before Tune saved anything leaves no run behind (it holds nothing, and would only block
             # running the same command again), its base run included. A store that is down keeps what
-            # it has: the error that brought us here is the one to report.
-            from ray import tune
-
+            # it has: the error that brought us here is the one to report. A disk that filled up (or
+            # went read-only) under the driver's own writes is a failure, named by its path.
+            problem = disk_problem(err) if isinstance(err, Exception) else None
             with contextlib.suppress(MlflowException, TrackingUnavailable, OSError):
-                restorable = tune.Tuner.can_restore(str(experiment_path))
+                restorable = saved_state.saved(experiment_path)
                 if not restorable:
                     tracker.discard_base()
                 if restorable or not tracker.discard_parent():
-                    tracker.end_parent("interrupted")
+                    tracker.end_parent("failed" if problem else "interrupted")
+            if problem is not None:
+                first = next((line for line in str(err).splitlines() if line.strip()), "")
+                raise DiskFailure(
+                    disk_paragraph(problem, f"{type(err).__name__}: {first}", experiment_path)
+                ) from err
             raise
+
+
+class DiskFailure(Exception):
+    """The driver's own write (Tune's state or result files, the search's records) found its disk
+    full or read-only; the message names the disk and the error."""
 
 
 class _OwnMessages(logging.Filter):
@@ -451,12 +481,40 @@ class _TrialFailures(logging.Filter):
         return True
 
 
+class _SavingFailures(logging.Filter):
+    """While a disk is full, Tune logs every failed save of its state and every failed sync with a
+    whole traceback, every few seconds: one line, once; the search's paragraph says the rest."""
+
+    said = False  # per process: one search at a time
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if _SavingFailures.said:
+            return False
+        _SavingFailures.said = True
+        error = record.exc_info[1] if record.exc_info else None
+        lines = [line.strip() for line in str(error or record.getMessage()).splitlines()]
+        last = next((line for line in reversed(lines) if line), "")
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"Tune could not save its state to its storage: {last[:300]}", (), None, None,
+        )  # fmt: skip
+        return True
+
+
+def experiment_folder(space: Space, options: SearchOptions) -> Path:
+    """Tune's folder of this search."""
+    return options.storage.expanduser().resolve() / (options.name or space.name)
+
+
 def resumable(space: Space, options: SearchOptions) -> bool:
     """Whether Tune saved enough of this search for --resume to continue it."""
-    from ray import tune
+    return saved_state.saved(experiment_folder(space, options))
 
-    experiment_path = options.storage.expanduser().resolve() / (options.name or space.name)
-    return tune.Tuner.can_restore(str(experiment_path))
+
+def confirm_path(experiment_path: Path) -> Path:
+    """The confirmation runs' Tune experiment, beside the search's."""
+    return experiment_path.with_name(f"{experiment_path.name}.confirm")
 
 
 def _run(
@@ -481,8 +539,8 @@ def _run(
     trainable = _trainable(options, start_weights)
     writer = MlflowWriter(tracker, console)
     progress = Progress(samples, console)
-    make_live(writer, progress)  # a restored Tuner gets these objects back, not copies
     stopper = StopOnPermanentError()
+    make_live(writer, progress, stopper)  # a restored Tuner gets these objects back, not copies
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(storage),
@@ -544,18 +602,25 @@ def _run(
     _fill_from_grid(writer, grid, stopped_by=stopper.error)
     best = _best_per_variant(writer)
     errors = _errors(writer, grid)
-    interrupted = interrupt.caught and not errors
+    disk = disk_paragraph(stopper.disk, stopper.disk_error, experiment_path) if stopper.disk else ""
+    interrupted = interrupt.caught and not errors and not disk
     out_of_time = _out_of_time(options, writer, samples, fit_ended - fit_started)
     written = writer.drain()
     confirmed: list[dict[str, Any]] = []
     seeds = options.confirm_seeds if options.confirm_seeds is not None else space.confirm_seeds
     confirm_started = time.perf_counter()
-    if seeds and best and not interrupted and not errors and not out_of_time:
-        confirmed, interrupted, errors = _confirm(
+    if seeds and best and not interrupted and not errors and not disk and not out_of_time:
+        confirmed, interrupted, errors, disk = _confirm(
             tracker, console, options, experiment_path, best, seeds, trainable
         )
     confirm_ended = time.perf_counter()
-    state = search_state(bool(errors), interrupted, bool(out_of_time))
+    state = search_state(bool(errors or disk), interrupted, bool(out_of_time))
+    if written and (lost := tracker.settle_lost(_tune_trial_ids(grid))):
+        console.print(
+            f"note: {lost} trial run(s) of an earlier driver that was killed outright were never "
+            "saved by Tune (their places ran again); they are marked lost in MLflow",
+            style="yellow",
+        )
     if written:
         _finish_parent(tracker, parent, best, grid, confirmed)
         tracker.end_parent(state)
@@ -571,8 +636,30 @@ def _run(
         resume_command=resume_command(space, options), confirmed=confirmed,
         trials_per_variant=(counts := _count_variants(writer)),
         untried=[] if interrupted else [v for v in space.variants if v not in counts],
-        out_of_time=out_of_time,
+        out_of_time=out_of_time, disk=disk, store=_lasting_failure(writer),
     )  # fmt: skip
+
+
+def _lasting_failure(writer: MlflowWriter) -> tuple[str, str]:
+    """The store's failure and its kind when trials are left unwritten and waiting will not write
+    them (see store_failure); ('', '') otherwise."""
+    if writer.unwritten and writer.lasting and writer.failure:
+        return writer.failure, writer.lasting
+    return "", ""
+
+
+def disk_paragraph(problem: str, error: str | None, experiment_path: Path) -> str:
+    """What filled up (or went read-only), named by its path: Tune's storage or the temporary folder
+    the trials write their checkpoints through, as they are now; else the error as it came."""
+    where = f"a disk the trials write to is {problem}"
+    for what, path in (
+        ("Tune's storage", experiment_path.parent),
+        ("the temporary folder", Path(tempfile.gettempdir())),
+    ):
+        if (now := disk_state(path)) is not None:
+            where = f"{what} {path} is {now}"
+            break
+    return f"{where}: {error}" if error else where
 
 
 def _out_of_time(
@@ -625,6 +712,10 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
         else:
             continue
         record = TrialRecord(trial_id, config)
+        # What the events brought first, then the files over it, epoch by epoch: a file that lags
+        # behind the events (Tune syncs the driver's copy to the storage now and then) loses nothing.
+        for row in seen.results if seen is not None else []:
+            record.add(row)
         rows = read_results(Path(result.path)) if result.path else []
         if not rows and result.metrics_dataframe is not None:
             rows = result.metrics_dataframe.to_dict("records")
@@ -674,6 +765,11 @@ def _unfinished(grid: Any) -> list[str]:
     """
     trials = grid._experiment_analysis.trials  # Result has no status; the analysis' trials do
     return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def _tune_trial_ids(grid: Any) -> set[str]:
+    """Every trial Tune's experiment holds, whatever its state."""
+    return {t.trial_id for t in grid._experiment_analysis.trials}
 
 
 def _errors(writer: MlflowWriter, grid: Any) -> list[str]:
@@ -761,7 +857,7 @@ def _confirm(
     best: list[dict[str, Any]],
     seeds: int,
     trainable: Any,
-) -> tuple[list[dict[str, Any]], bool, list[str]]:
+) -> tuple[list[dict[str, Any]], bool, list[str], str]:
     """Retrain each variant's best configuration with `seeds` fresh seeds, as Ray trials in parallel
     (a Tune experiment of its own beside the search's, resumable the same way); their runs are tagged
     flatbasin.role=confirm and never touch the search's own runs. `trainable` is the search's own:
@@ -769,7 +865,7 @@ def _confirm(
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    path = experiment_path.with_name(f"{experiment_path.name}.confirm")
+    path = confirm_path(experiment_path)
     configs = [
         {**row["config"], "settings": {**row["config"]["settings"], "seed": seed},
          "confirm_of": row["trial_id"]}
@@ -782,8 +878,9 @@ def _confirm(
     )
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
-    make_live(writer, progress)
-    if tune.Tuner.can_restore(str(path)):
+    stopper = StopOnPermanentError()
+    make_live(writer, progress, stopper)
+    if saved_state.saved(path):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -805,7 +902,7 @@ def _confirm(
                 callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                stop=StopOnPermanentError(),
+                stop=stopper,
                 verbose=0,
             ),
         )
@@ -813,12 +910,14 @@ def _confirm(
         grid = tuner.fit()
     _fill_from_grid(writer, grid)
     errors = _errors(writer, grid)
-    writer.drain()
+    disk = disk_paragraph(stopper.disk, stopper.disk_error, path) if stopper.disk else ""
+    if writer.drain():
+        tracker.settle_lost(_tune_trial_ids(grid), role="confirm")
     finals: dict[str, list[dict[str, Any]]] = {}
     for record in writer.records.values():
         if record.final is not None:
             finals.setdefault(record.config["variant"], []).append(record.final)
-    return confirmation_stats(finals), interrupt.caught and not errors, errors
+    return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
 
 
 def _finish_parent(
@@ -904,8 +1003,9 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     from flatbasin.trainables import ray_entry
 
     experiment_path = experiment_path.expanduser().resolve()
-    if not tune.Tuner.can_restore(str(experiment_path)):
+    if not saved_state.check(experiment_path, command="sync"):  # before MLflow is touched
         raise UsageError(f"no search at {experiment_path} (a Tune folder such as runs/NAME)")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # the writer says it
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()
@@ -919,8 +1019,10 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
         interrupted=bool(_unfinished(grid)) and not errors, errors=errors,
     )  # fmt: skip
     if writer.drain():
+        tracker.settle_lost(_tune_trial_ids(grid))
         _finish_parent(tracker, parent, best, grid)
         tracker.end_parent(outcome.state)
     return dataclasses.replace(
-        outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer)
-    )
+        outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer),
+        store=_lasting_failure(writer),
+    )  # fmt: skip

@@ -424,3 +424,54 @@ def searched(tmp_path_factory) -> Iterator[Searched]:
         )  # fmt: skip
         stdout, stderr = proc.communicate(timeout=840)
         yield Searched(folder, uri, proc.returncode, stdout, stderr)
+
+
+# ----------------------------------------------------------------------------- small disks
+# A full disk, or one that turns read-only, made for one test: a tmpfs of a given size mounted on a
+# folder of the test's own (root only: the test is skipped, saying why, where it cannot mount one).
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` ('4m') mounted on `folder` (made), unmounted however the test ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("a small file system needs root, to mount a tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        # Lazily: a process the test started may still hold a file there; it goes when they do.
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on `disk` until no block is left; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for chunk in (1 << 20, 1 << 16, 1 << 12, 1):
+            with suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` turns read-only for new opens, as a remount or an NFS server going read-only does,
+    while files already open stay as they were (a read-only remount is refused while any file is
+    open for writing, as a store's is): a read-only bind mount laid over it, removed afterwards."""
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount a folder read-only here: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

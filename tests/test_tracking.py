@@ -144,3 +144,34 @@ def test_only_trials_mlflow_lacks_count_as_unwritten(tmp_path):
         )
     assert not writer.drain(attempts=1)
     assert writer.unwritten == {"t0", "t2"}
+
+
+def test_runs_of_trials_tune_never_saved_are_ended_and_not_counted(tmp_path):
+    """A driver killed outright (SIGKILL) after a trial's run was made, before Tune saved the
+    trial: --resume runs that place again as another trial, and the old run must neither stay
+    RUNNING nor count as a trial. Runs Tune knows, and runs already ended, are left as they are."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k")
+    tracker.parent()
+    writer = MlflowWriter(tracker, Console(quiet=True))
+    for trial_id, status in (("known", None), ("ended", "FINISHED"), ("lost", None)):
+        trial = SimpleNamespace(
+            trial_id=trial_id, config={"variant": "sgd"}, local_path=str(tmp_path), path=None
+        )
+        writer.on_trial_result(0, [], trial, {"epoch": 1, "score": 0.5})
+        if status:
+            writer.on_trial_complete(0, [], trial)
+    assert writer.drain()
+    assert tracker.trial_variants() == ["sgd"] * 3
+
+    assert tracker.settle_lost({"known", "ended"}) == 1
+    runs = {tracker.run_id(t): t for t in ("known", "ended", "lost")}
+    seen = {runs[r.info.run_id]: r for r in tracker.client.search_runs([tracker.experiment_id])
+            if r.info.run_id in runs}  # fmt: skip
+    assert seen["lost"].info.status == "KILLED"
+    assert seen["lost"].data.tags["flatbasin.role"] == "lost"
+    assert "killed before Tune saved" in seen["lost"].data.tags["flatbasin.stopped"]
+    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id("lost"), "score")] == [1]
+    assert seen["known"].info.status == "RUNNING"  # Tune will continue it
+    assert seen["ended"].info.status == "FINISHED"
+    assert sorted(tracker.trial_variants()) == ["sgd", "sgd"]
+    assert tracker.settle_lost({"known", "ended"}) == 0  # once

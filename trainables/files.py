@@ -1,4 +1,5 @@
-"""Output files written whole, and only where a regular file is or may be.
+"""Output files written whole, and only where a regular file is or may be; and what a failed write
+says about its disk (full, read-only, over quota): an interrupted or starved run loses nothing.
 
 A temporary file beside the target is written and then renamed over it: the target is the old file or
 the new one, never half of each (a full disk leaves the old one). The rename would put a file where a
@@ -9,12 +10,68 @@ that is not a regular file, directly or through a link, is refused before and ag
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+# A write that failed for one of these will fail again until someone frees space or makes the disk
+# writable: retrying it (Tune's max_failures) only repeats it.
+DISK_FULL = {errno.ENOSPC: "full (no space left on device)", errno.EDQUOT: "over its quota"}
+READ_ONLY = {errno.EROFS: "read-only"}
+_TEXTS = {  # the same errors when only a message came through (pyarrow, SQLite, a remote traceback)
+    "no space left on device": DISK_FULL[errno.ENOSPC],
+    "database or disk is full": DISK_FULL[errno.ENOSPC],
+    "disk quota exceeded": DISK_FULL[errno.EDQUOT],
+    "read-only file system": READ_ONLY[errno.EROFS],
+    "attempt to write a readonly database": READ_ONLY[errno.EROFS],
+}
+
+
+def disk_problem(err: BaseException | str) -> str | None:
+    """'full (no space left on device)', 'over its quota' or 'read-only' when `err` (or what caused
+    it) is a write refused by its disk; None for anything else."""
+    seen: set[int] = set()
+    stack: list[BaseException | str] = [err]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, BaseException):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            code = item.errno if isinstance(item, OSError) else None
+            if code in DISK_FULL or code in READ_ONLY:
+                return {**DISK_FULL, **READ_ONLY}[code]
+            stack += [c for c in (item.__cause__, item.__context__, getattr(item, "cause", None))
+                      if isinstance(c, BaseException)]  # fmt: skip
+            item = str(item)
+        text = item.lower()
+        for needle, problem in _TEXTS.items():
+            if needle in text:
+                return problem
+    return None
+
+
+def disk_state(path: Path) -> str | None:
+    """'full (no space left on device)' or 'read-only' when the file system holding `path` (or its
+    nearest existing folder) is so now; None when it takes writes, or cannot be asked."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return READ_ONLY[errno.EROFS]
+    if stats.f_bavail * stats.f_frsize < 1 << 20:  # under a MiB: a checkpoint or a commit fails
+        return DISK_FULL[errno.ENOSPC]
+    return None
+
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -80,3 +137,15 @@ def write_whole(path: Path | str, write: Callable[[BinaryIO], object], what: str
 
 def write_bytes_whole(path: Path | str, data: bytes, what: str = "") -> None:
     write_whole(path, lambda handle: handle.write(data), what)
+
+
+def keep_in_temp(text: str) -> Path | None:
+    """`text` in a new file of the temporary folder (a result that could not be written where it
+    was asked for); None when that cannot be written either."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="flatbasin-result-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+    except OSError:
+        return None
+    return Path(name)

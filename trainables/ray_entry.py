@@ -20,6 +20,7 @@ from flatbasin.trainables import usercode
 from flatbasin.trainables.checkpoint import CheckpointError
 from flatbasin.trainables.config import TrialConfig, trial_config
 from flatbasin.trainables.data import DataError, load_data
+from flatbasin.trainables.files import disk_problem
 from flatbasin.trainables.loop import EpochMetrics, TrialResult, resolve_device, train
 from flatbasin.trainables.sanity import TrialError
 
@@ -95,6 +96,19 @@ def trainable(
         tune.report(
             {"permanent_error": f"{type(err).__name__}: {err}", "score": 0.0, "node_id": _node_id()}
         )
+    except Exception as err:
+        problem = disk_problem(err)
+        if problem is None:
+            raise
+        # A full or read-only disk (Tune's storage, this worker's temporary folder) refuses every
+        # retry and every other trial's checkpoint alike until someone frees it. Said first, so that
+        # the driver stops the search as on Ctrl-C, then raised: the trial stays resumable from its
+        # last checkpoint once there is room (a reported error would end it for good).
+        tune.report(
+            {"disk_error": f"{type(err).__name__}: {err}", "disk": problem, "score": 0.0,
+             "node_id": _node_id()}
+        )  # fmt: skip
+        raise
 
 
 def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
