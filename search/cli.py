@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -19,6 +20,7 @@ from flatbasin.search.errors import (
     UsageError,
     fail,
     short,
+    stderr,
 )
 from flatbasin.search.output import CONSOLE, print_epoch, print_summary  # noqa: F401 (print_epoch: tests)
 from flatbasin.trainables.memory import OutOfMemory
@@ -180,6 +182,19 @@ def train(
         fail(str(err))
     except Unwritten as err:  # trained to the end; an output could not be written (a full disk)
         fail(str(err), code=EXIT_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the checkpoint holds the last whole epoch
+        if checkpoint is not None and checkpoint.is_file():
+            with contextlib.suppress(OSError):
+                stderr.print(
+                    f"{checkpoint} holds the last finished epoch; continue with: {again(resume)}",
+                    style="yellow",
+                )
+        raise
+
+
+def again(resume: bool) -> str:
+    """This command again, with --resume: what continues a run from its --checkpoint."""
+    return shlex.join(["flatbasin", *sys.argv[1:], *([] if resume else ["--resume"])])
 
 
 @app.command("lr-find")
