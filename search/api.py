@@ -14,6 +14,7 @@ finds it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -327,9 +328,17 @@ def search(
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
+    from flatbasin.search import signals
     from flatbasin.search.post_convergence import BaseFailed
+    from flatbasin.search.recovery import disk_failed, store_failed
     from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import resumable, resume_command, run_search
+    from flatbasin.search.tuner import (
+        DiskFailure,
+        experiment_folder,
+        resumable,
+        resume_command,
+        run_search,
+    )
 
     console = console or output.CONSOLE
     given = {
@@ -376,31 +385,44 @@ def search(
         raise UsageError(str(err)) from err
     except BaseFailed as err:
         raise SearchFailed(f"{err}. Nothing was kept.") from err
-    except KeyboardInterrupt:
+    except DiskFailure as err:
+        raise SearchFailed(
+            disk_failed(str(err), resume_command(found, options), experiment_folder(found, options))
+        ) from None
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (search/signals.py)
         ray_before = True  # Ray's exit handlers after a Ctrl-C can crash: leave it to the exit
-        if resumable(found, options):
-            stderr.print(
-                "interrupted; what Tune saved resumes with:\n  " + resume_command(found, options),
-                style="yellow",
-            )
-        else:
-            stderr.print(
-                "interrupted before any trial was saved; nothing to resume: run the same command "
-                "again to start the search",
-                style="yellow",
-            )
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no message
+            if resumable(found, options):
+                stderr.print(
+                    f"interrupted ({signals.name()}); what Tune saved resumes with:\n  "
+                    + resume_command(found, options),
+                    style="yellow",
+                )
+            else:
+                stderr.print(
+                    f"interrupted ({signals.name()}) before any trial was saved; nothing to "
+                    "resume: run the same command again to start the search",
+                    style="yellow",
+                )
         raise
     finally:
         os.chdir(here)
         if not ray_before:  # the Ray this search started goes with it
             _stop_ray()
     output.print_summary(outcome, options.tracking_uri, console)
+    store_down = outcome.store[0]
     report = (
         output.write_search_report(outcome.parent_run_id, options.tracking_uri, console)
-        if outcome.best
+        if outcome.best and not store_down
         else None
     )
+    if store_down:  # before the rest: what is not in MLflow is the first thing to put right
+        raise SearchFailed(store_failed(outcome, options.tracking_uri))
     output.print_search_end(outcome, console)
+    if outcome.disk and not outcome.interrupted:
+        raise SearchFailed(
+            disk_failed(outcome.disk, outcome.resume_command, outcome.experiment_path)
+        )
     return _result(outcome, options.tracking_uri, report)
 
 

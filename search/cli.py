@@ -328,7 +328,7 @@ def search(
     ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
-    from flatbasin.search import api
+    from flatbasin.search import api, signals
 
     # What was typed, as flatbasin.search's options; the rest keep its defaults (the same as these),
     # so that a --resume can tell an option given again from one left out.
@@ -343,10 +343,10 @@ def search(
         fail(str(err))
     except SearchFailed as err:
         fail(str(err), code=EXIT_FAILED)
-    except KeyboardInterrupt:
-        _leave(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: 130, 143, 129
+        _leave(signals.exit_status())
     if result.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(signals.exit_status())
     if result.out_of_time and not result.errors and not result.best:
         fail(
             f"{result.out_of_time}: no trial finished, so nothing was compared; give a longer "
@@ -594,9 +594,21 @@ def _leave(code: int) -> NoReturn:
 
 
 def main() -> None:
-    import sys
-
+    from flatbasin.search import signals
     from flatbasin.search.credentials import hide_from_command_line
 
     hide_from_command_line(sys.argv)  # execs this command again without them, when there are any
-    app()
+    signals.install()  # SIGTERM and SIGHUP end every command as Ctrl-C does
+    try:
+        app()
+    except SystemExit as done:
+        code = done.code
+        # Typer ends a command that a KeyboardInterrupt stopped with 130, silently: say what came,
+        # and exit with its status (143 for SIGTERM, 129 for SIGHUP).
+        if code == EXIT_INTERRUPTED and isinstance(
+            getattr(done.__context__, "__cause__", None), KeyboardInterrupt
+        ):
+            with contextlib.suppress(OSError):
+                stderr.print(f"interrupted ({signals.name()})", style="yellow")
+            code = signals.exit_status()
+        raise SystemExit(code) from None

@@ -190,7 +190,7 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
         )
     if outcome.confirmed:
         print_confirmed(outcome.confirmed, console)
-    if outcome.unwritten:
+    if outcome.unwritten and not outcome.store[0]:  # else a paragraph of its own says it
         console.print(
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",
             style="yellow",
@@ -249,8 +249,11 @@ def print_search_end(outcome: Any, console: Console = CONSOLE) -> None:
     """What a search that did not run to its end says after its summary (an interruption, a time
     budget that ran out with trials to compare); failures are the caller's to report."""
     if outcome.interrupted:
+        from flatbasin.search import signals
+
         console.print(
-            "The search was interrupted; finished trials are kept. Continue it with:",
+            f"The search was interrupted ({signals.name()}); finished trials are kept. "
+            "Continue it with:",
             style="yellow",
         )
         console.print(f"  {outcome.resume_command}")
