@@ -129,9 +129,12 @@ def write_whole(path: Path | str, write: Callable[[BinaryIO], object], what: str
             write(handle)
         refuse_unless_file(target, what)  # made meanwhile: still not replaced
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            # Said as the OS says it, naming the file (a write through a handle names none).
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(target)) from err
         raise
 
 
