@@ -769,6 +769,18 @@ class NanItems(Dataset):
     def __len__(self): return 100
     def __getitem__(self, i): return torch.full((4,), float("nan")), i % 2
 
+class RaisesAt77(Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i):
+        if i == 77:
+            raise RuntimeError("corrupt record 77")
+        return torch.zeros(4), i % 2
+
+def huge_label():
+    big = y.copy(); big[0] = 10**12
+    return x, big, xt, yt
+def complex_inputs(): return x.astype(complex), y, xt, yt
+def raises_at_77(): return RaisesAt77(), Ragged()
 def ragged(): return Ragged(), Ragged()
 def no_label(): return NoLabel(), NoLabel()
 def text_label(): return TextLabel(), TextLabel()
@@ -806,6 +818,9 @@ USER_CODE: dict[str, Case] = {
     "dataset ragged items": Case(user_space("usr_data:ragged"), (), "inconsistent shapes: item 0 is (4,), item 99 is (5,)"),
     "dataset items without labels": Case(user_space("usr_data:no_label"), (), "item 0 is a Tensor; each item must be (input_tensor, integer_label)"),
     "dataset text labels": Case(user_space("usr_data:text_label"), (), "label is 'cat'"),
+    "data huge label": Case(user_space("usr_data:huge_label"), (), "labels run 0..1000000000000, but class(es) 2, 3"),
+    "data complex inputs": Case(user_space("usr_data:complex_inputs"), (), "x_train is not a numeric array"),
+    "dataset item raises": Case(user_space("usr_data:raises_at_77"), (), "item 77 cannot be read: RuntimeError: corrupt record 77 (at {code}/usr_data.py"),
     "dataset nan items": Case(user_space("usr_data:nan_items"), (), "item 0's input holds NaN"),
     "model not a module": Case(user_space(model="usr_models:number"), (), "returned an int, not a torch.nn.Module"),
     "model raises": Case(user_space(model="usr_models:raises"), (), "ValueError: width must be even (at {code}/usr_models.py"),

@@ -124,7 +124,7 @@ def _numpy(what: str, name: str, value: Any) -> np.ndarray:
         array = np.asarray(value)
     except (ValueError, TypeError) as err:
         raise DataError(f"{what}: {name} is not an array ({type(value).__name__}): {err}") from None
-    if array.dtype == object or not (
+    if array.dtype == object or np.issubdtype(array.dtype, np.complexfloating) or not (
         np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
     ):
         raise DataError(
@@ -174,12 +174,13 @@ def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
 
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     classes = int(max(y_train.max(), y_test.max())) + 1
-    missing = sorted(set(range(classes)) - {int(c) for c in np.unique(y_train)})
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+    seen = np.unique(y_train)
+    if len(seen) < classes:  # the first few missing lie below len(seen) + 11: no range of K made
+        missing = np.setdiff1d(np.arange(min(classes, len(seen) + 11)), seen)[:10]
+        shown = ", ".join(map(str, missing)) + (", ..." if classes - len(seen) > len(missing) else "")
         raise DataError(
             f"{what}: labels run 0..{classes - 1}, but class(es) {shown} have no training "
-            f"example ({len(missing)} of {classes}); renumber the classes 0..K-1 without gaps"
+            f"example ({classes - len(seen)} of {classes}); renumber the classes 0..K-1 without gaps"
         )
     if classes < 2:
         raise DataError(f"{what}: every label is 0; a classifier needs at least 2 classes")
@@ -270,14 +271,31 @@ def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
         for _, y in loader:
             found.append(torch.as_tensor(y).reshape(-1))
     except Exception as err:
-        raise DataError(
-            f"{what}: reading every item failed: {usercode.describe_error(err)} (items of "
-            "different shapes cannot be batched)"
-        ) from None
+        # A worker's error says little ("Caught RuntimeError in DataLoader worker process 0"):
+        # read the items here, one by one, to name the one that fails and where.
+        _find_bad_item(what, dataset, n)
+        raise DataError(f"{what}: reading every item failed: {usercode.describe_error(err)}") from None
     labels = torch.cat(found).numpy()
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{what}: labels are of type {labels.dtype}; labels are integer class indices")
     return labels.astype(np.int64)
+
+
+def _find_bad_item(what: str, dataset: Dataset, n: int) -> None:
+    """DataError naming the first item that cannot be read, or whose input has another shape than
+    the first's; nothing when every item is fine."""
+    from flatbasin.trainables.data import DataError
+
+    shape = None
+    for index in range(n):
+        x, _ = _item(what, dataset, index)
+        if shape is None:
+            shape = tuple(x.shape)
+        elif tuple(x.shape) != shape:
+            raise DataError(
+                f"{what}: items have inconsistent shapes: item 0 is {shape}, item {index} is "
+                f"{tuple(x.shape)}; every input must have one shape (resize in the Dataset)"
+            )
 
 
 def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> StreamedData:

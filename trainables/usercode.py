@@ -254,7 +254,7 @@ def user_modules(model: str, dataset: str) -> list[str]:
     names = []
     for text, is_user in ((model, model_kind(model) == "user"), (dataset, True)):
         ref = parse_ref(text) if is_user else None
-        if ref is not None and ref.module not in names:
+        if ref is not None and ref.module != PASSED and ref.module not in names:
             names.append(ref.module)
     return names
 
