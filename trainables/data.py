@@ -136,6 +136,11 @@ class DataSpec(NoBoolNumbers):
 Split = Literal["train", "val", "test", "fit"]
 
 
+def split_labels(y_train: Tensor, y_val: Tensor, y_test: Tensor, split: Split) -> Tensor:
+    """A split's labels; "fit" is the first len(val) training labels (see Data.inputs)."""
+    return {"train": y_train, "val": y_val, "test": y_test, "fit": y_train[: len(y_val)]}[split]
+
+
 @dataclass(frozen=True)
 class Data:
     name: str
@@ -180,10 +185,7 @@ class Data:
             yield x[start : start + batch_size]
 
     def labels(self, split: Split) -> Tensor:
-        return {
-            "train": self.y_train, "val": self.y_val, "test": self.y_test,
-            "fit": self.y_train[: len(self.y_val)],
-        }[split]  # fmt: skip
+        return split_labels(self.y_train, self.y_val, self.y_test, split)
 
     def size(self, split: Split) -> int:
         return len(self.labels(split))

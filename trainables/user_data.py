@@ -496,10 +496,9 @@ class StreamedData:
             yield torch.cat(pending)
 
     def labels(self, split: Split) -> Tensor:
-        return {
-            "train": self.y_train, "val": self.y_val, "test": self.y_test,
-            "fit": self.y_train[: len(self.y_val)],
-        }[split]  # fmt: skip
+        from flatbasin.trainables.data import split_labels
+
+        return split_labels(self.y_train, self.y_val, self.y_test, split)
 
     def size(self, split: Split) -> int:
         return len(self.labels(split))
