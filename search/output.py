@@ -119,6 +119,15 @@ def to_reproduce(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) ->
     return rows[0] if rows else None
 
 
+def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:
+    """What the trial `Reproduce:` names is (the search run's tag flatbasin.reproduce_run)."""
+    if not confirmed:
+        return f"the best search trial ({variant}; no confirmation)"
+    if winner(confirmed) is None:
+        return f"{variant}'s best search trial ({variant} ties at the top after confirmation)"
+    return f"the confirmed winner's best search trial ({variant})"
+
+
 def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> None:
     """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
     seeds = max(row["n"] for row in rows)
@@ -208,6 +217,7 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
     if row is not None and row.get("run_id"):
         console.print(
             f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
+            f"  # {reproduced(row['variant'], outcome.confirmed)}"
         )
     print_credentials_note(console)
 

@@ -46,6 +46,7 @@ from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.loop import EpochMetrics, train
 from flatbasin.trainables.start import Weights, read_converged
 from flatbasin.trainables.usercode import code_files, user_modules
+from flatbasin.trainables.variants import phase_flags
 
 
 def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -163,7 +164,11 @@ def _record(
         for k, v in asdict(m).items()
         if k in EPOCH_METRICS and v is not None
     ]
-    metrics += [Metric("focus", float(m.phase == "focus"), 0, m.epoch) for m in result.history]
+    metrics += [
+        Metric(name, flag, 0, m.epoch)
+        for m in result.history
+        for name, flag in phase_flags(config.variant, m.phase).items()
+    ]
     if "to_best" in result.seconds:
         metrics.append(Metric("seconds_to_best", result.seconds["to_best"], 0, 0))
     metrics += [Metric("curve/val_acc", p.val_acc, 0, p.count) for p in result.curve]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
@@ -41,7 +41,16 @@ from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
-from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
+from flatbasin.search.tracking import (
+    BEST_SEARCH_RUN,
+    OLD_BEST_RUN,
+    REPRODUCE_RUN,
+    WINNER,
+    Tracker,
+    TrackingUnavailable,
+    TrialRecord,
+    curve_figure,
+)
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
@@ -920,6 +929,22 @@ def _confirm(
     return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
 
 
+def best_run_tags(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, str]:
+    """The search run's tags naming its answers, each with one meaning (tracking.py): the best
+    search trial, the confirmed winner, and the run the printed `Reproduce:` names."""
+    from flatbasin.search import output
+
+    tags = {}
+    if best and best[0].get("run_id"):
+        tags[BEST_SEARCH_RUN] = tags[OLD_BEST_RUN] = best[0]["run_id"]
+    if (winner := output.winner(confirmed)) is not None:
+        tags[WINNER] = winner
+    chosen = output.to_reproduce(best, confirmed)
+    if chosen is not None and chosen.get("run_id"):
+        tags[REPRODUCE_RUN] = chosen["run_id"]
+    return tags
+
+
 def _finish_parent(
     tracker: Tracker,
     parent: str,
@@ -947,9 +972,12 @@ def _finish_parent(
         {"best_per_variant": summary, "trials_per_variant": counts, "confirmed": confirmed},
         "summary.json",
     )
+    answers = best_run_tags(best, confirmed)
+    tracker.client.log_batch(parent, tags=[RunTag(k, v) for k, v in answers.items()])
+    held = tracker.client.get_run(parent).data.tags  # a resumed search may answer otherwise now
+    for stale in {BEST_SEARCH_RUN, OLD_BEST_RUN, WINNER, REPRODUCE_RUN} & set(held) - set(answers):
+        tracker.client.delete_tag(parent, stale)
     if confirmed:
-        winner = confirmed[0]
-        tracker.client.set_tag(parent, "flatbasin.winner", winner["variant"])
         tracker.client.log_batch(parent, metrics=[
             Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
             for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
@@ -958,9 +986,7 @@ def _finish_parent(
         tracker.client.log_figure(
             parent, curve_figure({r["variant"]: r["final"] for r in best}), "comparison.png"
         )
-        top = best[0]
-        tracker.client.set_tag(parent, "flatbasin.best_run_id", top["run_id"] or "")
-        tracker.client.log_metric(parent, "best_score", top["score"])
+        tracker.client.log_metric(parent, "best_score", best[0]["score"])
     checkpoints = {
         r.metrics.get("trial_id"): r.checkpoint for r in grid if r.checkpoint is not None
     }

@@ -130,6 +130,9 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert {"summary.json", "comparison.png", "searched.yaml"} <= parent_files
     assert parent.data.params["seed"] == "4"
     assert parent.info.status == "FINISHED" and parent.data.tags["flatbasin.state"] == "finished"
+    # The MLflow UI opens the experiment on its training runs, not on the GenAI overview.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     again = flatbasin("search", "searched.yaml", "--tracking-uri", uri, "--storage",
                       str(folder / "runs"), cwd=folder)  # fmt: skip
@@ -144,6 +147,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
         assert run.data.params["epochs"] == "3" and run.data.tags["flatbasin.model"] == "small_cnn"
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"):
             assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3], key
+        assert "focus" not in run.data.metrics  # prior_guided's alone: no focus epochs here
         curve = client.get_metric_history(rid, "curve/val_acc")
         expected = {
             "sgd": 1,
@@ -188,7 +192,16 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
             assert run.data.params[key] == source.data.params[key], key
     assert len({(r.data.tags["flatbasin.confirms"], r.data.params["seed"]) for r in confirms}) == 6
     assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
-    assert parent.data.tags["flatbasin.winner"] == summary["confirmed"][0]["variant"]
+    # One meaning per tag: the best search trial (also under its former name), the confirmed
+    # winner (none on a tie at the top), the run the printed Reproduce: names.
+    tags, confirmed = parent.data.tags, summary["confirmed"]
+    top = summary["best_per_variant"][0]
+    assert tags["flatbasin.best_search_run"] == tags["flatbasin.best_run_id"] == top["run_id"]
+    tied = [row for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
+    assert tags.get("flatbasin.winner") == (confirmed[0]["variant"] if len(tied) == 1 else None)
+    chosen = next(r for r in summary["best_per_variant"] if r["variant"] == confirmed[0]["variant"])
+    assert tags["flatbasin.reproduce_run"] == chosen["run_id"]
+    assert f"Reproduce:    flatbasin reproduce {chosen['run_id']} " in searched.stdout
 
     best = summary["best_per_variant"][0]["run_id"]
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)

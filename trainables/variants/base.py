@@ -54,6 +54,9 @@ class Variant(ABC, Generic[P]):
     file_params: ClassVar[tuple[str, ...]] = ()
     # Parameters that `check(model)` depends on: preflight checks each distinct value once.
     model_params: ClassVar[tuple[str, ...]] = ()
+    # The epochs without data `phase` may name (prior_guided: "focus"). Each is recorded per epoch
+    # as a metric of its name (1 in such an epoch, 0 otherwise), by the variants that have it only.
+    phases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: P, *, epochs: int, lr: float, converged: bool = False):
         self.params = params
