@@ -342,3 +342,25 @@ def test_unknown_search_exits_2_without_traceback(searched):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "no-such-search" in done.stderr
     assert "searched" in done.stderr  # names the searches that are there
+
+
+def test_importances_count_trials_whose_idle_parameters_were_not_sampled():
+    # swa_lr_max is sampled in cyclic mode only (trainables/conditions.py): a constant-mode trial
+    # lacks it and still counts; a trial lacking a parameter that would have acted does not.
+    from flatbasin.search.report import Trial, importances
+    from flatbasin.spaces.loader import space_from_dict
+
+    space = space_from_dict({"name": "c", "epochs": 4, "variants": {"swa": {
+        "lr": {"loguniform": [0.01, 0.2]}, "swa_mode": {"choice": ["constant", "cyclic"]},
+        "swa_lr_max": {"loguniform": [0.05, 0.2]}}}})  # fmt: skip
+    trials = []
+    for i, lr in enumerate(np.geomspace(0.01, 0.2, 8)):
+        params = {"lr": str(lr), "swa_mode": ("constant", "cyclic")[i % 2]}
+        if i % 2:
+            params["swa_lr_max"] = "0.1"
+        trials.append(Trial(f"r{i}", f"t{i}", "swa", "finished", 0.5 + i / 100, 0.5, 0.5, params))
+    lacking = Trial("r9", "t9", "swa", "finished", 0.9, 0.9, 0.1, {"lr": "0.05", "swa_mode": "cyclic"})
+    (study,) = importances([*trials, lacking], space, "")
+    assert study.trials == 8 and "1 trial(s) outside the logged space" in study.reason
+    assert set(study.values) == {"swa/lr", "swa/swa_mode"}  # the keys every trial has
+    assert study.values["swa/lr"] > study.values["swa/swa_mode"]  # the score follows lr

@@ -209,3 +209,16 @@ def test_a_run_has_no_phase_metric_its_variant_cannot_have(tmp_path):
         assert "focus" not in metrics and metrics["score"] == 0.5, variant
     history = tracker.client.get_metric_history(runs["prior_guided"], "focus")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0, 0, 1, 0]
+
+
+def test_a_trials_params_hold_only_settings_that_acted(tmp_path):
+    # swa_lr_max shapes the cyclic SWA schedule only: a constant-mode trial's run does not list it.
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k")
+    tracker.parent()
+    for mode, listed in (("constant", False), ("cyclic", True)):
+        config = {"variant": "swa", "settings": {"epochs": 4}, "swa": {"swa_mode": mode}}
+        record = TrialRecord(mode, config, [{"epoch": 1, "score": 0.5}], "RUNNING")
+        tracker.write(record)
+        params = tracker.client.get_run(tracker.run_for(record)).data.params
+        assert params["swa_mode"] == mode and ("swa_lr_max" in params) == listed
+        assert "swa_lr" in params and "lr_min" not in params  # swa has no lr_min at all
