@@ -504,6 +504,9 @@ def reproduce(
             help="import the user's modules from the copy recorded with the run, not from here",
         ),
     ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="list every epoch's and curve point's numbers")
+    ] = False,
 ) -> None:
     """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
     from flatbasin.search.reproduce import reproduce as run_reproduce
@@ -511,8 +514,9 @@ def reproduce(
     _quiet_mlflow_retries()
     try:
         exact = run_reproduce(
-            run_id, tracking_uri_or_default(tracking_uri), console, recorded_code=recorded_code
-        )
+            run_id, tracking_uri_or_default(tracking_uri), console, recorded_code=recorded_code,
+            full=full,
+        )  # fmt: skip
     except UsageError as err:
         fail(str(err))
     raise typer.Exit(0 if exact else 1)

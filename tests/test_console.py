@@ -40,3 +40,94 @@ def test_train_help_names_mnist1d_and_says_what_seed_is():
     assert "mnist1d" in text
     seed = next(line for line in text.splitlines() if "--seed" in line)
     assert "the trial's seed: model init, batch order, augmentation, dropout" in seed
+
+
+def summary_text(width: int) -> tuple[str, list[str]]:
+    """A search's printed summary on a console `width` columns wide, and the run ids in it."""
+    import io
+    import uuid
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from flatbasin.search.output import print_summary
+
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    params = [{"lr": 0.0812345, "cycles": 3, "lr_large": 0.123456, "lr_small": 0.00456},
+              {"lr": 0.05, "swa_lr": 0.0123, "swa_start_frac": 0.61, "swa_mode": "cyclic", "swa_lr_max": 0.15},
+              {"lr": 0.1}]  # fmt: skip
+    best = [
+        {"variant": v, "score": 0.96 - i / 100, "test_acc": 0.95, "params": p, "run_id": r,
+         "trial_id": str(i), "final": {}}
+        for i, (v, p, r) in enumerate(zip(("cyclic_average", "swa", "sgd"), params, ids, strict=True))
+    ]
+    confirmed = [
+        {"variant": "swa", "n": 3, "val_mean": 0.9612, "val_std": 0.0031, "test_mean": 0.9533,
+         "test_std": 0.0021, "p_vs_best": None, "verdict": "best", "diverged": 0},
+        {"variant": "cyclic_average", "n": 3, "val_mean": 0.9580, "val_std": 0.0041,
+         "test_mean": 0.9513, "test_std": 0.0011, "p_vs_best": 0.312, "verdict": "within noise",
+         "diverged": 1},
+    ]  # fmt: skip
+    outcome = SimpleNamespace(
+        name="compare", best=best, trials_per_variant={"cyclic_average": 30, "swa": 2, "sgd": 2},
+        untried=[], out_of_time="", confirmed=confirmed, unwritten=0, store=(None,), seconds={},
+        experiment_path=Path("/home/u/runs/compare"),
+    )  # fmt: skip
+    out = io.StringIO()
+    console = Console(file=out, width=width, markup=False, emoji=False, highlight=False,
+                      soft_wrap=True)  # fmt: skip  (as errors.plain_console makes it)
+    print_summary(outcome, "sqlite:////home/user/project/mlflow.db", console)
+    return out.getvalue(), ids
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_summary_tables_fit_the_terminal_with_run_ids_whole(width):
+    text, ids = summary_text(width)
+    lines = text.splitlines()
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Winner:"))]
+    assert all(len(line) <= width for line in table), "\n".join(table)
+    for run_id in ids:  # each id on one line of the table, not cut or folded
+        assert any(run_id in line for line in table), run_id
+    assert "0.9612 ± 0.0031" in text and "swa_lr_max=0.15" in text  # numbers whole; params listed
+
+
+def comparison_text(rows, full=False):
+    import io
+
+    from rich.console import Console
+
+    from flatbasin.search.reproduce import print_comparison
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, markup=False, emoji=False, highlight=False, soft_wrap=True)
+    print_comparison("r" * 32, rows, console, full=full)
+    return out.getvalue()
+
+
+def comparison_rows(epochs=40, members=5, changed=()):
+    rows = [("score", 0.95, 0.95), ("test_acc", 0.94, 0.94)]
+    for e in range(1, epochs + 1):
+        for key in ("train_loss", "val_acc", "score"):
+            rows.append((f"epoch {e} {key}", e / 100, e / 100 + (0.01 if (e, key) in changed else 0)))
+        rows.append((f"epoch {e} phase", "data", "data"))
+    for k in range(1, members + 1):
+        rows += [(f"curve {k} val_acc", 0.9, 0.9), (f"curve {k} test_acc", 0.9, 0.9)]
+    return rows
+
+
+def test_reproduce_summarises_every_epoch_in_a_line():
+    # A 40-epoch trial: 170 numbers compared. One line per group, not one per number.
+    text = comparison_text(comparison_rows())
+    assert "epochs 1-40: train_loss, val_acc, score," in text and "160 numbers" in text
+    assert "curves 1-5: val_acc, test_acc" in text and text.count("all equal") == 2
+    assert "epoch 1 " not in text and len(text.splitlines()) < 15
+    full = comparison_text(comparison_rows(), full=True)
+    assert "epoch 40 phase" in full and len(full.splitlines()) > 170
+
+
+def test_reproduce_lists_the_first_numbers_that_differ():
+    changed = {(e, "val_acc") for e in range(3, 15)}  # 12 numbers differ
+    text = comparison_text(comparison_rows(changed=changed))
+    assert "12 differ" in text and "epoch 3 val_acc" in text and "epoch 12 val_acc" in text
+    assert "epoch 13 val_acc" not in text and "(2 more differ)" in text
