@@ -627,9 +627,11 @@ def _leave(code: int) -> NoReturn:
 def main() -> None:
     from flatbasin.search import signals
     from flatbasin.search.credentials import hide_from_command_line
+    from flatbasin.search.quiet import quiet_libraries
 
     hide_from_command_line(sys.argv)  # execs this command again without them, when there are any
     signals.install()  # SIGTERM and SIGHUP end every command as Ctrl-C does
+    quiet_libraries()  # the libraries' progress bars and notices stay off the console (quiet.py)
     try:
         app()
     except SystemExit as done:

@@ -15,7 +15,6 @@ import signal
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
+from flatbasin.search.quiet import RAY_LOGGING_LEVEL, quiet_libraries, quiet_ray
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import (
     BEST_SEARCH_RUN,
@@ -150,6 +150,7 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()  # Ray's notice that it turned token authentication on (search/quiet.py)
     # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
@@ -163,7 +164,10 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
     )  # our summary names the runs
     if address:
         os.environ["RAY_ADDRESS"] = address  # Ray lets $RAY_ADDRESS override the argument: agree
-        ray.init(address=address, log_to_driver=False, runtime_env=code_runtime_env(code_dir))
+        ray.init(
+            address=address, log_to_driver=False, runtime_env=code_runtime_env(code_dir),
+            logging_level=RAY_LOGGING_LEVEL,
+        )  # fmt: skip
     else:
         # A new Ray on this machine, always: never one that $RAY_ADDRESS or Ray's current-cluster
         # file names (a stale file made a search hang for minutes). Loopback: local_ray_on_loopback.
@@ -172,7 +176,10 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
         # hands a prestarted worker to an actor whose runtime_env is empty, so with one every trial
         # actor was a new process and the warmed workers sat idle (checked by their pids).
         with signals.spared_children():
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address="local", include_dashboard=False, log_to_driver=False,
+                logging_level=RAY_LOGGING_LEVEL,
+            )  # fmt: skip
     signals.install()  # ray.init's own SIGTERM handler aborts the driver (exit 134, nothing saved)
 
 
@@ -334,8 +341,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A trial resumed from its checkpoint reports its next epoch's step again: Optuna keeps the first.
-    warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+    quiet_libraries()  # MLflow's download bars, Optuna's "already reported" (search/quiet.py)
     # Ours to report: a store that fails is named by the writer, not by SQLAlchemy's tracebacks.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for logger, own in (

@@ -63,6 +63,17 @@ def flatbasin(
     )  # fmt: skip
 
 
+# What Ray, MLflow and Optuna printed on every run before search/quiet.py: Ray's token notice and
+# its start and save lines, MLflow's download bars, Optuna's "already reported" for resumed trials.
+CHATTER = ("Token authentication is enabled", "Started a local Ray instance", "Downloading artifacts",
+           "Wrote the latest version of all result files", "is already reported")  # fmt: skip
+
+
+def assert_no_library_chatter(text: str) -> None:
+    found = [line for line in text.splitlines() if any(c in line for c in CHATTER)]
+    assert not found, found
+
+
 def tune_rows(trial_dir: Path) -> list[dict]:
     path = trial_dir / "result.json"
     text = path.read_text() if path.exists() else ""
@@ -118,6 +129,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert searched.returncode == 0, searched.stdout + searched.stderr
     assert "best trial per variant" in searched.stdout and "flatbasin reproduce" in searched.stdout
     assert "confirmed over 2 fresh seeds" in searched.stdout and "Winner:" in searched.stdout
+    assert_no_library_chatter(searched.stdout + searched.stderr)
 
     client = MlflowClient(uri)
     parents, trials = trial_runs(client, "searched")
@@ -207,6 +219,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "exact match" in again.stdout
+    assert_no_library_chatter(again.stdout + again.stderr)  # its download: no progress bar
     repro = [
         r
         for r in client.search_runs([parent.info.experiment_id])
@@ -284,6 +297,7 @@ def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir,
     # 3. The printed command again, to the end.
     done = flatbasin(*shlex.split(resume[0])[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
+    assert_no_library_chatter(text + done.stdout + done.stderr)  # resumed trials report again
     # A finished trial may report its final result once more, but never trains again.
     for trial_dir in finished_before:
         epochs = [r["epoch"] for r in tune_rows(trial_dir)]
