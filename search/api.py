@@ -668,9 +668,17 @@ def run_train(
         if checkpoint is not None:
             saved.attempt(lambda: save(checkpoint), metrics.epoch)
 
+    from flatbasin.trainables.accel import resolve_device
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_notes import data_notes
+
     try:
+        data = load_data(config.data_spec, str(resolve_device(config.device)))
+        for note in data_notes(config.data_spec, data):  # resized images, a tiny validation split
+            console.print(f"note: {note}", style="yellow")
         result = run_trial(
             config,
+            data=data,
             resume=checkpoint if resume else None,
             on_epoch=on_epoch,
             start_weights=start_weights,

@@ -14,7 +14,8 @@ import logging
 import os
 import warnings
 
-# Ray's driver-side loggers print INFO on the console; warnings and errors still reach it.
+# The level ray.init gives Ray's driver-side loggers: their INFO lines (a local Ray started, Tune's
+# result files written) stay off the console; their warnings and errors reach it.
 RAY_LOGGING_LEVEL = logging.WARNING
 
 

@@ -371,8 +371,11 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     # Post-convergence (--from or the space's `from:`): the source is resolved and checked here,
     # before Ray; the trials then run the tail only, so that is the space checked below.
     start = post_convergence.plan(space, options.start_from, tracker, options.resume)
-    for warning in preflight.check_trials(start.space if start else space, local=local):
+    notes: list[str] = []  # what the data does to the numbers (trainables/data_notes.py)
+    for warning in preflight.check_trials(start.space if start else space, local=local, notes=notes):
         stderr.print(f"warning: {warning}", style="yellow")
+    for note in notes:
+        console.print(f"note: {note}", style="yellow")
     if options.gpus_per_trial > 1:
         stderr.print(
             f"warning: --gpus-per-trial {options.gpus_per_trial:g}: a trial trains on one device, "

@@ -131,3 +131,39 @@ def test_reproduce_lists_the_first_numbers_that_differ():
     text = comparison_text(comparison_rows(changed=changed))
     assert "12 differ" in text and "epoch 3 val_acc" in text and "epoch 12 val_acc" in text
     assert "epoch 13 val_acc" not in text and "(2 more differ)" in text
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """An image folder of 2 classes of 20 odd-sized images: 4 of them validate (val_frac 0.1)."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (30 + i, 12), (12 * i, 200 * c, 40)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_train_notes_resized_images_and_a_coarse_validation_split(small_folder):
+    result = runner.invoke(app, ["train", "--variant", "sgd", "--epochs", "1", "--dataset",
+                                 "image_folder", "--data-dir", str(small_folder), "--set",
+                                 "image_size=8", "--set", "batch_size=8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"note: image folder {small_folder}: every image is resized to 8x8 pixels" in text
+    assert "note: data set 'image_folder': the validation split holds 3 examples" in text
+
+
+def test_a_search_notes_them_before_it_starts(small_folder):
+    from flatbasin.search import preflight
+    from flatbasin.spaces.loader import space_from_dict
+
+    space = space_from_dict({"name": "s", "epochs": 1, "dataset": "image_folder",
+                             "fixed": {"data_dir": str(small_folder), "batch_size": 8},
+                             "variants": {"sgd": {"lr": {"loguniform": [0.01, 0.1]}}}})  # fmt: skip
+    notes: list[str] = []
+    preflight.check_trials(space, local=True, notes=notes)
+    assert len(notes) == 2  # once per data set, though two corners load it
+    assert "resized to 32x32" in notes[0] and "holds 3 examples" in notes[1]

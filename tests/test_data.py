@@ -335,3 +335,19 @@ def test_data_check_lists_every_bad_file_and_exits_2(tmp_path):
     assert "empty class: fish" in found.output and "13 problem(s)" in found.output
     missing = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_notes_say_an_image_folder_is_resized_and_a_small_validation_split_is_coarse(tmp_path):
+    from flatbasin.trainables.data_notes import data_notes
+
+    for c in range(2):  # 2 classes of 25: 10 test images (test_frac 0.2), 4 of the 40 left for val
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(25):
+            Image.new("RGB", (40 + i, 20), (10 * i, 100 * c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    spec = DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=16)
+    notes = data_notes(spec, load_data(spec, "cpu"))
+    assert len(notes) == 2 and notes[0].startswith(f"image folder {tmp_path}: every image is resized to 16x16")  # fmt: skip
+    assert "image_size" in notes[0]
+    assert "holds 4 examples, so one example moves the score (validation accuracy) by 25.0 points" in notes[1]  # fmt: skip
+    digits = DataSpec()  # 144 validation examples: one is 0.7 points, no note
+    assert data_notes(digits, load_data(digits, "cpu")) == []
