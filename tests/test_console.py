@@ -58,9 +58,18 @@ def summary_text(width: int) -> tuple[str, list[str]]:
               {"lr": 0.05, "swa_lr": 0.0123, "swa_start_frac": 0.61, "swa_mode": "cyclic", "swa_lr_max": 0.15},
               {"lr": 0.1}]  # fmt: skip
     best = [
-        {"variant": v, "score": 0.96 - i / 100, "test_acc": 0.95, "params": p, "run_id": r,
-         "trial_id": str(i), "final": {}}
-        for i, (v, p, r) in enumerate(zip(("cyclic_average", "swa", "sgd"), params, ids, strict=True))
+        {
+            "variant": v,
+            "score": 0.96 - i / 100,
+            "test_acc": 0.95,
+            "params": p,
+            "run_id": r,
+            "trial_id": str(i),
+            "final": {},
+        }
+        for i, (v, p, r) in enumerate(
+            zip(("cyclic_average", "swa", "sgd"), params, ids, strict=True)
+        )
     ]
     confirmed = [
         {"variant": "swa", "n": 3, "val_mean": 0.9612, "val_std": 0.0031, "test_mean": 0.9533,
@@ -75,8 +84,9 @@ def summary_text(width: int) -> tuple[str, list[str]]:
         experiment_path=Path("/home/u/runs/compare"),
     )  # fmt: skip
     out = io.StringIO()
-    console = Console(file=out, width=width, markup=False, emoji=False, highlight=False,
-                      soft_wrap=True)  # fmt: skip  (as errors.plain_console makes it)
+    console = Console(
+        file=out, width=width, markup=False, emoji=False, highlight=False, soft_wrap=True
+    )  # fmt: skip  (as errors.plain_console makes it)
     print_summary(outcome, "sqlite:////home/user/project/mlflow.db", console)
     return out.getvalue(), ids
 
@@ -100,7 +110,9 @@ def comparison_text(rows, full=False):
     from flatbasin.search.reproduce import print_comparison
 
     out = io.StringIO()
-    console = Console(file=out, width=80, markup=False, emoji=False, highlight=False, soft_wrap=True)
+    console = Console(
+        file=out, width=80, markup=False, emoji=False, highlight=False, soft_wrap=True
+    )
     print_comparison("r" * 32, rows, console, full=full)
     return out.getvalue()
 
@@ -109,7 +121,9 @@ def comparison_rows(epochs=40, members=5, changed=()):
     rows = [("score", 0.95, 0.95), ("test_acc", 0.94, 0.94)]
     for e in range(1, epochs + 1):
         for key in ("train_loss", "val_acc", "score"):
-            rows.append((f"epoch {e} {key}", e / 100, e / 100 + (0.01 if (e, key) in changed else 0)))
+            rows.append(
+                (f"epoch {e} {key}", e / 100, e / 100 + (0.01 if (e, key) in changed else 0))
+            )
         rows.append((f"epoch {e} phase", "data", "data"))
     for k in range(1, members + 1):
         rows += [(f"curve {k} val_acc", 0.9, 0.9), (f"curve {k} test_acc", 0.9, 0.9)]
@@ -142,7 +156,9 @@ def small_folder(tmp_path):
     for c in range(2):
         (root / f"class{c}").mkdir(parents=True)
         for i in range(20):
-            Image.new("RGB", (30 + i, 12), (12 * i, 200 * c, 40)).save(root / f"class{c}" / f"{i}.png")
+            Image.new("RGB", (30 + i, 12), (12 * i, 200 * c, 40)).save(
+                root / f"class{c}" / f"{i}.png"
+            )
     return root
 
 
