@@ -4,7 +4,6 @@ MLflow (no Ray), and the report of a real search end to end (Ray, MLflow, the CL
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -261,17 +260,18 @@ def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
 
 
 def summary_scores(stdout: str) -> dict[str, str]:
-    """variant -> the best score as the search's summary table printed it."""
-    table = stdout[stdout.index("best trial per variant") :]
-    table = table[: table.index("└")]  # the first table only (the confirmed one follows)
-    rows = [
-        [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
-        for line in table.splitlines()
-        if line.startswith(("│", "┃"))
-    ]
-    header = next(row for row in rows if "variant" in row and "score (val)" in row)
-    at = header.index("score (val)")
-    return {row[0]: row[at] for row in rows if row is not header and row[0]}
+    """variant -> the best score as the search's summary table printed it: columns variant,
+    trials, val acc, test acc, MLflow run under a header and its rule; the params follow indented."""
+    lines = stdout[stdout.index("best trial per variant") :].splitlines()[1:]
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["variant"])
+    assert lines[header].split() == ["variant", "trials", "val", "acc", "test", "acc", "MLflow", "run"]
+    scores = {}
+    for line in lines[header + 2 :]:  # past the header's rule
+        if not line.strip() or line.startswith(" "):
+            break
+        variant, _, score, _, _ = line.split()
+        scores[variant] = score
+    return scores
 
 
 @pytest.mark.integration
