@@ -183,3 +183,26 @@ def test_a_search_notes_them_before_it_starts(small_folder):
     preflight.check_trials(space, local=True, notes=notes)
     assert len(notes) == 2  # once per data set, though two corners load it
     assert "resized to 32x32" in notes[0] and "holds 3 examples" in notes[1]
+
+
+def test_ray_notices_are_dropped_and_its_other_warnings_kept(caplog):
+    # The search's own run shows the whole effect (test_search_integration: no chatter); here,
+    # that the filters drop those notices alone.
+    import logging
+
+    from flatbasin.search.quiet import quiet_ray
+
+    quiet_ray()
+    quiet_ray()  # once per logger, however often a process starts Ray
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    tune = logging.getLogger("ray.tune.utils.util")
+    assert len(token.filters) == len(tune.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        token.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
+        token.warning("Token authentication is disabled for this Ray cluster. Anyone with ...")
+        tune.warning("The `process_trial_save` operation took 0.571 s, which may be a performance bottleneck.")  # fmt: skip
+        tune.warning("Install psutil to monitor system performance.")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster",
+        "Install psutil to monitor system performance",
+    ]

@@ -64,9 +64,11 @@ def flatbasin(
 
 
 # What Ray, MLflow and Optuna printed on every run before search/quiet.py: Ray's token notice and
-# its start and save lines, MLflow's download bars, Optuna's "already reported" for resumed trials.
+# its start and save lines, MLflow's download bars, Optuna's "already reported" for resumed trials,
+# Tune's slow-operation notes on a busy machine.
 CHATTER = ("Token authentication is enabled", "Started a local Ray instance", "Downloading artifacts",
-           "Wrote the latest version of all result files", "is already reported")  # fmt: skip
+           "Wrote the latest version of all result files", "is already reported",
+           "may be a performance bottleneck")  # fmt: skip
 
 
 def assert_no_library_chatter(text: str) -> None:
