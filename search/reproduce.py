@@ -124,6 +124,14 @@ def reproduce(
     )
 
     print_comparison(run_id, rows, console, full=full)
+    lengths = [(len(recorded[k]), len(getattr(result, k))) for k in ("history", "curve")]
+    if any(was != now for was, now in lengths):  # early stopping at another epoch, say
+        (epochs, epochs_now), (points, points_now) = lengths
+        console.print(
+            f"recorded {epochs} epochs and {points} curve points; reproduced {epochs_now} and "
+            f"{points_now}",
+            style="red",
+        )
 
     original = client.get_run(run_id)
     reproduction = client.create_run(
@@ -196,7 +204,7 @@ def print_comparison(
     if len(differences) > SHOWN_DIFFERENCES:
         table.add_row(f"  ({len(differences) - SHOWN_DIFFERENCES} more differ)", "", "", "")
     console.print(table)
-    console.print("(every number above is compared; --full lists each epoch's and curve point's)")
+    console.print(f"({len(rows)} numbers compared; --full lists each one)")
 
 
 def _record(
