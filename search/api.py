@@ -581,6 +581,9 @@ def train(
     )  # fmt: skip
 
 
+TRAIN_THREADS = 1  # torch threads of `train` unless --set threads=N says otherwise
+
+
 def run_train(
     variant: str,
     settings: Mapping[str, Any],
@@ -600,7 +603,10 @@ def run_train(
     from flatbasin.search.preflight import writable_file
 
     console = console or output.CONSOLE
-    settings = dict(settings)
+    # One thread unless asked, as a search's trial has by default (--cpus-per-trial 1): the same
+    # numbers as that trial, and on a busy 2-core machine MNIST-1D's sgd took 32 s with one thread
+    # against 233 s with two (docs/reproducibility.md).
+    settings = {"threads": TRAIN_THREADS, **settings}
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     taken: dict[str, Any] = {}
     records = {}
@@ -662,9 +668,17 @@ def run_train(
         if checkpoint is not None:
             saved.attempt(lambda: save(checkpoint), metrics.epoch)
 
+    from flatbasin.trainables.accel import resolve_device
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_notes import data_notes
+
     try:
+        data = load_data(config.data_spec, str(resolve_device(config.device)))
+        for note in data_notes(config.data_spec, data):  # resized images, a tiny validation split
+            console.print(f"note: {note}", style="yellow")
         result = run_trial(
             config,
+            data=data,
             resume=checkpoint if resume else None,
             on_epoch=on_epoch,
             start_weights=start_weights,

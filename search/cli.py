@@ -40,6 +40,16 @@ class Commands(typer.core.TyperGroup):
     the range its --help states, a word where a number belongs) ends as every refusal does: one
     paragraph, exit status 2, before the command does anything."""
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            flags_untyped(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        flags_untyped(self, ctx)
+        super().format_help(ctx, formatter)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
@@ -49,6 +59,17 @@ class Commands(typer.core.TyperGroup):
             fail(usage_problem(err))
         except OutOfMemory as err:  # any command that trains: what ran out and what to change
             fail(str(err), code=EXIT_FAILED)
+
+
+def flags_untyped(command: Any, ctx: Any) -> None:
+    """No `<bool>` beside a flag in --help (--resume, --help itself): a flag takes no value. Typer
+    shows each option's type, flags too, unless the option has a metavar; an empty one shows none.
+    For this command, and every command of a group under it (`data check`)."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        flags_untyped(sub, ctx)
 
 
 def usage_problem(err: ClickUsageError) -> str:
@@ -138,7 +159,13 @@ def train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="epoch budget", **EPOCHS)] = None,
-    seed: Annotated[int | None, typer.Option(help="the trial's seed", **SEED)] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="the trial's seed: model init, batch order, augmentation, dropout (default 0)",
+            **SEED,
+        ),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="root of a torchvision set or an image folder")
     ] = None,
@@ -477,6 +504,9 @@ def reproduce(
             help="import the user's modules from the copy recorded with the run, not from here",
         ),
     ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="list every epoch's and curve point's numbers")
+    ] = False,
 ) -> None:
     """Retrain a logged trial locally without Ray and compare with what was recorded (exit 1 if it differs)."""
     from flatbasin.search.reproduce import reproduce as run_reproduce
@@ -484,8 +514,9 @@ def reproduce(
     _quiet_mlflow_retries()
     try:
         exact = run_reproduce(
-            run_id, tracking_uri_or_default(tracking_uri), console, recorded_code=recorded_code
-        )
+            run_id, tracking_uri_or_default(tracking_uri), console, recorded_code=recorded_code,
+            full=full,
+        )  # fmt: skip
     except UsageError as err:
         fail(str(err))
     raise typer.Exit(0 if exact else 1)
@@ -596,9 +627,11 @@ def _leave(code: int) -> NoReturn:
 def main() -> None:
     from flatbasin.search import signals
     from flatbasin.search.credentials import hide_from_command_line
+    from flatbasin.search.quiet import quiet_libraries
 
     hide_from_command_line(sys.argv)  # execs this command again without them, when there are any
     signals.install()  # SIGTERM and SIGHUP end every command as Ctrl-C does
+    quiet_libraries()  # the libraries' progress bars and notices stay off the console (quiet.py)
     try:
         app()
     except SystemExit as done:

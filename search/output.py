@@ -9,8 +9,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from flatbasin.search.errors import plain_console, stderr
 
@@ -119,6 +122,15 @@ def to_reproduce(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) ->
     return rows[0] if rows else None
 
 
+def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:
+    """What the trial `Reproduce:` names is (the search run's tag flatbasin.reproduce_run)."""
+    if not confirmed:
+        return f"the best search trial ({variant}; no confirmation)"
+    if winner(confirmed) is None:
+        return f"{variant}'s best search trial ({variant} ties at the top after confirmation)"
+    return f"the confirmed winner's best search trial ({variant})"
+
+
 def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> None:
     """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
     seeds = max(row["n"] for row in rows)
@@ -126,7 +138,7 @@ def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> N
     title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
     table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
     for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "verdict")  # a number whole, on one line
     for row in rows:
         p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
         verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
@@ -158,23 +170,31 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
 
     if not outcome.best:
         console.print(f"search '{outcome.name}': no trial finished, so there is no best trial yet")
-    table = Table(title=f"search '{outcome.name}': best trial per variant")
-    for column in ("variant", "trials", "score (val)", "test_acc", "params", "MLflow run"):
-        table.add_column(column, overflow="fold")
+    # 79 columns at most: an 80-column terminal shows it whole, each run id on one line (the
+    # params, of any length, follow as text).
+    table = Table(
+        title=f"search '{outcome.name}': best trial per variant",
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+    )  # fmt: skip
+    for column in ("variant", "trials", "val acc", "test acc", "MLflow run"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("variant", "MLflow run") else "right")  # fmt: skip
     for row in outcome.best:
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
-        )
         table.add_row(
             row["variant"],
             str(outcome.trials_per_variant.get(row["variant"], "")),
             f"{row['score']:.4f}",
             f"{row['test_acc']:.4f}",
-            params,
             row.get("run_id") or "-",
         )
     if outcome.best:
         console.print(table)
+        for row in outcome.best:
+            params = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row["params"].items()
+            )
+            line = Text(f"{row['variant']}: ", style="bold") + Text(params or "(nothing searched)")
+            console.print(Padding(line, (0, 0, 0, 2), expand=False), soft_wrap=False)
     if warning := learned_nothing(outcome.best):
         console.print(f"warning: {warning}", style="yellow", markup=False)
     if outcome.untried:
@@ -208,6 +228,7 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
     if row is not None and row.get("run_id"):
         console.print(
             f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"
+            f"  # {reproduced(row['variant'], outcome.confirmed)}"
         )
     print_credentials_note(console)
 

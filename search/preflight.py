@@ -386,7 +386,7 @@ def _host_port(address: str, target: RayTarget) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def check_trials(space: Space, *, local: bool) -> list[str]:
+def check_trials(space: Space, *, local: bool, notes: list[str] | None = None) -> list[str]:
     """Load the data and build the model of every distinct trial setting at the corners of the space,
     check each trial can run on them (classes, batch size, input shape, and whatever the variant
     needs of the model: prior_guided's focus library must have been fitted on its conv layers), and
@@ -396,8 +396,10 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
 
     On a cluster a data_dir or a variant's file (a focus library) this machine does not have is left
     to the nodes: the trial checks it where it runs and reports a permanent error, not retried.
+    `notes` collects what the data does to the numbers (data_notes), once per data set.
     """
     from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data_notes import data_notes
     from flatbasin.trainables.memory import OutOfMemory, named_out_of_memory
     from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
     from flatbasin.trainables.variants import REGISTRY
@@ -434,6 +436,8 @@ def check_trials(space: Space, *, local: bool) -> list[str]:
                 with named_out_of_memory(config, "loading the data and checking the model"):
                     data = load_data(spec, "cpu")
                     check_trial(config, data)
+                if notes is not None:
+                    notes += [n for n in data_notes(spec, data) if n not in notes]
                 if (spec, config.model, config.init) not in learned:
                     learned.add((spec, config.model, config.init))
                     found = check_learns(config, data)

@@ -437,7 +437,7 @@ def importances(trials: list[Trial], space: Space | None, problem: str) -> list[
             out.append(Importances("variant (all trials)", len(rows), reason="not enough trials: only one variant finished"))  # fmt: skip
         else:
             out.append(_study_importances("variant (all trials)", rows))
-    for variant, (searched, _) in space.variants.items():
+    for variant, (searched, fixed) in space.variants.items():
         mine = [t for t in done if t.variant == variant]
         if not mine:
             continue
@@ -448,19 +448,37 @@ def importances(trials: list[Trial], space: Space | None, problem: str) -> list[
         rows, skipped = [], 0
         for t in mine:
             try:
-                values = {k: _value(d, t.params[k]) for k, d in searched.items()}
+                values = {k: _value(d, t.params[k]) for k, d in searched.items() if k in t.params}
                 if not all(_inside(searched[k], v) for k, v in values.items()):
                     raise ValueError("outside the space's range")
+                _absent_as_idle(variant, set(searched) - set(values), {**space.settings, **fixed, **values})
             except (KeyError, ValueError):
                 skipped += 1  # a trial of another version of the space: not part of this study
                 continue
             params = {f"{variant}/{k}": v for k, v in values.items()}
-            rows.append((params, distributions, float(t.score or 0.0)))
+            given = {name: distributions[name] for name in params}  # the study of what acted
+            rows.append((params, given, float(t.score or 0.0)))
         result = _study_importances(variant, rows)
         if skipped:
             result.reason += f" ({skipped} trial(s) outside the logged space left out)"
         out.append(result)
     return out
+
+
+def _absent_as_idle(variant: str, absent: set[str], values: dict[str, Any]) -> None:
+    """KeyError unless every searched key a trial lacks did nothing in it (swa_lr_max with
+    swa_mode constant is not sampled: trainables/conditions.py); fANOVA then rates the keys
+    every trial has."""
+    from flatbasin.trainables.config import idle_settings
+
+    if not absent:
+        return
+    try:
+        idle = idle_settings(variant, {**values, **dict.fromkeys(absent)})
+    except TypeError:  # a key it depends on is absent too
+        idle = {}
+    if not absent <= set(idle):
+        raise KeyError(sorted(absent - set(idle)))
 
 
 # ----------------------------------------------------------------------------- confirmations

@@ -46,6 +46,7 @@ from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.loop import EpochMetrics, train
 from flatbasin.trainables.start import Weights, read_converged
 from flatbasin.trainables.usercode import code_files, user_modules
+from flatbasin.trainables.variants import phase_flags
 
 
 def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -64,7 +65,12 @@ def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def reproduce(
-    run_id: str, tracking_uri: str, console: Console, *, recorded_code: bool = False
+    run_id: str,
+    tracking_uri: str,
+    console: Console,
+    *,
+    recorded_code: bool = False,
+    full: bool = False,
 ) -> bool:
     try:
         client = read_store(tracking_uri)
@@ -117,12 +123,15 @@ def reproduce(
         and len(recorded["history"]) == len(result.history)
     )
 
-    table = Table(title=f"run {run_id}: recorded vs reproduced")
-    for column in ("metric", "recorded", "reproduced", ""):
-        table.add_column(column)
-    for name, a, b in rows:
-        table.add_row(name, _fmt(a), _fmt(b), "=" if same(a, b) else Text("differs", style="red"))
-    console.print(table)
+    print_comparison(run_id, rows, console, full=full)
+    lengths = [(len(recorded[k]), len(getattr(result, k))) for k in ("history", "curve")]
+    if any(was != now for was, now in lengths):  # early stopping at another epoch, say
+        (epochs, epochs_now), (points, points_now) = lengths
+        console.print(
+            f"recorded {epochs} epochs and {points} curve points; reproduced {epochs_now} and "
+            f"{points_now}",
+            style="red",
+        )
 
     original = client.get_run(run_id)
     reproduction = client.create_run(
@@ -150,6 +159,54 @@ def reproduce(
     return exact
 
 
+SHOWN_DIFFERENCES = 10  # numbers that differ, listed one per row before the rest are counted
+
+
+def print_comparison(
+    run_id: str, rows: list[tuple[str, Any, Any]], console: Console, *, full: bool = False
+) -> None:
+    """Recorded against reproduced. Every number is compared; the table shows the final ones
+    (score, test_acc) and one line per group (the epochs, the curve) saying whether all agree,
+    then the first numbers that differ; `full` lists every row (a 40-epoch trial: 160)."""
+    table = Table(title=f"run {run_id}: recorded vs reproduced")
+    for column in ("metric", "recorded", "reproduced", ""):
+        table.add_column(column, no_wrap=column != "metric")
+
+    def verdict(a: Any, b: Any) -> Text:
+        return Text("=") if same(a, b) else Text("differs", style="red")
+
+    if full:
+        for name, a, b in rows:
+            table.add_row(name, _fmt(a), _fmt(b), verdict(a, b))
+        console.print(table)
+        return
+    groups: dict[str, list[tuple[str, Any, Any]]] = {}
+    for row in rows:
+        group = row[0].split(" ", 1)[0]  # score, test_acc, epoch, curve
+        if group in ("score", "test_acc"):
+            table.add_row(row[0], _fmt(row[1]), _fmt(row[2]), verdict(row[1], row[2]))
+        else:
+            groups.setdefault(group, []).append(row)
+    for group, members in groups.items():
+        steps = sorted({int(name.split()[1]) for name, _, _ in members})
+        keys = list(dict.fromkeys(name.split()[2] for name, _, _ in members))
+        differing = sum(not same(a, b) for _, a, b in members)
+        label = f"{group}s {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"{group} {steps[0]}"
+        table.add_row(
+            f"{label}: {', '.join(keys)}",
+            f"{len(members)} numbers",
+            "all equal" if not differing else f"{differing} differ",
+            Text("=") if not differing else Text("differs", style="red"),
+        )
+    differences = [row for row in rows if not same(row[1], row[2]) and row[0] not in ("score", "test_acc")]
+    for name, a, b in differences[:SHOWN_DIFFERENCES]:
+        table.add_row(f"  {name}", _fmt(a), _fmt(b), Text("differs", style="red"))
+    if len(differences) > SHOWN_DIFFERENCES:
+        table.add_row(f"  ({len(differences) - SHOWN_DIFFERENCES} more differ)", "", "", "")
+    console.print(table)
+    console.print(f"({len(rows)} numbers compared; --full lists each one)")
+
+
 def _record(
     client: MlflowClient, new_run_id: str, config: TrialConfig, result: Any, last: Path
 ) -> None:
@@ -163,7 +220,11 @@ def _record(
         for k, v in asdict(m).items()
         if k in EPOCH_METRICS and v is not None
     ]
-    metrics += [Metric("focus", float(m.phase == "focus"), 0, m.epoch) for m in result.history]
+    metrics += [
+        Metric(name, flag, 0, m.epoch)
+        for m in result.history
+        for name, flag in phase_flags(config.variant, m.phase).items()
+    ]
     if "to_best" in result.seconds:
         metrics.append(Metric("seconds_to_best", result.seconds["to_best"], 0, 0))
     metrics += [Metric("curve/val_acc", p.val_acc, 0, p.count) for p in result.curve]

@@ -31,14 +31,16 @@ import flatbasin
 from flatbasin.search.credentials import PASSWORD, USERNAME, redact_uri, scrub, source_of
 from flatbasin.search.errors import UsageError, short
 from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
-from flatbasin.trainables.config import TrialConfig, trial_config
+from flatbasin.trainables.config import TrialConfig, sampled, trial_config
 from flatbasin.trainables.files import not_a_file
 from flatbasin.trainables.start import write_converged
 from flatbasin.trainables.usercode import text_digest
+from flatbasin.trainables.variants import phase_flags
 
 # Per-epoch metrics, step = epoch. train_loss and train_acc are absent in an epoch without a pass over
-# the data (prior_guided's focus epochs); elapsed_s is training time since the trial started. Each
-# epoch's phase is logged as the metric `focus` (1 in a focus epoch, 0 in a data epoch).
+# the data (prior_guided's focus epochs); elapsed_s is training time since the trial started. A
+# variant with epochs without data logs each epoch's phase as a metric (phase_flags: prior_guided's
+# `focus`, 1 in a focus epoch, 0 in a data epoch); other variants' runs have no such metric.
 EPOCH_METRICS = (
     "train_loss", "train_acc", "val_loss", "val_acc", "lr", "score", "members", "gen_gap", "elapsed_s",
 )  # fmt: skip
@@ -71,6 +73,22 @@ BASE_SOURCE = "flatbasin.base_source"
 CHECKPOINT_ARTIFACT = "checkpoint.pt"  # a run's final weights: what --from RUN_ID continues
 CODE_ARTIFACTS = "code"  # the user's own modules (model:, dataset: module:callable) as they ran
 CODE_SHA256 = "flatbasin.code_sha256"
+# A search run's answers, one meaning per tag. BEST_SEARCH_RUN: the trial with the best search
+# score (validation accuracy of one seed: the maximum of noisy numbers, biased upward); WINNER: the
+# variant with the best mean over the confirmation's fresh seeds (absent without a confirmation, or
+# when variants tie at the top); REPRODUCE_RUN: the run the printed `Reproduce:` names (and
+# SearchResult.best_trial): the winner's best search trial (the first variant at the top in a
+# tie), else the best search trial. OLD_BEST_RUN: BEST_SEARCH_RUN under its former name, kept for
+# the scripts that read it.
+BEST_SEARCH_RUN = "flatbasin.best_search_run"
+WINNER = "flatbasin.winner"
+REPRODUCE_RUN = "flatbasin.reproduce_run"
+OLD_BEST_RUN = "flatbasin.best_run_id"
+# The experiment tag MLflow 3's UI reads for what an experiment holds (the value its own "experiment
+# type" selector writes): training runs open on "Training runs", not on the GenAI overview and its
+# "Detect issues" prompt. Set on the experiments a search makes, and on existing ones without it
+# (a kind a user chose is left alone).
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -537,9 +555,18 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(self.experiment)
-            )
+            if found is None:
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment, tags={EXPERIMENT_KIND: TRAINING_KIND}
+                )
+            else:
+                self._experiment_id = found.experiment_id
+                if EXPERIMENT_KIND not in found.tags:  # made before flatbasin set it, or by hand
+                    # How the UI opens it, never worth failing a search over (a server may refuse).
+                    with contextlib.suppress(MlflowException):
+                        self.client.set_experiment_tag(
+                            found.experiment_id, EXPERIMENT_KIND, TRAINING_KIND
+                        )
         return self._experiment_id
 
     def find_parent(self) -> str | None:
@@ -835,10 +862,11 @@ class Tracker:
             for key in EPOCH_METRICS
             if r.get(key) is not None
         ]
+        variant = sampled(record.config).get("variant", "")
         metrics += [
-            Metric("focus", float(r["phase"] == "focus"), now, int(r["epoch"]))
+            Metric(name, flag, now, int(r["epoch"]))
             for r in new
-            if r.get("phase") is not None
+            for name, flag in phase_flags(variant, r.get("phase")).items()
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])

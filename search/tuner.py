@@ -15,14 +15,13 @@ import signal
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
@@ -40,8 +39,18 @@ from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
+from flatbasin.search.quiet import RAY_LOGGING_LEVEL, quiet_libraries, quiet_ray
 from flatbasin.search.schedulers import PerVariantASHA
-from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
+from flatbasin.search.tracking import (
+    BEST_SEARCH_RUN,
+    OLD_BEST_RUN,
+    REPRODUCE_RUN,
+    WINNER,
+    Tracker,
+    TrackingUnavailable,
+    TrialRecord,
+    curve_figure,
+)
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
@@ -141,6 +150,7 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray()  # Ray's notice that it turned token authentication on (search/quiet.py)
     # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
@@ -154,7 +164,10 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
     )  # our summary names the runs
     if address:
         os.environ["RAY_ADDRESS"] = address  # Ray lets $RAY_ADDRESS override the argument: agree
-        ray.init(address=address, log_to_driver=False, runtime_env=code_runtime_env(code_dir))
+        ray.init(
+            address=address, log_to_driver=False, runtime_env=code_runtime_env(code_dir),
+            logging_level=RAY_LOGGING_LEVEL,
+        )  # fmt: skip
     else:
         # A new Ray on this machine, always: never one that $RAY_ADDRESS or Ray's current-cluster
         # file names (a stale file made a search hang for minutes). Loopback: local_ray_on_loopback.
@@ -163,7 +176,10 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
         # hands a prestarted worker to an actor whose runtime_env is empty, so with one every trial
         # actor was a new process and the warmed workers sat idle (checked by their pids).
         with signals.spared_children():
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address="local", include_dashboard=False, log_to_driver=False,
+                logging_level=RAY_LOGGING_LEVEL,
+            )  # fmt: skip
     signals.install()  # ray.init's own SIGTERM handler aborts the driver (exit 134, nothing saved)
 
 
@@ -325,8 +341,7 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
 
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A trial resumed from its checkpoint reports its next epoch's step again: Optuna keeps the first.
-    warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+    quiet_libraries()  # MLflow's download bars, Optuna's "already reported" (search/quiet.py)
     # Ours to report: a store that fails is named by the writer, not by SQLAlchemy's tracebacks.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for logger, own in (
@@ -356,8 +371,11 @@ def run_search(space: Space, options: SearchOptions, console: Console) -> Outcom
     # Post-convergence (--from or the space's `from:`): the source is resolved and checked here,
     # before Ray; the trials then run the tail only, so that is the space checked below.
     start = post_convergence.plan(space, options.start_from, tracker, options.resume)
-    for warning in preflight.check_trials(start.space if start else space, local=local):
+    notes: list[str] = []  # what the data does to the numbers (trainables/data_notes.py)
+    for warning in preflight.check_trials(start.space if start else space, local=local, notes=notes):
         stderr.print(f"warning: {warning}", style="yellow")
+    for note in notes:
+        console.print(f"note: {note}", style="yellow")
     if options.gpus_per_trial > 1:
         stderr.print(
             f"warning: --gpus-per-trial {options.gpus_per_trial:g}: a trial trains on one device, "
@@ -920,6 +938,22 @@ def _confirm(
     return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
 
 
+def best_run_tags(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, str]:
+    """The search run's tags naming its answers, each with one meaning (tracking.py): the best
+    search trial, the confirmed winner, and the run the printed `Reproduce:` names."""
+    from flatbasin.search import output
+
+    tags = {}
+    if best and best[0].get("run_id"):
+        tags[BEST_SEARCH_RUN] = tags[OLD_BEST_RUN] = best[0]["run_id"]
+    if (winner := output.winner(confirmed)) is not None:
+        tags[WINNER] = winner
+    chosen = output.to_reproduce(best, confirmed)
+    if chosen is not None and chosen.get("run_id"):
+        tags[REPRODUCE_RUN] = chosen["run_id"]
+    return tags
+
+
 def _finish_parent(
     tracker: Tracker,
     parent: str,
@@ -947,9 +981,12 @@ def _finish_parent(
         {"best_per_variant": summary, "trials_per_variant": counts, "confirmed": confirmed},
         "summary.json",
     )
+    answers = best_run_tags(best, confirmed)
+    tracker.client.log_batch(parent, tags=[RunTag(k, v) for k, v in answers.items()])
+    held = tracker.client.get_run(parent).data.tags  # a resumed search may answer otherwise now
+    for stale in {BEST_SEARCH_RUN, OLD_BEST_RUN, WINNER, REPRODUCE_RUN} & set(held) - set(answers):
+        tracker.client.delete_tag(parent, stale)
     if confirmed:
-        winner = confirmed[0]
-        tracker.client.set_tag(parent, "flatbasin.winner", winner["variant"])
         tracker.client.log_batch(parent, metrics=[
             Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
             for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
@@ -958,9 +995,7 @@ def _finish_parent(
         tracker.client.log_figure(
             parent, curve_figure({r["variant"]: r["final"] for r in best}), "comparison.png"
         )
-        top = best[0]
-        tracker.client.set_tag(parent, "flatbasin.best_run_id", top["run_id"] or "")
-        tracker.client.log_metric(parent, "best_score", top["score"])
+        tracker.client.log_metric(parent, "best_score", best[0]["score"])
     checkpoints = {
         r.metrics.get("trial_id"): r.checkpoint for r in grid if r.checkpoint is not None
     }

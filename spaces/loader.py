@@ -41,7 +41,16 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
 from flatbasin.search.errors import short
-from flatbasin.trainables.config import TrialConfig, config_keys, make_config, names_user_code
+from flatbasin.trainables.conditions import in_order
+from flatbasin.trainables.config import (
+    TrialConfig,
+    conditions,
+    config_keys,
+    defaults,
+    idle_settings,
+    make_config,
+    names_user_code,
+)
 from flatbasin.trainables.strict import NoBoolNumbers
 from flatbasin.trainables.variants import REGISTRY
 
@@ -149,8 +158,15 @@ class Space:
         variant = names[trial.number % len(names)]
         trial.set_user_attr("variant", variant)
         searched, fixed = self.variants[variant]
-        for key, dist in searched.items():
-            dist.suggest(trial, f"{variant}/{key}")
+        # A parameter that does nothing in this configuration (swa_lr_max when swa_mode is
+        # constant) is not sampled: TPE models it on the trials where it acted, and the trial's
+        # params hold what ran. Those it depends on are sampled first.
+        decides = conditions(variant)
+        values = {**self.settings, **fixed}
+        for key in in_order(list(searched), decides):
+            if key in decides and key in idle_settings(variant, {**values, key: None}):
+                continue
+            values[key] = searched[key].suggest(trial, f"{variant}/{key}")
         config = {"variant": variant, "settings": {**self.settings, **fixed}}
         return config if self.start is None else {**config, "start": self.start}
 
@@ -162,6 +178,7 @@ class Space:
         """The trial configs at every corner of every variant's ranges (what preflight checks run on)."""
         for variant, (searched, fixed) in self.variants.items():
             for values in _corners(searched):
+                values = _acting(variant, {**self.settings, **fixed}, values)
                 yield make_config(variant, {**self.settings, **fixed, **values}, start=self.start)
 
     def base_config(self) -> TrialConfig:
@@ -638,7 +655,12 @@ def _check_corners(
         corners = _corners(searched)
     except SpaceError as err:
         raise SpaceError(f"{where}: variants.{variant}: {err}") from err
+    named = set(searched) | set(fixed)
+    acted: set[str] = set()
     for values in corners:
+        idle = idle_settings(variant, {**settings, **fixed, **values})
+        acted |= named - set(idle)
+        values = _acting(variant, {**settings, **fixed}, values)
         try:
             make_config(variant, {**settings, **fixed, **values}, start=start)
         except ValidationError as err:
@@ -647,6 +669,22 @@ def _check_corners(
             raise SpaceError(f"{where}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{where}: variants.{variant}: {err}") from err
+    decides = conditions(variant)
+    for key in sorted(named - acted):  # named, and idle in every configuration of the space
+        needs = decides[key]
+        held = ", ".join(f"{k}: {short({**settings, **fixed}.get(k, defaults(variant).get(k)))}" for k in needs.on if k not in searched)  # fmt: skip
+        raise SpaceError(
+            f"{where}: variants.{variant}.{key}: does nothing unless {needs.says}, and no trial of "
+            f"this space has that{f' ({held})' if held else ''}; remove {key}, or set or search "
+            f"{' and '.join(needs.on)}"
+        )
+
+
+def _acting(variant: str, settings: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A corner's searched values without those that do nothing in it, as define_by_run samples
+    them: what a trial at that corner runs with."""
+    idle = idle_settings(variant, {**settings, **values})
+    return {k: v for k, v in values.items() if k not in idle}
 
 
 def _first_problem(err: ValidationError) -> tuple[str, str]:

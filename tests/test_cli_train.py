@@ -98,3 +98,17 @@ def test_console_script_runs_and_resumes(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert "epoch   1/2" not in again.stdout  # nothing left to train: it resumed after epoch 2
+
+
+@pytest.mark.parametrize(("given", "ran"), [((), 1), (("--set", "threads=2"), 2)])
+def test_train_runs_on_one_thread_unless_told(tmp_path, given, ran):
+    # One thread by default, as a search's trial: 32 s against 233 s with two on a busy 2-core
+    # machine (docs/reproducibility.md). torch's own default here would be 3.
+    import torch
+
+    torch.set_num_threads(3)
+    out = tmp_path / "r.json"
+    result = run("--variant", "sgd", "--epochs", "1", *given, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"{ran} thread(s)" in result.output
+    assert json.loads(out.read_text())["threads"] == ran

@@ -17,6 +17,7 @@ from flatbasin.trainables.data import (
     MNIST1D_SEED,
     DataError,
     DataSpec,
+    channel_statistics,
     flip_and_crop,
     load_data,
     random_shift,
@@ -242,10 +243,38 @@ def test_mnist1d_fingerprint_follows_the_generation_parameters(mnist1d):
     load_data.cache_clear()
     again = load_data(DataSpec(dataset="mnist1d"), "cpu")
     assert again.fingerprint == mnist1d.fingerprint
-    assert torch.allclose(again.x_test, mnist1d.x_test)  # bits differ with torch's thread count
+    assert torch.equal(again.x_test, mnist1d.x_test)
     resplit = load_data(DataSpec(dataset="mnist1d", split_seed=1), "cpu")
     assert resplit.fingerprint == mnist1d.fingerprint  # same draw, another validation split
     assert not torch.equal(resplit.y_val, mnist1d.y_val)
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "digits"])
+def test_normalised_data_is_the_same_with_1_and_2_threads(dataset):
+    # torch's float32 mean and std split their sums over its threads: MNIST-1D's statistics, so
+    # every input and every number trained from them, once differed in their last bits with
+    # the thread count. Both thread counts in one process, the loader's cache cleared between.
+    loaded = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            load_data.cache_clear()
+            loaded[threads] = load_data(DataSpec(dataset=dataset), "cpu")
+    finally:
+        load_data.cache_clear()
+    one = loaded[1]
+    for other in (loaded[2], loaded[3]):
+        for split in ("x_train", "x_val", "x_test"):
+            assert torch.equal(getattr(one, split), getattr(other, split)), split
+
+
+def test_channel_statistics_match_a_float64_reference():
+    x = torch.randn(2500, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    mean, std = channel_statistics(x)
+    ref = x.double().transpose(0, 1).reshape(3, -1)  # blocks of 1,024 examples: three of them
+    assert mean.shape == std.shape == (1, 3, 1, 1) and mean.dtype == std.dtype == torch.float32
+    assert torch.allclose(mean.flatten().double(), ref.mean(1), rtol=1e-7, atol=0)
+    assert torch.allclose(std.flatten().double(), ref.std(1), rtol=1e-7)
 
 
 def test_data_seed_is_refused_for_fixed_data():
@@ -306,3 +335,19 @@ def test_data_check_lists_every_bad_file_and_exits_2(tmp_path):
     assert "empty class: fish" in found.output and "13 problem(s)" in found.output
     missing = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_notes_say_an_image_folder_is_resized_and_a_small_validation_split_is_coarse(tmp_path):
+    from flatbasin.trainables.data_notes import data_notes
+
+    for c in range(2):  # 2 classes of 25: 10 test images (test_frac 0.2), 4 of the 40 left for val
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(25):
+            Image.new("RGB", (40 + i, 20), (10 * i, 100 * c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    spec = DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=16)
+    notes = data_notes(spec, load_data(spec, "cpu"))
+    assert len(notes) == 2 and notes[0].startswith(f"image folder {tmp_path}: every image is resized to 16x16")  # fmt: skip
+    assert "image_size" in notes[0]
+    assert "holds 4 examples, so one example moves the score (validation accuracy) by 25.0 points" in notes[1]  # fmt: skip
+    digits = DataSpec()  # 144 validation examples: one is 0.7 points, no note
+    assert data_notes(digits, load_data(digits, "cpu")) == []

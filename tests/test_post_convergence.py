@@ -495,7 +495,7 @@ def test_a_search_from_base_trains_the_base_once(tmp_path, ray_tmpdir, process_g
         if params.is_file():  # each trial's config names the weights; it does not carry them
             assert params.stat().st_size < 4096 and sha in params.read_text()
 
-    best = parent.data.tags["flatbasin.best_run_id"]
+    best = parent.data.tags["flatbasin.best_search_run"]
     again = subprocess.run(
         [sys.executable, "-m", "flatbasin", "reproduce", best, "--tracking-uri", uri],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -4,7 +4,6 @@ MLflow (no Ray), and the report of a real search end to end (Ray, MLflow, the CL
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -261,17 +260,18 @@ def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
 
 
 def summary_scores(stdout: str) -> dict[str, str]:
-    """variant -> the best score as the search's summary table printed it."""
-    table = stdout[stdout.index("best trial per variant") :]
-    table = table[: table.index("└")]  # the first table only (the confirmed one follows)
-    rows = [
-        [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
-        for line in table.splitlines()
-        if line.startswith(("│", "┃"))
-    ]
-    header = next(row for row in rows if "variant" in row and "score (val)" in row)
-    at = header.index("score (val)")
-    return {row[0]: row[at] for row in rows if row is not header and row[0]}
+    """variant -> the best score as the search's summary table printed it: columns variant,
+    trials, val acc, test acc, MLflow run under a header and its rule; the params follow indented."""
+    lines = stdout[stdout.index("best trial per variant") :].splitlines()[1:]
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["variant"])
+    assert lines[header].split() == ["variant", "trials", "val", "acc", "test", "acc", "MLflow", "run"]
+    scores = {}
+    for line in lines[header + 2 :]:  # past the header's rule
+        if not line.strip() or line.startswith(" "):
+            break
+        variant, _, score, _, _ = line.split()
+        scores[variant] = score
+    return scores
 
 
 @pytest.mark.integration
@@ -342,3 +342,25 @@ def test_unknown_search_exits_2_without_traceback(searched):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "no-such-search" in done.stderr
     assert "searched" in done.stderr  # names the searches that are there
+
+
+def test_importances_count_trials_whose_idle_parameters_were_not_sampled():
+    # swa_lr_max is sampled in cyclic mode only (trainables/conditions.py): a constant-mode trial
+    # lacks it and still counts; a trial lacking a parameter that would have acted does not.
+    from flatbasin.search.report import Trial, importances
+    from flatbasin.spaces.loader import space_from_dict
+
+    space = space_from_dict({"name": "c", "epochs": 4, "variants": {"swa": {
+        "lr": {"loguniform": [0.01, 0.2]}, "swa_mode": {"choice": ["constant", "cyclic"]},
+        "swa_lr_max": {"loguniform": [0.05, 0.2]}}}})  # fmt: skip
+    trials = []
+    for i, lr in enumerate(np.geomspace(0.01, 0.2, 8)):
+        params = {"lr": str(lr), "swa_mode": ("constant", "cyclic")[i % 2]}
+        if i % 2:
+            params["swa_lr_max"] = "0.1"
+        trials.append(Trial(f"r{i}", f"t{i}", "swa", "finished", 0.5 + i / 100, 0.5, 0.5, params))
+    lacking = Trial("r9", "t9", "swa", "finished", 0.9, 0.9, 0.1, {"lr": "0.05", "swa_mode": "cyclic"})
+    (study,) = importances([*trials, lacking], space, "")
+    assert study.trials == 8 and "1 trial(s) outside the logged space" in study.reason
+    assert set(study.values) == {"swa/lr", "swa/swa_mode"}  # the keys every trial has
+    assert study.values["swa/lr"] > study.values["swa/swa_mode"]  # the score follows lr

@@ -63,6 +63,19 @@ def flatbasin(
     )  # fmt: skip
 
 
+# What Ray, MLflow and Optuna printed on every run before search/quiet.py: Ray's token notice and
+# its start and save lines, MLflow's download bars, Optuna's "already reported" for resumed trials,
+# Tune's slow-operation notes on a busy machine.
+CHATTER = ("Token authentication is enabled", "Started a local Ray instance", "Downloading artifacts",
+           "Wrote the latest version of all result files", "is already reported",
+           "may be a performance bottleneck")  # fmt: skip
+
+
+def assert_no_library_chatter(text: str) -> None:
+    found = [line for line in text.splitlines() if any(c in line for c in CHATTER)]
+    assert not found, found
+
+
 def tune_rows(trial_dir: Path) -> list[dict]:
     path = trial_dir / "result.json"
     text = path.read_text() if path.exists() else ""
@@ -118,6 +131,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert searched.returncode == 0, searched.stdout + searched.stderr
     assert "best trial per variant" in searched.stdout and "flatbasin reproduce" in searched.stdout
     assert "confirmed over 2 fresh seeds" in searched.stdout and "Winner:" in searched.stdout
+    assert_no_library_chatter(searched.stdout + searched.stderr)
 
     client = MlflowClient(uri)
     parents, trials = trial_runs(client, "searched")
@@ -130,6 +144,9 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert {"summary.json", "comparison.png", "searched.yaml"} <= parent_files
     assert parent.data.params["seed"] == "4"
     assert parent.info.status == "FINISHED" and parent.data.tags["flatbasin.state"] == "finished"
+    # The MLflow UI opens the experiment on its training runs, not on the GenAI overview.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     again = flatbasin("search", "searched.yaml", "--tracking-uri", uri, "--storage",
                       str(folder / "runs"), cwd=folder)  # fmt: skip
@@ -144,6 +161,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
         assert run.data.params["epochs"] == "3" and run.data.tags["flatbasin.model"] == "small_cnn"
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "score"):
             assert [m.step for m in client.get_metric_history(rid, key)] == [1, 2, 3], key
+        assert "focus" not in run.data.metrics  # prior_guided's alone: no focus epochs here
         curve = client.get_metric_history(rid, "curve/val_acc")
         expected = {
             "sgd": 1,
@@ -188,12 +206,22 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
             assert run.data.params[key] == source.data.params[key], key
     assert len({(r.data.tags["flatbasin.confirms"], r.data.params["seed"]) for r in confirms}) == 6
     assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
-    assert parent.data.tags["flatbasin.winner"] == summary["confirmed"][0]["variant"]
+    # One meaning per tag: the best search trial (also under its former name), the confirmed
+    # winner (none on a tie at the top), the run the printed Reproduce: names.
+    tags, confirmed = parent.data.tags, summary["confirmed"]
+    top = summary["best_per_variant"][0]
+    assert tags["flatbasin.best_search_run"] == tags["flatbasin.best_run_id"] == top["run_id"]
+    tied = [row for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
+    assert tags.get("flatbasin.winner") == (confirmed[0]["variant"] if len(tied) == 1 else None)
+    chosen = next(r for r in summary["best_per_variant"] if r["variant"] == confirmed[0]["variant"])
+    assert tags["flatbasin.reproduce_run"] == chosen["run_id"]
+    assert f"Reproduce:    flatbasin reproduce {chosen['run_id']} " in searched.stdout
 
     best = summary["best_per_variant"][0]["run_id"]
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "exact match" in again.stdout
+    assert_no_library_chatter(again.stdout + again.stderr)  # its download: no progress bar
     repro = [
         r
         for r in client.search_runs([parent.info.experiment_id])
@@ -271,6 +299,7 @@ def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir,
     # 3. The printed command again, to the end.
     done = flatbasin(*shlex.split(resume[0])[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
     assert done.returncode == 0, done.stdout + done.stderr
+    assert_no_library_chatter(text + done.stdout + done.stderr)  # resumed trials report again
     # A finished trial may report its final result once more, but never trains again.
     for trial_dir in finished_before:
         epochs = [r["epoch"] for r in tune_rows(trial_dir)]

@@ -42,6 +42,70 @@ def test_space_samples_valid_trials_with_prefixed_names(path):
         study.tell(trial, 0.5)
 
 
+# Parameters that do nothing in some configurations (trainables/conditions.py), each with the
+# parameters deciding it and when it acts: sampled only when it does, recorded only when it does.
+CONDITIONAL = {
+    "swa_lr_max with swa_mode": (
+        "swa", "swa_mode: {choice: [constant, cyclic]}\n    swa_lr_max: {loguniform: [0.05, 0.2]}",
+        "swa_lr_max", lambda p: p["swa_mode"] == "cyclic",
+    ),
+    "lr_min with schedule": (
+        "sgd", "schedule: {choice: [constant, step, cosine, warmup_cosine]}\n    lr_min: {uniform: [0, 0.001]}",
+        "lr_min", lambda p: p["schedule"] in ("cosine", "warmup_cosine"),
+    ),
+    "warmup_frac with schedule": (
+        "ema", "schedule: {choice: [cosine, warmup_cosine]}\n    warmup_frac: {uniform: [0.01, 0.2]}",
+        "warmup_frac", lambda p: p["schedule"] == "warmup_cosine",
+    ),
+    "step_gamma with schedule": (
+        "sgd", "step_gamma: {uniform: [0.1, 0.5]}\n    schedule: {choice: [cosine, step]}",  # child first
+        "step_gamma", lambda p: p["schedule"] == "step",
+    ),
+    "momentum with optimizer": (
+        "sgd", "optimizer: {choice: [adagrad, sgd, adam]}\n    momentum: {uniform: [0.5, 0.95]}",
+        "momentum", lambda p: p["optimizer"] != "adagrad",
+    ),
+    "t_mult with cycles": (
+        "sgdr", "cycles: {int: [1, 3]}\n    t_mult: {choice: [1, 2]}",
+        "t_mult", lambda p: p["cycles"] >= 2,
+    ),
+    "prox with cycles and average_converged": (
+        "cyclic_average",
+        "cycles: {int: [1, 3]}\n    average_converged: {choice: [false, true]}\n    prox: {loguniform: [0.0001, 0.01]}",
+        "prox", lambda p: p["cycles"] >= 2 or p["average_converged"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CONDITIONAL))
+def test_conditional_parameters_are_absent_where_they_do_nothing(tmp_path, case):
+    variant, entries, key, acts = CONDITIONAL[case]
+    path = tmp_path / "conditional.yaml"
+    path.write_text(f"epochs: 12\nvariants:\n  {variant}:\n    {entries}\n")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        constants = space.define_by_run(trial)
+        sampled = {k.split("/", 1)[1]: v for k, v in trial.params.items()}
+        deciding = {**config_defaults(variant), **sampled}
+        seen.add(acts(deciding))
+        assert (key in sampled) == acts(deciding), sampled  # sampled only where it acts
+        config = trial_config({**constants, variant: sampled})
+        assert (key in config.flat()) == acts(deciding)  # and recorded (the run's params) so
+        study.tell(trial, 0.5)
+    assert seen == {True, False}  # both kinds of configuration were drawn
+    # The corners the space is checked at are the configurations trials run, idle keys left out.
+    assert {key in config.flat() for config in space.corner_configs()} == {True, False}
+
+
+def config_defaults(variant):
+    from flatbasin.trainables.config import defaults
+
+    return defaults(variant)
+
+
 GOOD = """
 epochs: 10
 variants:
@@ -77,6 +141,19 @@ BAD = {
     "unknown distribution": (
         "variants:\n  sgd: {lr: {normal: [0.1, 0.2]}}\n",
         "unknown distribution 'normal'",
+    ),
+    "searched, never acting": (
+        "variants:\n  swa: {swa_lr_max: {loguniform: [0.05, 0.2]}}\n",
+        "variants.swa.swa_lr_max: does nothing unless swa_mode is cyclic, and no trial of this "
+        "space has that (swa_mode: 'constant')",
+    ),
+    "fixed, never acting": (
+        "variants:\n  sgd: {schedule: constant, warmup_frac: 0.1}\n",
+        "variants.sgd.warmup_frac: does nothing unless schedule is warmup_cosine",
+    ),
+    "never acting under a searched parent": (
+        "variants:\n  sgdr: {cycles: {int: [1, 1]}, ensemble: true}\n",
+        "variants.sgdr.ensemble: does nothing unless cycles is at least 2",
     ),
     "loguniform at zero": (
         "variants:\n  sgd: {weight_decay: {loguniform: [0, 0.1]}}\n",

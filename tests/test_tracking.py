@@ -175,3 +175,50 @@ def test_runs_of_trials_tune_never_saved_are_ended_and_not_counted(tmp_path):
     assert seen["ended"].info.status == "FINISHED"
     assert sorted(tracker.trial_variants()) == ["sgd", "sgd"]
     assert tracker.settle_lost({"known", "ended"}) == 0  # once
+
+
+def test_the_experiment_opens_on_its_training_runs(tmp_path):
+    # MLflow 3's UI reads `mlflow.experimentKind`: without it a search's experiment opened on the
+    # empty GenAI overview. Set on an experiment the search makes and on one made before it; a kind
+    # a user chose is left alone.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("older")
+    client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name, kind in (("new", "custom_model_development"), ("older", "custom_model_development"),
+                       ("chosen", "genai_development")):  # fmt: skip
+        tracker = Tracker(uri, name, search_key=f"k-{name}")
+        tracker.parent()
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == kind, name
+
+
+def test_a_run_has_no_phase_metric_its_variant_cannot_have(tmp_path):
+    # prior_guided logs its phase per epoch as `focus` (1 or 0); other variants have no focus
+    # epochs, so no `focus` metric (it was logged as 0 on every run of every variant).
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k")
+    tracker.parent()
+    phases = ["data", "data", "focus", "data"]
+    runs = {}
+    for variant in ("sgd", "swa", "prior_guided"):
+        results = [{"epoch": e, "score": 0.5, "phase": p} for e, p in enumerate(phases, start=1)]
+        record = TrialRecord(variant, {"variant": variant}, results, "RUNNING")
+        tracker.write(record)
+        runs[variant] = tracker.run_for(record)
+    for variant in ("sgd", "swa"):
+        metrics = tracker.client.get_run(runs[variant]).data.metrics
+        assert "focus" not in metrics and metrics["score"] == 0.5, variant
+    history = tracker.client.get_metric_history(runs["prior_guided"], "focus")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0, 0, 1, 0]
+
+
+def test_a_trials_params_hold_only_settings_that_acted(tmp_path):
+    # swa_lr_max shapes the cyclic SWA schedule only: a constant-mode trial's run does not list it.
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", search_key="k")
+    tracker.parent()
+    for mode, listed in (("constant", False), ("cyclic", True)):
+        config = {"variant": "swa", "settings": {"epochs": 4}, "swa": {"swa_mode": mode}}
+        record = TrialRecord(mode, config, [{"epoch": 1, "score": 0.5}], "RUNNING")
+        tracker.write(record)
+        params = tracker.client.get_run(tracker.run_for(record)).data.params
+        assert params["swa_mode"] == mode and ("swa_lr_max" in params) == listed
+        assert "swa_lr" in params and "lr_min" not in params  # swa has no lr_min at all

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from flatbasin.trainables.accel import Precision, Toggle
+from flatbasin.trainables.conditions import Condition, OneOf, inactive
 from flatbasin.trainables.data import DataSpec
 from flatbasin.trainables.models import Init, check_model_name, model_kind
 from flatbasin.trainables.start import StartPoint
@@ -112,8 +113,8 @@ class TrialConfig(DataSpec):
         return DataSpec(**spec)
 
     def flat(self) -> dict[str, Any]:
-        """Every setting under one flat name (variant parameters unprefixed; the model's and the
-        data's arguments as model_args.KEY and data_args.KEY), for logging."""
+        """Every setting that acts under one flat name (variant parameters unprefixed; the model's
+        and the data's arguments as model_args.KEY and data_args.KEY), for logging."""
         values = self.model_dump(
             mode="json", exclude={"params", "start", "model_args", "data_args", "code_dir", "passed"}
         )
@@ -121,7 +122,33 @@ class TrialConfig(DataSpec):
             values |= {f"{group}.{k}": v for k, v in getattr(self, group).items()}
         if self.start is not None:
             values |= {"from": self.start.source, "from_sha256": self.start.sha256}
-        return {**values, **self.params.model_dump(mode="json")}
+        values = {**values, **self.params.model_dump(mode="json")}
+        # What ran: a setting that does nothing here (swa_lr_max with swa_mode constant) is left out.
+        idle = idle_settings(self.variant, {**self.model_dump(), **self.params.model_dump()})
+        return {k: v for k, v in values.items() if k not in idle}
+
+
+# Trial settings that act only when others take certain values (trainables/conditions.py).
+TRIAL_ACTS_WHEN: dict[str, Condition] = {
+    "momentum": OneOf("optimizer", ("sgd", "nesterov", "adam", "adamw", "rmsprop")),  # not adagrad
+}
+
+
+def conditions(variant: str) -> dict[str, Condition]:
+    """Every setting of `variant`'s trials that acts only when others take certain values."""
+    return {**TRIAL_ACTS_WHEN, **REGISTRY[variant].Params.acts_when}
+
+
+def defaults(variant: str) -> dict[str, Any]:
+    """The default of every setting and parameter of `variant`'s trials that has one."""
+    fields = {**TrialConfig.model_fields, **REGISTRY[variant].Params.model_fields}
+    return {k: f.default for k, f in fields.items() if not f.is_required()}
+
+
+def idle_settings(variant: str, settings: dict[str, Any]) -> dict[str, str]:
+    """The settings among the flat `settings` that do nothing in this configuration of `variant`
+    (`swa_lr_max` with `swa_mode: constant`), each with the condition it lacks."""
+    return inactive(settings, conditions(variant), defaults(variant))
 
 
 def config_keys(variant: str) -> tuple[set[str], set[str]]:

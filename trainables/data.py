@@ -473,6 +473,28 @@ def load_data(spec: DataSpec, device: str = "cpu") -> Data:
     return _in_memory(spec, recipe, x, y, x_test, y_test).to(torch.device(device))
 
 
+def channel_statistics(x_train: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation (float32, shaped to broadcast over `x_train`).
+
+    Summed in float64 by numpy, whose pairwise summation runs in one thread in a fixed order: torch's
+    float32 reductions split the sum over its threads, so the statistics (and every normalised
+    input, and every number trained from them) differed in their last bits with the thread count.
+    Two passes over fixed blocks of examples: a float64 copy of CIFAR's training split would be a
+    gigabyte."""
+    values = x_train.numpy()
+    axes = tuple(d for d in range(values.ndim) if d != 1)  # every dim but the channels
+    blocks = [values[i : i + STATS_BLOCK] for i in range(0, len(values), STATS_BLOCK)]
+    count = values.size // values.shape[1]
+    total = sum(b.astype(np.float64).sum(axis=axes, keepdims=True) for b in blocks)
+    mean = total / count
+    squares = sum(((b.astype(np.float64) - mean) ** 2).sum(axis=axes, keepdims=True) for b in blocks)
+    std = np.maximum(np.sqrt(squares / max(count - 1, 1)), 1e-6)  # unbiased, as torch.std
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+STATS_BLOCK = 1024  # examples per block of channel_statistics: fixed, so the order of the sums is
+
+
 def _in_memory(
     spec: DataSpec,
     recipe: bytes,
@@ -495,9 +517,7 @@ def _in_memory(
         return t.div_(255.0) if a.dtype == np.uint8 else t
 
     x_train = tensor(x[train])
-    per_channel = [d for d in range(x_train.dim()) if d != 1]  # every dim but the channels
-    mean = x_train.mean(dim=per_channel, keepdim=True)
-    std = x_train.std(dim=per_channel, keepdim=True).clamp_min(1e-6)
+    mean, std = channel_statistics(x_train)
     norm = lambda t: ((t - mean) / std).contiguous()  # noqa: E731
     num_classes = int(max(y.max(), y_test.max())) + 1
     data = Data(

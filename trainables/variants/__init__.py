@@ -14,4 +14,15 @@ REGISTRY: dict[str, type[Variant]] = {
     v.name: v for v in (SGD, SWA, CyclicAverage, Snapshot, SGDR, FGE, EMAVariant, PriorGuided)
 }
 
-__all__ = ["REGISTRY", "BudgetError", "Variant", "VariantParams"]
+
+
+def phase_flags(variant: str, phase: str | None) -> dict[str, float]:
+    """An epoch's phase as the metrics its variant records: {"focus": 1.0} for a focus epoch of
+    prior_guided, {"focus": 0.0} for its data epochs, nothing for variants that have no epochs
+    without data (a run has no metric it cannot have)."""
+    if phase is None or variant not in REGISTRY:
+        return {}
+    return {name: float(phase == name) for name in REGISTRY[variant].phases}
+
+
+__all__ = ["REGISTRY", "BudgetError", "Variant", "VariantParams", "phase_flags"]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource
+from flatbasin.trainables.conditions import Condition, OneOf
 from flatbasin.trainables.strict import NoBoolNumbers
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ DATA_PHASE = "data"  # an epoch of ordinary steps over the training data
 
 class VariantParams(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Parameters that act only when others take certain values (trainables/conditions.py): a
+    # search samples and records them only then.
+    acts_when: ClassVar[dict[str, Condition]] = {}
 
 
 class BudgetError(ValueError):
@@ -54,6 +58,9 @@ class Variant(ABC, Generic[P]):
     file_params: ClassVar[tuple[str, ...]] = ()
     # Parameters that `check(model)` depends on: preflight checks each distinct value once.
     model_params: ClassVar[tuple[str, ...]] = ()
+    # The epochs without data `phase` may name (prior_guided: "focus"). Each is recorded per epoch
+    # as a metric of its name (1 in such an epoch, 0 otherwise), by the variants that have it only.
+    phases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: P, *, epochs: int, lr: float, converged: bool = False):
         self.params = params
@@ -134,6 +141,13 @@ def cycle_split(
 
 class BaseScheduleParams(VariantParams):
     """The single schedules of plain training (seed 001 and 003)."""
+
+    acts_when: ClassVar[dict[str, Condition]] = {
+        "lr_min": OneOf("schedule", ("cosine", "warmup_cosine")),  # the floor of a cosine
+        "warmup_frac": OneOf("schedule", ("warmup_cosine",)),
+        "step_milestones": OneOf("schedule", ("step",)),
+        "step_gamma": OneOf("schedule", ("step",)),
+    }
 
     schedule: Literal["constant", "step", "cosine", "warmup_cosine"] = "cosine"
     lr_min: float = Field(0.0, ge=0)  # floor of cosine schedules

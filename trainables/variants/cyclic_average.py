@@ -8,12 +8,15 @@ From a converged model (post-convergence) the base phase is that model: w_1 join
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource, EqualAverage
+from flatbasin.trainables.conditions import AtLeast, Condition, EitherOf, OneOf
 from flatbasin.trainables.variants.base import Variant, VariantParams, cycle_split
 
 
@@ -25,6 +28,12 @@ class CyclicAverageParams(VariantParams):
     large_frac: float = Field(0.5, gt=0, lt=1)  # share of each cycle at lr_large
     prox: float = Field(1e-3, ge=0)  # lambda of seed eq. 8
     average_converged: bool = True  # the converged weights are w_1 (the seed's figure starts there)
+
+    # The pull toward w-bar needs a w-bar: from the first cycle with the converged weights in the
+    # average, else from the second cycle on.
+    acts_when: ClassVar[dict[str, Condition]] = {
+        "prox": EitherOf((OneOf("average_converged", (True,)), AtLeast("cycles", 2))),
+    }
 
     @model_validator(mode="after")
     def _ordered(self) -> CyclicAverageParams:

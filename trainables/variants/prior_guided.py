@@ -76,6 +76,7 @@ class PriorGuided(Variant[PriorGuidedParams]):
     Params = PriorGuidedParams
     file_params = ("library",)
     model_params = ("library", "layers")
+    phases = (FOCUS_PHASE,)
 
     def __init__(self, params: PriorGuidedParams, *, epochs: int, lr: float):
         super().__init__(params, epochs=epochs, lr=lr)

@@ -7,11 +7,14 @@ Deploys the weights at the end of the last period, or the softmax ensemble of al
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from torch import nn
 
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource, Snapshots
+from flatbasin.trainables.conditions import AtLeast, Condition
 from flatbasin.trainables.variants.base import BudgetError, Variant, VariantParams
 
 
@@ -20,6 +23,12 @@ class SGDRParams(VariantParams):
     t_mult: int = Field(2, ge=1)  # each period is t_mult times longer than the one before
     lr_min: float = Field(0.0, ge=0)
     ensemble: bool = False  # deploy the softmax ensemble of the period ends instead of the last one
+
+    # One period has no next one to lengthen, and an ensemble of one period end is that end.
+    acts_when: ClassVar[dict[str, Condition]] = {
+        "t_mult": AtLeast("cycles", 2),
+        "ensemble": AtLeast("cycles", 2),
+    }
 
 
 class SGDR(Variant[SGDRParams]):

@@ -8,13 +8,14 @@ budget is the averaging phase.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource, EqualAverage
+from flatbasin.trainables.conditions import Condition, OneOf
 from flatbasin.trainables.variants.base import BudgetError, Variant, VariantParams
 
 
@@ -24,6 +25,8 @@ class SWAParams(VariantParams):
     swa_mode: Literal["constant", "cyclic"] = "constant"
     swa_lr_max: float = Field(0.05, gt=0, le=10)  # cyclic mode: lr at the start of each cycle
     swa_every: int = Field(1, ge=1)  # epochs between averaged models (the cycle length)
+
+    acts_when: ClassVar[dict[str, Condition]] = {"swa_lr_max": OneOf("swa_mode", ("cyclic",))}
 
     @model_validator(mode="after")
     def _ordered(self) -> SWAParams:
