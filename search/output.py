@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flatbasin.search import confirm
 from flatbasin.search.errors import plain_console, stderr
 
 CONSOLE = plain_console()
@@ -94,59 +95,56 @@ def print_trial_end(result: Any, console: Console = CONSOLE) -> None:
 # ----------------------------------------------------------------------------- a search's summary
 
 
-def level_at_top(confirmed: list[dict[str, Any]]) -> list[str]:
-    """The variants that share the best mean validation accuracy after confirmation."""
-    return [row["variant"] for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
-
-
 def winner(confirmed: list[dict[str, Any]]) -> str | None:
-    """The winner after confirmation: the best mean validation accuracy; None without a
-    confirmation, or when several variants tie on it."""
-    if not confirmed or len(level_at_top(confirmed)) > 1:
-        return None
-    return str(confirmed[0]["variant"])
+    """The winner after confirmation: better than every other variant beyond noise; None without a
+    confirmation, or when the leading variants tie (confirm.verdict)."""
+    return confirm.verdict(confirmed).winner if confirmed else None
 
 
 def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
-    """Variants whose confirmed validation accuracy the test cannot tell from the winner's."""
-    return [row["variant"] for row in confirmed[1:] if row["verdict"] in ("within noise", "tied")]
+    """Variants the confirmation cannot tell from the leader (the best mean validation accuracy)."""
+    return list(confirm.verdict(confirmed).leading[1:]) if confirmed else []
 
 
-def to_reproduce(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trial to reproduce: the first confirmed variant's best trial, else the best search score."""
-    first = confirmed[0]["variant"] if confirmed else None
-    rows = [r for r in best if r["variant"] == first] or best
+def to_reproduce(best: list[dict[str, Any]], recommended: str | None) -> dict[str, Any] | None:
+    """The trial to reproduce: the recommended variant's best trial (the confirmed winner, or the
+    cheapest of the variants that tie), else the best search score."""
+    rows = [r for r in best if r["variant"] == recommended] or best
     return rows[0] if rows else None
 
 
+def recommended(confirmed: list[dict[str, Any]]) -> str | None:
+    return confirm.verdict(confirmed).recommended if confirmed else None
+
+
 def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> None:
-    """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
+    """Each variant's best configuration over fresh seeds (and validation splits), the leader's lead
+    over each with its 95% interval, and the verdict in words."""
     seeds = max(row["n"] for row in rows)
     spread = seeds > 1  # one seed has no spread: a ± 0 would claim a certainty it does not have
-    title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
-    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
-    for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
-        table.add_column(column)
+    splits = " and validation splits" if rows[0].get("fresh_splits") else ""
+    title = "mean ± std; paired test vs the leader" if spread else "one seed each: no spread, no test"
+    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread}{splits} ({title})")
+    for column in ("variant", "val acc", "test acc", "leader's lead (val, 95%)", "p", "verdict"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
         verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
+        lead = (
+            f"{100 * row['diff_mean']:+.2f} ({100 * row['diff_low']:+.2f} to {100 * row['diff_high']:+.2f})"
+            if row.get("diff_low") is not None
+            else ""
+        )
         table.add_row(
             row["variant"],
             f"{row['val_mean']:.4f}" + (f" ± {row['val_std']:.4f}" if spread else ""),
             f"{row['test_mean']:.4f}" + (f" ± {row['test_std']:.4f}" if spread else ""),
+            lead,
             p,
             verdict,
         )
     console.print(table)
-    top = winner(rows)
-    if top is None:
-        console.print(f"Winner:       none: {', '.join(level_at_top(rows))} tie on mean validation accuracy")
-        return
-    tied = within_noise(rows)
-    console.print(
-        f"Winner:       {top} (best mean validation accuracy over {seeds} seed{'s' * spread})"
-        + (f"; within noise of it: {', '.join(tied)}" if tied else "")
-    )
+    console.print(f"Verdict:      {confirm.verdict(rows).text}")
 
 
 def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -> None:
@@ -204,7 +202,7 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
         )
     console.print(f"Tune results: {outcome.experiment_path}")
     console.print(f"Browse:       {browse_hint(tracking_uri)}")
-    row = to_reproduce(outcome.best, outcome.confirmed)
+    row = to_reproduce(outcome.best, recommended(outcome.confirmed))
     if row is not None and row.get("run_id"):
         console.print(
             f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from flatbasin.search import post_convergence, preflight, saved_state, signals
+from flatbasin.search import confirm, post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -37,7 +37,6 @@ from flatbasin.search.callbacks import (
     read_results,
 )
 from flatbasin.search.cluster import check_cluster
-from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.schedulers import PerVariantASHA
@@ -866,15 +865,15 @@ def _confirm(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     path = confirm_path(experiment_path)
-    configs = [
-        {**row["config"], "settings": {**row["config"]["settings"], "seed": seed},
-         "confirm_of": row["trial_id"]}
-        for row in best
-        for seed in fresh_seeds(int(row["config"]["settings"].get("seed", 0)), seeds)
-    ]  # fmt: skip
+    configs = confirm.plan(best, seeds)
+    splits = (
+        "each on a fresh validation split"
+        if confirm.fresh_splits(best)
+        else "on the search's own validation split (its trials continue a model trained on the rest)"
+    )
     console.print(
-        f"Confirming the best configuration of {len(best)} variant(s) over {seeds} fresh seeds: "
-        f"{len(configs)} trials"
+        f"Confirming the best configuration of {len(best)} variant(s) over {seeds} fresh seeds, "
+        f"{splits}: {len(configs)} trials"
     )
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
@@ -914,10 +913,21 @@ def _confirm(
     if writer.drain():
         tracker.settle_lost(_tune_trial_ids(grid), role="confirm")
     finals: dict[str, list[dict[str, Any]]] = {}
+    val_sizes = set()
     for record in writer.records.values():
-        if record.final is not None:
-            finals.setdefault(record.config["variant"], []).append(record.final)
-    return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
+        if (final := record.final) is not None:
+            finals.setdefault(record.config["variant"], []).append({
+                "score": final["score"], "test_acc": final.get("test_acc"),
+                "diverged": final.get("diverged"), "pair": confirm.pair_key(final["trial_config"]),
+                "models": confirm.models_per_prediction(final),
+            })  # fmt: skip
+            val_sizes.add(final.get("val_size"))
+    val_size = val_sizes.pop() if len(val_sizes) == 1 else None  # one size, else none to trust
+    rows = [
+        {**row, "val_size": val_size, "fresh_splits": confirm.fresh_splits(best)}
+        for row in confirm.confirmation_stats(finals, val_size)
+    ]
+    return rows, interrupt.caught and not errors and not disk, errors, disk
 
 
 def _finish_parent(
@@ -948,8 +958,11 @@ def _finish_parent(
         "summary.json",
     )
     if confirmed:
-        winner = confirmed[0]
-        tracker.client.set_tag(parent, "flatbasin.winner", winner["variant"])
+        verdict = confirm.verdict(confirmed)
+        if verdict.winner:  # better than every other variant beyond noise
+            tracker.client.set_tag(parent, "flatbasin.winner", verdict.winner)
+        tracker.client.set_tag(parent, "flatbasin.recommended", verdict.recommended or "")
+        tracker.client.set_tag(parent, "flatbasin.verdict", verdict.text[:5000])
         tracker.client.log_batch(parent, metrics=[
             Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
             for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
