@@ -96,6 +96,8 @@ def confirmation_stats(
         val = [float(r["score"]) for r in results]
         test = [float(r["test_acc"]) if r.get("test_acc") is not None else 0.0 for r in results]
         pairs = [str(r.get("pair", k)) for k, r in enumerate(results)]
+        if len(set(pairs)) < len(pairs):  # runs recorded without their seeds: paired by position
+            pairs = [str(k) for k in range(len(results))]
         rows.append({
             "variant": variant, "n": len(val), "val": val, "test": test,
             "val_mean": statistics.fmean(val), "val_std": _std(val),
