@@ -349,7 +349,8 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
         space_problem=problem,
         best=best,
         curves=curves,
-        val_size=figures.infer_val_size(measured),
+        # As the search measured it, when it logged it (confirmed searches do); else inferred.
+        val_size=int(parent.data.metrics.get("confirmed/val_size", 0)) or figures.infer_val_size(measured),
         importances=importances(trials, space, problem),
         fresh_splits=bool(confirmations)
         and all(c.val_seed != "None" and c.val_seed not in searched_splits for c in confirmations),

@@ -963,9 +963,13 @@ def _finish_parent(
             tracker.client.set_tag(parent, "flatbasin.winner", verdict.winner)
         tracker.client.set_tag(parent, "flatbasin.recommended", verdict.recommended or "")
         tracker.client.set_tag(parent, "flatbasin.verdict", verdict.text[:5000])
+        now = int(time.time() * 1000)
         tracker.client.log_batch(parent, metrics=[
-            Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
+            Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), now, 0)
             for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
+        ] + [  # the validation split's size: the resolution the test assumed (the report reads it)
+            Metric("confirmed/val_size", float(size), now, 0)
+            for size in {row.get("val_size") for row in confirmed} if size
         ])  # fmt: skip
     if best:
         tracker.client.log_figure(

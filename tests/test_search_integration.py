@@ -201,6 +201,7 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert {r.data.params["split_seed"] for r in confirms} == {t.data.params["split_seed"] for t in trials}
     assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
     assert all(row["fresh_splits"] and row["val_size"] == 144 for row in summary["confirmed"])
+    assert parent.data.metrics["confirmed/val_size"] == 144
     assert parent.data.tags.get("flatbasin.winner") in (None, summary["confirmed"][0]["variant"])
     assert parent.data.tags["flatbasin.recommended"] in {"sgd", "swa", "snapshot"}
     verdict = parent.data.tags["flatbasin.verdict"]
