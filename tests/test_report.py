@@ -19,7 +19,13 @@ from typer.testing import CliRunner
 from flatbasin.search import figures
 from flatbasin.search.cli import app
 from flatbasin.search.errors import UsageError
-from flatbasin.search.report import find_search, read_report, write_files, write_report
+from flatbasin.search.report import (
+    MIN_IMPORTANCE_TRIALS,
+    find_search,
+    read_report,
+    write_files,
+    write_report,
+)
 
 VAL = 144  # examples in the digits validation split
 
@@ -412,7 +418,7 @@ def test_importances_of_a_real_search(searched):
     assert report.space is not None and report.val_size == VAL
     assert len(report.trials) == 6
     for study in report.importances:
-        if study.trials >= 2:  # enough trials: computed, or the one reason fANOVA cannot
+        if study.trials >= MIN_IMPORTANCE_TRIALS:  # computed, or the one reason fANOVA cannot
             assert study.values or "scored the same" in study.reason, study
         else:
             assert "not enough trials" in study.reason, study
