@@ -7,10 +7,11 @@ several search seeds, and the rank correlation of its variants' confirmed valida
 
 `run` runs `flatbasin search SPACE --seed S --name SPACE-sS` for each seed, one after the other, each
 in a fresh process with its own Ray folder, all recorded in one SQLite store under --out; it prints
-each search's wall time. `table` reads every confirmed search in a store (any flatbasin version's,
-so that a store written by an earlier version is tabulated the same way) and prints, per search:
-the variants in the order of their confirmed mean validation accuracy, their confirmed test means,
-Spearman's rho and Kendall's tau between the two (scipy), and the verdict. `--only` restricts the
+each search's wall time. `table` reads every finished, confirmed search in a store (any flatbasin version's:
+what each search recorded, its summary.json and its winner tag) and prints, per search: the variants
+in the order of their confirmed mean validation accuracy, their confirmed test means, Spearman's rho
+and Kendall's tau between the two (scipy), what the search said (the winner it named, the variants it
+called worse than the leader) and how many of those claims held on test. `--only` restricts the
 variants, to compare stores whose searches had different variants on the same footing. Markdown,
 for docs/results.md. Test accuracy chooses nothing here either: it is only compared afterwards.
 """
@@ -49,20 +50,21 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(args: argparse.Namespace) -> None:
+    """One row per confirmed search, from what the search itself recorded: its summary.json's
+    confirmed rows (means and verdicts as that version computed them) and its winner tag."""
+    import json
+    import tempfile
+
     from mlflow import MlflowClient
     from scipy import stats
-
-    from flatbasin.search import confirm
-    from flatbasin.search.errors import UsageError
-    from flatbasin.search.report import confirmation_rows, read_report
 
     client = MlflowClient(args.tracking_uri)
     lines = [
         "| search | confirmed ranking on validation (val % / test %) | Spearman rho | Kendall tau | "
-        "val leader's rank on test | verdict |",
+        "what the search said | its claims that held on test |",
         "|---|---|---|---|---|---|",
     ]
-    rhos, taus, leaders = [], [], []
+    rhos, taus, held, made = [], [], 0, 0
     searches = sorted(
         (e.name for e in client.search_experiments() if e.name != "Default"),
         key=lambda name: (len(name), name),
@@ -72,15 +74,13 @@ def table(args: argparse.Namespace) -> None:
         parents = client.search_runs(
             [experiment.experiment_id], "tags.`flatbasin.role` = 'search'", max_results=1
         )
-        if not parents:
+        if not parents or parents[0].data.tags.get("flatbasin.state") != "finished":
             continue
-        try:
-            report = read_report(client, parents[0], args.tracking_uri)
-        except UsageError:  # no finished trial yet
-            continue
-        if args.only:
-            report.confirmations = [c for c in report.confirmations if c.variant in args.only]
-        rows = confirmation_rows(report)
+        parent = parents[0]
+        with tempfile.TemporaryDirectory() as folder:
+            path = client.download_artifacts(parent.info.run_id, "summary.json", folder)
+            rows = json.loads(Path(path).read_text()).get("confirmed") or []
+        rows = [r for r in rows if not args.only or r["variant"] in args.only]
         if len(rows) < 3:
             continue
         val = [r["val_mean"] for r in rows]
@@ -89,27 +89,31 @@ def table(args: argparse.Namespace) -> None:
             warnings.simplefilter("ignore")
             rho = float(stats.spearmanr(val, test).statistic)
             tau = float(stats.kendalltau(val, test).statistic)
-        on_test = sorted(rows, key=lambda r: -r["test_mean"])
-        leader = 1 + on_test.index(rows[0])
-        rhos.append(rho), taus.append(tau), leaders.append(leader)
+        rhos.append(rho), taus.append(tau)
         ranking = ", ".join(
             f"`{r['variant']}` {100 * r['val_mean']:.2f} / {100 * r['test_mean']:.2f}" for r in rows
         )
-        found = confirm.verdict(rows)
-        said = (
-            f"winner {found.winner}"
-            if found.winner
-            else f"tie: {', '.join(found.leading)} (cheapest {found.recommended})"
-        )
-        lines.append(
-            f"| {name} | {ranking} | {rho:+.2f} | {tau:+.2f} | {leader} of {len(rows)} | {said} |"
-        )
+        # Its claims: the winner it named (best on test?) and each variant it called worse than the
+        # leader (below the leader on test?).
+        winner = parent.data.tags.get("flatbasin.winner")
+        worse = [r for r in rows[1:] if r["verdict"] == "worse"]
+        claims = []
+        if winner in {r["variant"] for r in rows}:
+            claims.append((f"{winner} wins", max(test) == rows[[r["variant"] for r in rows].index(winner)]["test_mean"]))  # fmt: skip
+        claims += [(f"{r['variant']} worse", r["test_mean"] < rows[0]["test_mean"]) for r in worse]
+        said = "; ".join(c for c, _ in claims) or "no winner, nothing worse"
+        if not winner:
+            said = f"tie, led by {rows[0]['variant']}" + (f"; {said}" if claims else "")
+        held += sum(ok for _, ok in claims)
+        made += len(claims)
+        kept = f"{sum(ok for _, ok in claims)} of {len(claims)}" if claims else "-"
+        lines.append(f"| {name} | {ranking} | {rho:+.2f} | {tau:+.2f} | {said} | {kept} |")
     if not rhos:
-        raise SystemExit(f"no confirmed search with 3 or more variants in {args.tracking_uri}")
+        raise SystemExit(f"no finished, confirmed search with 3 or more variants in {args.tracking_uri}")
     lines.append(
         f"\nOver {len(rhos)} searches: Spearman rho {statistics.fmean(rhos):+.2f} "
         f"(from {min(rhos):+.2f} to {max(rhos):+.2f}), Kendall tau {statistics.fmean(taus):+.2f}; "
-        f"the validation leader placed {', '.join(map(str, leaders))} on test."
+        f"{held} of {made} claims held on test."
     )
     print("\n".join(lines))
 
