@@ -109,7 +109,9 @@ def table(args: argparse.Namespace) -> None:
         kept = f"{sum(ok for _, ok in claims)} of {len(claims)}" if claims else "-"
         lines.append(f"| {name} | {ranking} | {rho:+.2f} | {tau:+.2f} | {said} | {kept} |")
     if not rhos:
-        raise SystemExit(f"no finished, confirmed search with 3 or more variants in {args.tracking_uri}")
+        raise SystemExit(
+            f"no finished, confirmed search with 3 or more variants in {args.tracking_uri}"
+        )
     lines.append(
         f"\nOver {len(rhos)} searches: Spearman rho {statistics.fmean(rhos):+.2f} "
         f"(from {min(rhos):+.2f} to {max(rhos):+.2f}), Kendall tau {statistics.fmean(taus):+.2f}; "

@@ -139,7 +139,7 @@ def write_image_folder(root, per_class: int = 10) -> None:
             Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / label / f"{i}.png")  # fmt: skip
 
 
-ARRAYS = '''
+ARRAYS = """
 import numpy as np
 
 
@@ -148,7 +148,7 @@ def arrays():
     x = rng.normal(size=(300, 1, 6, 6)).astype(np.float32)
     y = rng.integers(0, 3, 300)
     return x[:240], y[:240], x[240:], y[240:]
-'''
+"""
 
 
 def specs(tmp_path) -> dict[str, dict]:
@@ -221,7 +221,9 @@ def test_three_identical_scores_are_not_worse(no_warning):
     assert rows["fge"]["verdict"] == BEST
     assert rows["sgdr"]["verdict"] == rows["snapshot"]["verdict"] == NOISE
     assert rows["sgdr"]["p_vs_best"] > rows["snapshot"]["p_vs_best"]  # a smaller gap, a larger p
-    level = by_variant(confirmation_stats({"a": runs(0.9, 0.9, 0.9), "b": runs(0.9, 0.9, 0.9)}, VAL))
+    level = by_variant(
+        confirmation_stats({"a": runs(0.9, 0.9, 0.9), "b": runs(0.9, 0.9, 0.9)}, VAL)
+    )
     assert level["b"]["verdict"] == TIED and level["b"]["p_vs_best"] == 1.0
     found = verdict(confirmation_stats({"a": runs(0.9, 0.9, 0.9), "b": runs(0.9, 0.9, 0.9)}, VAL))
     assert found.winner is None and "level with it in every run" in found.text
@@ -258,7 +260,9 @@ def test_the_paired_test_gives_a_winner_for_a_clear_gap_and_a_tie_for_noise(no_w
     assert lead["diff_low"] > 0 and lead["diff_low"] < lead["diff_mean"] == pytest.approx(0.005)
     found = verdict(clear, VAL, fresh=True)
     assert found.winner == found.recommended == "a" and found.leading == ("a",)
-    assert found.text.startswith("Winner: a, ") and "+0.50 points above the next best, b" in found.text
+    assert (
+        found.text.startswith("Winner: a, ") and "+0.50 points above the next best, b" in found.text
+    )
     assert "over 5 runs, each with a fresh seed and a fresh validation split of 1,000 examples" in found.text  # fmt: skip
 
     noise = confirmation_stats(shared_luck(gap=0.0, spread=0.004), VAL)
@@ -278,7 +282,10 @@ def test_a_tie_names_what_costs_least(no_warning):
     found = verdict(rows, VAL, fresh=False)
     assert found.winner is None and found.cheapest == ("swa",) and found.recommended == "swa"
     assert "Of these, swa costs least (one model per prediction)" in found.text
-    assert "Worse beyond noise: ema." in found.text and "on the search's own validation split" in found.text
+    assert (
+        "Worse beyond noise: ema." in found.text
+        and "on the search's own validation split" in found.text
+    )
 
 
 def test_one_seed_and_a_diverged_run(no_warning):
@@ -289,8 +296,12 @@ def test_one_seed_and_a_diverged_run(no_warning):
         "a": runs(0.970, 0.972, 0.968), "b": runs(0.969, 0.973, 0.966),
         "c": runs(0.975, 0.971, 0.973, diverged=(1,)),
     }, VAL))  # fmt: skip
-    assert rows["c"]["diverged"] == 1 and rows["c"]["val_mean"] == pytest.approx((0.975 + 0.973) / 3)
-    assert rows["c"]["verdict"] == WORSE and rows["c"]["test_mean"] == pytest.approx((0.965 + 0.963) / 3)
+    assert rows["c"]["diverged"] == 1 and rows["c"]["val_mean"] == pytest.approx(
+        (0.975 + 0.973) / 3
+    )
+    assert rows["c"]["verdict"] == WORSE and rows["c"]["test_mean"] == pytest.approx(
+        (0.965 + 0.963) / 3
+    )
     assert rows["b"]["verdict"] == NOISE  # the diverged run does not inflate everyone's noise
     assert rows["a"]["val_std"] == pytest.approx(statistics.stdev([0.970, 0.972, 0.968]))
 
