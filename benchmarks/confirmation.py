@@ -71,6 +71,8 @@ def table(args: argparse.Namespace) -> None:
     )
     for name in searches:
         experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            continue
         parents = client.search_runs(
             [experiment.experiment_id], "tags.`flatbasin.role` = 'search'", max_results=1
         )
@@ -89,7 +91,8 @@ def table(args: argparse.Namespace) -> None:
             warnings.simplefilter("ignore")
             rho = float(stats.spearmanr(val, test).statistic)
             tau = float(stats.kendalltau(val, test).statistic)
-        rhos.append(rho), taus.append(tau)
+        rhos.append(rho)
+        taus.append(tau)
         ranking = ", ".join(
             f"`{r['variant']}` {100 * r['val_mean']:.2f} / {100 * r['test_mean']:.2f}" for r in rows
         )

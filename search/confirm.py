@@ -91,7 +91,7 @@ def confirmation_stats(
     against the leader; best first. `val_size`: examples in a validation split (the resolution of
     a score); None when unknown. A diverged run counts with its score of 0: a setting that diverges
     on another seed is not a setting to recommend."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant, results in finals.items():
         val = [float(r["score"]) for r in results]
         test = [float(r["test_acc"]) if r.get("test_acc") is not None else 0.0 for r in results]
