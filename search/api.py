@@ -78,11 +78,13 @@ class ConfirmedVariant:
     val_std: float
     test_mean: float
     test_std: float
-    p_vs_best: float | None  # Welch's t-test of its validation accuracies against the best's
+    p_vs_best: float | None  # the paired test of the leader's lead over it (confirm.py)
     verdict: str  # best, within noise, worse, tied, too few seeds to test, no spread to test
     diverged: int  # confirmation trials that diverged (counted with a score of 0)
     val: tuple[float, ...]
     test: tuple[float, ...]
+    lead: tuple[float, float, float] | None = None  # the leader's mean lead over it, 95% interval
+    models: int = 1  # models its deployed model runs per prediction
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,9 @@ class SearchResult:
     state: str  # finished, interrupted or failed: what the search's MLflow run records
     best: tuple[BestTrial, ...]  # best score first
     confirmed: tuple[ConfirmedVariant, ...]  # best mean validation accuracy first; () without
-    winner: str | None  # after confirmation; None without one, or when variants tie at the top
-    within_noise: tuple[str, ...]  # variants the confirmation cannot tell from the winner
+    winner: str | None  # better than every other variant beyond noise; None without a confirmation,
+    # or when the leading variants tie
+    within_noise: tuple[str, ...]  # variants the confirmation cannot tell from the leader
     parent_run_id: str  # the search's MLflow run; every trial's run is its child
     tracking_uri: str
     report: Path | None  # the HTML report, when it was written
@@ -106,14 +109,16 @@ class SearchResult:
     untried: tuple[str, ...] = ()  # variants of the space that got no trial
     resume: str = ""  # what continues the search (a command, or a flatbasin.search call)
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, confirmation, finish
+    verdict: str = ""  # the confirmation's conclusion in words (confirm.verdict)
+    recommended: str | None = None  # the winner, else the cheapest of the variants that tie
 
     @property
     def best_trial(self) -> BestTrial | None:
-        """The trial to reproduce: the confirmed winner's best trial, else the best score."""
+        """The trial to reproduce: the recommended variant's best trial, else the best score."""
         from flatbasin.search import output
 
         rows = [{"variant": b.variant, "trial": b} for b in self.best]
-        row = output.to_reproduce(rows, [{"variant": c.variant} for c in self.confirmed])
+        row = output.to_reproduce(rows, self.recommended)
         return row["trial"] if row else None
 
     @property
@@ -123,7 +128,7 @@ class SearchResult:
 
 
 def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchResult:
-    from flatbasin.search import output
+    from flatbasin.search import confirm, output
 
     best = tuple(
         BestTrial(
@@ -139,7 +144,9 @@ def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchR
             variant=row["variant"], seeds=row["n"], val_mean=row["val_mean"],
             val_std=row["val_std"], test_mean=row["test_mean"], test_std=row["test_std"],
             p_vs_best=row["p_vs_best"], verdict=row["verdict"], diverged=row["diverged"],
-            val=tuple(row["val"]), test=tuple(row["test"]),
+            val=tuple(row["val"]), test=tuple(row["test"]), models=row.get("models", 1),
+            lead=(row["diff_mean"], row["diff_low"], row["diff_high"])
+            if row.get("diff_low") is not None else None,
         )
         for row in outcome.confirmed
     )  # fmt: skip
@@ -151,6 +158,8 @@ def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchR
         experiment_path=outcome.experiment_path, interrupted=outcome.interrupted,
         out_of_time=outcome.out_of_time, errors=tuple(outcome.errors),
         untried=tuple(outcome.untried), resume=outcome.resume_command, seconds=dict(outcome.seconds),
+        verdict=confirm.verdict(outcome.confirmed).text if outcome.confirmed else "",
+        recommended=output.recommended(outcome.confirmed),
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from flatbasin.trainables.files import disk_problem, disk_state
 # What a trial's result carries into MLflow; Tune's own bookkeeping stays behind.
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
         "trial_config", "data_fingerprint", "plan", "threads", "seconds_total", "permanent_error", "model_built",
-        "diversity", "phase", "seconds_to_best", "runtime", "chance", "code"}  # fmt: skip
+        "diversity", "phase", "seconds_to_best", "runtime", "chance", "code", "val_size"}  # fmt: skip
 
 # The callbacks of the search running in this process. Tune pickles its callbacks with the experiment
 # state and a restored Tuner unpickles them: through this table a restored search gets this process's

@@ -214,9 +214,9 @@ def comparison_figure(
     if max_count <= 1:
         return _final_models_figure(fig, curves, val_size, title, low, high, confirmed)
 
-    if confirmed:  # room for the legend's second lines
-        fig.set_size_inches(9.8, 4.4)
-    ax = fig.add_axes((0.08, 0.13, 0.54, 0.68) if confirmed else (0.09, 0.13, 0.57, 0.68))
+    if confirmed:  # room for the panel of confirmation runs, its names and the legend's second lines
+        fig.set_size_inches(11.6, 4.9)
+    ax = fig.add_axes((0.07, 0.2, 0.46, 0.58) if confirmed else (0.09, 0.13, 0.57, 0.68))
     multi = [label for label, points in curves.items() if len(points) > 1]
     offsets = {label: (i - (len(multi) - 1) / 2) * min(0.08, 0.4 / len(multi)) for i, label in enumerate(multi)}  # fmt: skip
     # Best first in the legend; drawn best last so it lies on top.
@@ -230,9 +230,6 @@ def comparison_figure(
         if label in confirmed:
             mean, sd, seeds = confirmed[label]
             text += f"\n    confirmed: {mean:.1%} ± {sd:.1%}, {seeds} seeds"
-            x = max_count + 0.45 + 0.12 * (rank - (len(order) - 1) / 2) * (len(confirmed) > 1)
-            ax.errorbar([x], [mean], yerr=[sd], fmt="D", color=color, ms=6, capsize=4, lw=1.6,
-                        zorder=z, clip_on=False)  # fmt: skip
         if len(points) == 1:
             ax.axhline(final, color=color, lw=2, ls=(0, DASHES[rank % len(DASHES)]), zorder=z,
                        label=text)  # fmt: skip
@@ -241,21 +238,51 @@ def comparison_figure(
         ax.plot(xs, [p["val_acc"] for p in points], color=color, lw=2, alpha=0.9, zorder=z,
                 marker=MARKERS[rank % len(MARKERS)], ms=7, mec="white", mew=0.8, label=text)  # fmt: skip
     _count_axis(ax, max_count)
-    if confirmed:
-        ax.set_xlim(right=max_count + 0.9)
-        ax.axvline(max_count + 0.2, color="#bbbbbb", lw=0.8, ls=":")
-        ax.annotate("confirmed:\nmean ± sd", (max_count + 0.45, 0), xycoords=("data", "axes fraction"),
-                    xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=7.5,
-                    color="#555555")  # fmt: skip
     _percent_axis(ax, low, high)
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False,
-              title="variant: deployed model", title_fontsize=9, alignment="left")  # fmt: skip
+    legend_ax = ax
+    if confirmed:
+        ax.set_title("best search trial of each variant (one seed)", fontsize=9, loc="left",
+                     color="#444444")  # fmt: skip
+        legend_ax = _confirmed_panel(fig, ax, confirmed, order, low, high)
+    legend_ax.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.04, 1.0),
+                     fontsize=9, frameon=False, title="variant: deployed model", title_fontsize=9,
+                     alignment="left")  # fmt: skip
     left = ax.get_position().x0
     fig.suptitle(title, fontsize=12, x=left, ha="left", y=0.965)
-    fig.text(left, 0.855, step_note(val_size), fontsize=8.5, color="#555555")
+    fig.text(left, 0.87 if confirmed else 0.855, step_note(val_size), fontsize=8.5, color="#555555")
     return fig
+
+
+def _confirmed_panel(
+    fig: Figure,
+    ax: Any,
+    confirmed: Mapping[str, tuple[float, float, int]],
+    order: Sequence[str],
+    low: float,
+    high: float,
+) -> Any:
+    """The confirmation runs in a panel of their own beside the curves, on the same accuracy scale:
+    one bar per variant (mean ± sd over its runs), best mean on the left. Apart from the "models
+    averaged" axis, so that no bar reads as more models."""
+    box = ax.get_position()
+    panel = fig.add_axes((box.x1 + 0.025, box.y0, 0.034 + 0.024 * len(confirmed), box.height),
+                         sharey=ax)  # fmt: skip
+    ranked = sorted(confirmed, key=lambda label: -confirmed[label][0])
+    for i, label in enumerate(ranked):
+        mean, sd, _ = confirmed[label]
+        color = variant_color(label, order.index(label) if label in order else i)
+        panel.errorbar([i], [mean], yerr=[sd], fmt="D", color=color, ms=6, capsize=4, lw=1.6)
+    seeds = sorted({n for _, _, n in confirmed.values()})
+    panel.set_xlim(-0.6, len(ranked) - 0.4)
+    panel.set_xticks(range(len(ranked)), ranked, rotation=60, ha="right", fontsize=8)
+    panel.tick_params(axis="y", labelleft=False)
+    panel.set_ylim(low, high)
+    panel.grid(axis="y", alpha=0.3)
+    runs = f"{seeds[0]} runs" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} runs"
+    panel.set_title(f"confirmed:\nmean ± sd, {runs}", fontsize=9, loc="left", color="#444444")
+    return panel
 
 
 def _final_models_figure(

@@ -15,6 +15,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from flatbasin.search import confirm
 from flatbasin.search.errors import plain_console, stderr
 
 CONSOLE = plain_console()
@@ -97,29 +98,27 @@ def print_trial_end(result: Any, console: Console = CONSOLE) -> None:
 # ----------------------------------------------------------------------------- a search's summary
 
 
-def level_at_top(confirmed: list[dict[str, Any]]) -> list[str]:
-    """The variants that share the best mean validation accuracy after confirmation."""
-    return [row["variant"] for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
-
-
 def winner(confirmed: list[dict[str, Any]]) -> str | None:
-    """The winner after confirmation: the best mean validation accuracy; None without a
-    confirmation, or when several variants tie on it."""
-    if not confirmed or len(level_at_top(confirmed)) > 1:
-        return None
-    return str(confirmed[0]["variant"])
+    """The winner after confirmation: better than every other variant beyond noise; None without a
+    confirmation, or when the leading variants tie (confirm.verdict)."""
+    return confirm.verdict(confirmed).winner if confirmed else None
 
 
 def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
-    """Variants whose confirmed validation accuracy the test cannot tell from the winner's."""
-    return [row["variant"] for row in confirmed[1:] if row["verdict"] in ("within noise", "tied")]
+    """Variants the confirmation cannot tell from the leader (the best mean validation accuracy)."""
+    return list(confirm.verdict(confirmed).leading[1:]) if confirmed else []
 
 
-def to_reproduce(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trial to reproduce: the first confirmed variant's best trial, else the best search score."""
-    first = confirmed[0]["variant"] if confirmed else None
-    rows = [r for r in best if r["variant"] == first] or best
+def to_reproduce(best: list[dict[str, Any]], recommended: str | None) -> dict[str, Any] | None:
+    """The trial to reproduce: the recommended variant's best trial (the confirmed winner, or the
+    cheapest of the variants that tie), else the best search score."""
+    rows = [r for r in best if r["variant"] == recommended] or best
     return rows[0] if rows else None
+
+
+def recommended(confirmed: list[dict[str, Any]]) -> str | None:
+    """The variant to use: the confirmed winner, or the cheapest of the variants that tie."""
+    return confirm.verdict(confirmed).recommended if confirmed else None
 
 
 def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:
@@ -127,38 +126,42 @@ def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:
     if not confirmed:
         return f"the best search trial ({variant}; no confirmation)"
     if winner(confirmed) is None:
-        return f"{variant}'s best search trial ({variant} ties at the top after confirmation)"
+        return f"{variant}'s best search trial (the cheapest of the variants that tie after confirmation)"
     return f"the confirmed winner's best search trial ({variant})"
 
 
 def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> None:
-    """Each variant's best configuration over fresh seeds; the winner is the best mean val accuracy."""
+    """Each variant's best configuration over fresh seeds (and validation splits), the leader's lead
+    over each with its 95% interval, and the verdict in words."""
     seeds = max(row["n"] for row in rows)
     spread = seeds > 1  # one seed has no spread: a ± 0 would claim a certainty it does not have
-    title = "mean ± std; Welch's t vs the best" if spread else "one seed each: no spread, no test"
-    table = Table(title=f"confirmed over {seeds} fresh seed{'s' * spread} ({title})")
-    for column in ("variant", "val acc", "test acc", "p vs best", "verdict"):
-        table.add_column(column, no_wrap=column != "verdict")  # a number whole, on one line
+    splits = " and validation splits" if rows[0].get("fresh_splits") else ""
+    title = "%, mean ± std; paired test vs the leader" if spread else "%, one seed each: no test"
+    # 79 columns at most, numbers never wrapped: only the verdict's words may take a second line.
+    table = Table(
+        title=f"confirmed over {seeds} fresh seed{'s' * spread}{splits} ({title})",
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+    )  # fmt: skip
+    for column in ("variant", "val acc", "test acc", "leader's lead, 95%"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("verdict")
     for row in rows:
-        p = "" if row["p_vs_best"] is None else f"{row['p_vs_best']:.3f}"
-        verdict = row["verdict"] + (f", {row['diverged']} diverged" if row["diverged"] else "")
+        verdict = row["verdict"] + (f" (p {row['p_vs_best']:.3f})" if row["p_vs_best"] is not None else "")
+        verdict += f", {row['diverged']} diverged" if row["diverged"] else ""
+        lead = (
+            f"{100 * row['diff_mean']:+.2f} ({100 * row['diff_low']:+.2f}, {100 * row['diff_high']:+.2f})"
+            if row.get("diff_low") is not None
+            else ""
+        )
         table.add_row(
             row["variant"],
-            f"{row['val_mean']:.4f}" + (f" ± {row['val_std']:.4f}" if spread else ""),
-            f"{row['test_mean']:.4f}" + (f" ± {row['test_std']:.4f}" if spread else ""),
-            p,
+            f"{100 * row['val_mean']:.2f}" + (f" ± {100 * row['val_std']:.2f}" if spread else ""),
+            f"{100 * row['test_mean']:.2f}" + (f" ± {100 * row['test_std']:.2f}" if spread else ""),
+            lead,
             verdict,
         )
-    console.print(table)
-    top = winner(rows)
-    if top is None:
-        console.print(f"Winner:       none: {', '.join(level_at_top(rows))} tie on mean validation accuracy")
-        return
-    tied = within_noise(rows)
-    console.print(
-        f"Winner:       {top} (best mean validation accuracy over {seeds} seed{'s' * spread})"
-        + (f"; within noise of it: {', '.join(tied)}" if tied else "")
-    )
+    console.print(table, width=console.width - 1)  # an 80-column terminal: no wrapped line
+    console.print(f"Verdict:      {confirm.verdict(rows).text}")
 
 
 def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -> None:
@@ -224,7 +227,7 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
         )
     console.print(f"Tune results: {outcome.experiment_path}")
     console.print(f"Browse:       {browse_hint(tracking_uri)}")
-    row = to_reproduce(outcome.best, outcome.confirmed)
+    row = to_reproduce(outcome.best, recommended(outcome.confirmed))
     if row is not None and row.get("run_id"):
         console.print(
             f"Reproduce:    flatbasin reproduce {row['run_id']} --tracking-uri {shlex.quote(tracking_uri)}"

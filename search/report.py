@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
-from flatbasin.search import figures
+from flatbasin.search import confirm, figures
 from flatbasin.search.confirm import ALPHA, confirmation_stats
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
@@ -47,7 +47,7 @@ from flatbasin.trainables.files import not_a_file, write_bytes_whole
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 CONFIRM = "confirm"  # role of a confirmation run: a fresh seed of a variant's best config
-MIN_IMPORTANCE_TRIALS = 2
+MIN_IMPORTANCE_TRIALS = 4  # fANOVA of 2 or 3 trials says nothing: no panel, a line says why
 FEW_TRIALS = 10  # fANOVA over fewer trials than this is drawn, with a warning in its title
 ONLY_ONE = "the only searched parameter: its importance is 1 by definition"
 
@@ -77,6 +77,9 @@ class Confirmation:
     score: float  # a diverged seed counts with its score of 0: a setting that diverges is no winner
     test_acc: float | None
     diverged: bool = False
+    pair: str = ""  # its seed and validation split: what pairs it with the other variants' runs
+    models: int = 1  # models its deployed model runs per prediction
+    val_seed: str = "None"  # the param as logged ("None": the split of split_seed)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Report:
     curves: dict[str, dict[str, Any]]  # variant -> {"curve": [...], "extra_curves": {...}}
     val_size: int | None
     importances: list[Importances]
+    fresh_splits: bool | None = None  # whether each confirmation run had a fresh validation split
 
 
 # ----------------------------------------------------------------------------- reading MLflow
@@ -300,12 +304,18 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
             if score is not None and (
                 run.data.tags.get(FINAL) == "true" or "final_score" in metrics
             ):
+                params = run.data.params
                 confirmations.append(
                     Confirmation(
                         run.data.tags.get(VARIANT, "?"),
                         score,
                         metrics.get("test_acc"),
                         run.data.tags.get("flatbasin.diverged") == "true",
+                        pair=confirm.pair_key(
+                            {"seed": params.get("seed"), "val_seed": params.get("val_seed")}
+                        ),
+                        models=_members(client, run),
+                        val_seed=str(params.get("val_seed")),
                     )
                 )
     if not any(t.done for t in trials):
@@ -328,6 +338,7 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
         for key in ("val_acc", "score"):
             measured += [m.value for m in client.get_metric_history(trial.run_id, key)]
     space, problem = _space(client, parent)
+    searched_splits = {t.params.get("val_seed", "None") for t in trials}
     return Report(
         name=name,
         uri=uri,
@@ -338,9 +349,20 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
         space_problem=problem,
         best=best,
         curves=curves,
-        val_size=figures.infer_val_size(measured),
+        # As the search measured it, when it logged it (confirmed searches do); else inferred.
+        val_size=int(parent.data.metrics.get("confirmed/val_size", 0)) or figures.infer_val_size(measured),
         importances=importances(trials, space, problem),
+        fresh_splits=bool(confirmations)
+        and all(c.val_seed != "None" and c.val_seed not in searched_splits for c in confirmations),
     )
+
+
+def _members(client: MlflowClient, run: Run) -> int:
+    """Models a run's deployed model runs per prediction: an ensemble records its members'
+    diversity, and its curve's last step is their count; anything else deploys one model."""
+    if not any(key.startswith("diversity/") for key in run.data.metrics):
+        return 1
+    return max((m.step for m in client.get_metric_history(run.info.run_id, "curve/val_acc")), default=1)
 
 
 def _counts(trials: list[Trial]) -> str:
@@ -493,21 +515,31 @@ class Confirmed:
     val_std: float
     test_mean: float | None
     test_std: float | None
-    p_value: float | None  # Welch's t-test against the best variant; None for the best itself
+    p_value: float | None  # the paired test of the leader's lead over it; None for the leader
     verdict: str
+    lead: tuple[float, float, float] | None = None  # the leader's mean lead, 95% interval
+    models: int = 1  # models per prediction
 
 
-def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
-    """Mean ± std over the fresh seeds, best first, and which variants the best does not beat
-    beyond noise: the search's own statistics (flatbasin.search.confirm), read back from MLflow."""
+def confirmation_rows(report: Report) -> list[dict[str, Any]]:
+    """The search's own statistics (flatbasin.search.confirm) over the confirmation runs read back
+    from MLflow: mean ± std over the runs, best first, and the paired test against the leader."""
     finals: dict[str, list[dict[str, Any]]] = {}
-    for c in confirmations:
+    for c in report.confirmations:
         finals.setdefault(c.variant, []).append(
-            {"score": c.score, "test_acc": c.test_acc, "diverged": c.diverged}
-        )
+            {"score": c.score, "test_acc": c.test_acc, "diverged": c.diverged, "pair": c.pair,
+             "models": c.models}
+        )  # fmt: skip
+    return [
+        {**row, "val_size": report.val_size, "fresh_splits": report.fresh_splits}
+        for row in confirmation_stats(finals, report.val_size)
+    ]
+
+
+def confirmed(report: Report) -> list[Confirmed]:
     tests = {
-        v: [r["test_acc"] for r in rs if r["test_acc"] is not None] for v, rs in finals.items()
-    }
+        c.variant for c in report.confirmations if c.test_acc is not None
+    }  # variants with a test accuracy in at least one run
     return [
         Confirmed(
             row["variant"],
@@ -515,12 +547,16 @@ def confirmed(confirmations: list[Confirmation]) -> list[Confirmed]:
             row["diverged"],
             row["val_mean"],
             row["val_std"],
-            row["test_mean"] if tests[row["variant"]] else None,
-            row["test_std"] if tests[row["variant"]] else None,
+            row["test_mean"] if row["variant"] in tests else None,
+            row["test_std"] if row["variant"] in tests else None,
             row["p_vs_best"],
             row["verdict"],
+            (row["diff_mean"], row["diff_low"], row["diff_high"])
+            if row["diff_low"] is not None
+            else None,
+            row["models"],
         )
-        for row in confirmation_stats(finals)
+        for row in confirmation_rows(report)
     ]
 
 
@@ -552,17 +588,15 @@ def check_report_folder(folder: Path, writable: bool = True, what: str = "--out"
 def write_files(report: Report, folder: Path) -> list[Path]:
     """curves.png, importances.png (when there are any) and report.html, the page last."""
     images: dict[str, bytes] = {}
-    bars = {c.variant: (c.val_mean, c.val_std, c.seeds) for c in confirmed(report.confirmations)}
+    bars = {c.variant: (c.val_mean, c.val_std, c.seeds) for c in confirmed(report)}
     title = "validation accuracy of each variant's best search trial" + (
         ", and of its confirmation runs" if bars else ""
     )
     curves = figures.comparison_figure(report.curves, report.val_size, title, confirmed=bars)
     images["curves.png"] = _png(curves)
-    # A study with one parameter gives it importance 1 by definition: the table says so, no bar.
     panels = {
         f"{i.title} ({i.trials} trials" + (": too few to trust, a rough guide only)" if i.trials < FEW_TRIALS else ")"): i.values
-        for i in report.importances
-        if len(i.values) > 1
+        for i in drawn_importances(report)
     }  # fmt: skip
     if panels:
         images["importances.png"] = _png(figures.importance_figure(panels))
@@ -575,6 +609,12 @@ def write_files(report: Report, folder: Path) -> list[Path]:
     write_bytes_whole(page, render_html(report, images).encode("utf-8"))
     files.append(page)
     return files
+
+
+def drawn_importances(report: Report) -> list[Importances]:
+    """The studies whose importances carry information: computed (enough trials, scores that
+    differ) over more than one parameter (the only parameter of a study is important by definition)."""
+    return [i for i in report.importances if len(i.values) > 1]
 
 
 def _png(fig: Any) -> bytes:
@@ -604,7 +644,11 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: 0.6em 0; }
 th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+p.verdict { font-size: 1.15em; padding: 0.6em 0.9em; background: #eef6ee; border-left: 4px solid #4a8;
+            margin: 0.8em 0 0.4em; }
+p.verdict.unconfirmed { background: #fdf6e3; border-left-color: #c93; }
 tr.best td { background: #eef6ee; } .muted { color: #666; } .bad { color: #a33; }
 code { font-size: 0.92em; } img { max-width: 100%; border: 1px solid #eee; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
@@ -699,10 +743,42 @@ def _best_section(report: Report) -> str:
     )
 
 
+def _verdict_section(report: Report) -> str:
+    """The answer first: the confirmation's verdict and how sure it is, or, without one, the best
+    search trial and why it is not yet an answer."""
+    if report.confirmations:
+        verdict = confirm.verdict(confirmation_rows(report))
+        how = (
+            "Each variant's best configuration was retrained on fresh seeds"
+            + (", each run on a fresh validation split, " if report.fresh_splits else ", ")
+            + "the same seeds and splits for every variant, and compared run by run with the leader "
+            f"(a t-test of the paired differences against the noise pooled over variants, p < {ALPHA}: "
+            "beyond noise). Chosen on validation accuracy only; the test accuracy is reported."
+        )
+        return (
+            f'<h2>Verdict</h2><p class="verdict">{esc(verdict.text)}</p>'
+            f'<p class="muted">{esc(how)}</p>'
+        )
+    if not report.best:
+        return (
+            '<h2>Verdict</h2><p class="verdict unconfirmed">No answer: no variant has a finished, '
+            "non-diverged trial.</p>"
+        )
+    variant, trial = next(iter(report.best.items()))
+    finished = sum(t.status == "finished" for t in report.trials)
+    text = (
+        f"Not confirmed: the best search trial is {variant}'s, {_pct(trial.score)} validation "
+        f"accuracy, one seed on one validation split, the best of {finished} finished trials (so it "
+        "flatters). How sure that is, is unknown: run the search with --confirm-seeds 3 (or "
+        "confirm_seeds: 3 in the space) to retrain each variant's best on fresh seeds and splits."
+    )
+    return f'<h2>Verdict</h2><p class="verdict unconfirmed">{esc(text)}</p>'
+
+
 def _confirmed_section(report: Report) -> str:
     if not report.confirmations:
         return ""
-    rows = confirmed(report.confirmations)
+    rows = confirmed(report)
     seeds = max(r.seeds for r in rows)
     body = [
         [
@@ -712,43 +788,53 @@ def _confirmed_section(report: Report) -> str:
             esc(f"{100 * r.test_mean:.2f} ± {100 * (r.test_std or 0.0):.2f}")
             if r.test_mean is not None
             else "–",
+            esc(f"{100 * r.lead[0]:+.2f} ({100 * r.lead[1]:+.2f} to {100 * r.lead[2]:+.2f})")
+            if r.lead is not None
+            else "–",
             "–" if r.p_value is None else esc(f"{r.p_value:.3g}"),
+            str(r.models),
             esc(r.verdict),
         ]
         for r in rows
     ]
+    splits = " and validation splits" if report.fresh_splits else ""
+    header = ["variant", "runs", "val acc (%)", "test acc (%)", "leader's lead (points)", "p",
+              "models", "verdict"]  # fmt: skip
     return (
-        f"<h2>Confirmed over {seeds} seeds</h2>"
-        '<p class="muted">Each variant\'s best configuration retrained with fresh seeds; mean ± '
-        "standard deviation in accuracy points (a diverged seed counts with score 0). p: Welch's "
-        f"t-test of the validation scores against the best variant; p ≥ {ALPHA} means within "
-        "noise of the best.</p>"
-        + _table(
-            ["variant", "seeds", "val acc (%)", "test acc (%)", "p vs. best", "verdict"],
-            body,
-            {1, 2, 3, 4},
-            ["best" if r.verdict == "best" else "" for r in rows],
-        )
+        f"<h2>Confirmed over {seeds} seeds{splits}</h2>"
+        '<p class="muted">Each variant\'s best configuration retrained; mean ± standard deviation '
+        "in accuracy points over its runs (a diverged run counts with score 0). Lead: how far the "
+        "leader's validation accuracy is above the variant's, the mean of their paired differences "
+        f"with its 95% interval; p ≥ {ALPHA}: within noise of the leader. Models: how many models "
+        "the deployed model runs per prediction.</p>"
+        + _table(header, body, {1, 2, 3, 4, 5, 6}, ["best" if r.verdict == "best" else "" for r in rows])
     )
 
 
 def _importance_section(report: Report, images: dict[str, bytes]) -> str:
     parts = ["<h2>Parameter importances</h2>"]
-    parts.append(
-        '<p class="muted">fANOVA (Optuna) on the study rebuilt from the recorded trials and the '
-        "space file's distributions: the share of the validation score's variance each searched "
-        "parameter explains. Few trials make these rough; diverged trials count with score 0.</p>"
-    )
-    if "importances.png" in images:
+    drawn = drawn_importances(report)
+    if drawn:
+        parts.append(
+            '<p class="muted">fANOVA (Optuna) on the study rebuilt from the recorded trials and the '
+            "space file's distributions: the share of the validation score's variance each "
+            "searched parameter explains. Few trials make these rough; diverged trials count with "
+            "score 0.</p>"
+        )
         parts.append(_image(images, "importances.png", "parameter importances"))
-    rows = [
-        [esc(i.title), str(i.trials),
-         esc(", ".join(f"{k} {v:.2f}" for k, v in i.values.items())) if i.values else "–",
-         esc(i.reason.strip() or (ONLY_ONE if len(i.values) == 1 else ""))]
-        for i in report.importances
-    ]  # fmt: skip
-    parts.append(_table(["study", "trials", "importances", "note"], rows, {1}))
+    absent = [i for i in report.importances if i not in drawn]
+    if absent:
+        why = "; ".join(f"{i.title}: {_absent(i)}" for i in absent)
+        lead = "No panel for" if drawn else "No importance panels"
+        parts.append(f'<p class="muted">{esc(f"{lead}: {why}.")}</p>')
     return "".join(parts)
+
+
+def _absent(study: Importances) -> str:
+    """Why a study has no panel, in a few words."""
+    if len(study.values) == 1:
+        return ONLY_ONE
+    return study.reason.strip() or "nothing to show"
 
 
 def _trials_section(report: Report) -> str:
@@ -787,16 +873,19 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
     if report.space_problem:
         facts.append(("space file", f'<span class="bad">{esc(report.space_problem)}</span>'))
     facts_html = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+    # The answer first (the verdict, how sure it is, the confirmed table), then the details.
     sections = [
+        _verdict_section(report),
+        _confirmed_section(report),
+        f"<h2>The search</h2><dl>{facts_html}</dl>",
         _best_section(report),
         "<h2>Accuracy against models averaged</h2>"
         + _image(images, "curves.png", "validation accuracy of each variant's best trial")
         + '<p class="muted">Each variant\'s best search trial: one seed, chosen as the best of '
-        "several, so its score flatters; where the search confirmed its winners, the bars at the "
-        "right give their mean ± sd over fresh seeds, the numbers to compare. Curves are nudged "
-        "sideways slightly so none hides another. Variants that deploy one final model (sgd, "
-        "ema) are horizontal lines.</p>",
-        _confirmed_section(report),
+        "several, so its score flatters; where the search confirmed them, the panel on the right "
+        "gives each variant's mean ± sd over its confirmation runs, the numbers to compare. Curves "
+        "are nudged sideways slightly so none hides another. Variants that deploy one final model "
+        "(sgd, ema) are horizontal lines.</p>",
         _importance_section(report, images),
         _trials_section(report),
     ]
@@ -804,7 +893,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(f'flatbasin report: {report.name}')}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{esc(f'Search {report.name}')}</h1><dl>{facts_html}</dl>"
+        f"<body><h1>{esc(f'Search {report.name}')}</h1>"
         + "".join(sections)
         + f'<p class="muted">Written by flatbasin {esc(flatbasin.__version__)} at {esc(when)}.</p>'
         + "</body></html>\n"

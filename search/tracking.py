@@ -75,15 +75,19 @@ CODE_ARTIFACTS = "code"  # the user's own modules (model:, dataset: module:calla
 CODE_SHA256 = "flatbasin.code_sha256"
 # A search run's answers, one meaning per tag. BEST_SEARCH_RUN: the trial with the best search
 # score (validation accuracy of one seed: the maximum of noisy numbers, biased upward); WINNER: the
-# variant with the best mean over the confirmation's fresh seeds (absent without a confirmation, or
-# when variants tie at the top); REPRODUCE_RUN: the run the printed `Reproduce:` names (and
-# SearchResult.best_trial): the winner's best search trial (the first variant at the top in a
-# tie), else the best search trial. OLD_BEST_RUN: BEST_SEARCH_RUN under its former name, kept for
-# the scripts that read it.
+# variant better than every other beyond noise over the confirmation's fresh seeds and splits
+# (absent without a confirmation, or when the leading variants tie); RECOMMENDED: the variant to
+# use, the winner or else the cheapest of the variants that tie; VERDICT: the confirmation's answer
+# in words; REPRODUCE_RUN: the run the printed `Reproduce:` names (and SearchResult.best_trial): the
+# recommended variant's best search trial, else the best search trial. OLD_BEST_RUN:
+# BEST_SEARCH_RUN under its former name, kept for the scripts that read it.
 BEST_SEARCH_RUN = "flatbasin.best_search_run"
 WINNER = "flatbasin.winner"
+RECOMMENDED = "flatbasin.recommended"
+VERDICT = "flatbasin.verdict"
 REPRODUCE_RUN = "flatbasin.reproduce_run"
 OLD_BEST_RUN = "flatbasin.best_run_id"
+ANSWER_TAGS = (BEST_SEARCH_RUN, OLD_BEST_RUN, WINNER, RECOMMENDED, VERDICT, REPRODUCE_RUN)
 # The experiment tag MLflow 3's UI reads for what an experiment holds (the value its own "experiment
 # type" selector writes): training runs open on "Training runs", not on the GenAI overview and its
 # "Detect issues" prompt. Set on the experiments a search makes, and on existing ones without it

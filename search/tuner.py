@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
-from flatbasin.search import post_convergence, preflight, saved_state, signals
+from flatbasin.search import confirm, post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
     MlflowWriter,
@@ -36,15 +36,17 @@ from flatbasin.search.callbacks import (
     read_results,
 )
 from flatbasin.search.cluster import check_cluster
-from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
 from flatbasin.search.quiet import RAY_LOGGING_LEVEL, quiet_libraries, quiet_ray
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import (
+    ANSWER_TAGS,
     BEST_SEARCH_RUN,
     OLD_BEST_RUN,
+    RECOMMENDED,
     REPRODUCE_RUN,
+    VERDICT,
     WINNER,
     Tracker,
     TrackingUnavailable,
@@ -884,15 +886,15 @@ def _confirm(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     path = confirm_path(experiment_path)
-    configs = [
-        {**row["config"], "settings": {**row["config"]["settings"], "seed": seed},
-         "confirm_of": row["trial_id"]}
-        for row in best
-        for seed in fresh_seeds(int(row["config"]["settings"].get("seed", 0)), seeds)
-    ]  # fmt: skip
+    configs = confirm.plan(best, seeds)
+    splits = (
+        "each on a fresh validation split"
+        if confirm.fresh_splits(best)
+        else "on the search's own validation split (its trials continue a model trained on the rest)"
+    )
     console.print(
-        f"Confirming the best configuration of {len(best)} variant(s) over {seeds} fresh seeds: "
-        f"{len(configs)} trials"
+        f"Confirming the best configuration of {len(best)} variant(s) over {seeds} fresh seeds, "
+        f"{splits}: {len(configs)} trials"
     )
     writer = MlflowWriter(tracker, console)
     progress = Progress(len(configs), console)
@@ -932,23 +934,39 @@ def _confirm(
     if writer.drain():
         tracker.settle_lost(_tune_trial_ids(grid), role="confirm")
     finals: dict[str, list[dict[str, Any]]] = {}
+    val_sizes = set()
     for record in writer.records.values():
-        if record.final is not None:
-            finals.setdefault(record.config["variant"], []).append(record.final)
-    return confirmation_stats(finals), interrupt.caught and not errors and not disk, errors, disk
+        if (final := record.final) is not None:
+            finals.setdefault(record.config["variant"], []).append({
+                "score": final["score"], "test_acc": final.get("test_acc"),
+                "diverged": final.get("diverged"), "pair": confirm.pair_key(final["trial_config"]),
+                "models": confirm.models_per_prediction(final),
+            })  # fmt: skip
+            val_sizes.add(final.get("val_size"))
+    val_size = val_sizes.pop() if len(val_sizes) == 1 else None  # one size, else none to trust
+    rows = [
+        {**row, "val_size": val_size, "fresh_splits": confirm.fresh_splits(best)}
+        for row in confirm.confirmation_stats(finals, val_size)
+    ]
+    return rows, interrupt.caught and not errors and not disk, errors, disk
 
 
 def best_run_tags(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, str]:
     """The search run's tags naming its answers, each with one meaning (tracking.py): the best
-    search trial, the confirmed winner, and the run the printed `Reproduce:` names."""
+    search trial, the confirmed winner (only when it is better than the rest beyond noise), the
+    recommended variant and the verdict in words, and the run the printed `Reproduce:` names."""
     from flatbasin.search import output
 
     tags = {}
     if best and best[0].get("run_id"):
         tags[BEST_SEARCH_RUN] = tags[OLD_BEST_RUN] = best[0]["run_id"]
-    if (winner := output.winner(confirmed)) is not None:
-        tags[WINNER] = winner
-    chosen = output.to_reproduce(best, confirmed)
+    if confirmed:
+        verdict = confirm.verdict(confirmed)
+        if verdict.winner:  # better than every other variant beyond noise
+            tags[WINNER] = verdict.winner
+        tags[RECOMMENDED] = verdict.recommended or ""
+        tags[VERDICT] = verdict.text[:5000]
+    chosen = output.to_reproduce(best, output.recommended(confirmed))
     if chosen is not None and chosen.get("run_id"):
         tags[REPRODUCE_RUN] = chosen["run_id"]
     return tags
@@ -984,12 +1002,16 @@ def _finish_parent(
     answers = best_run_tags(best, confirmed)
     tracker.client.log_batch(parent, tags=[RunTag(k, v) for k, v in answers.items()])
     held = tracker.client.get_run(parent).data.tags  # a resumed search may answer otherwise now
-    for stale in {BEST_SEARCH_RUN, OLD_BEST_RUN, WINNER, REPRODUCE_RUN} & set(held) - set(answers):
+    for stale in set(ANSWER_TAGS) & set(held) - set(answers):
         tracker.client.delete_tag(parent, stale)
     if confirmed:
+        now = int(time.time() * 1000)
         tracker.client.log_batch(parent, metrics=[
-            Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), int(time.time() * 1000), 0)
+            Metric(f"confirmed/{row['variant']}/{key}", float(row[key]), now, 0)
             for row in confirmed for key in ("val_mean", "val_std", "test_mean", "test_std")
+        ] + [  # the validation split's size: the resolution the test assumed (the report reads it)
+            Metric("confirmed/val_size", float(size), now, 0)
+            for size in {row.get("val_size") for row in confirmed} if size
         ])  # fmt: skip
     if best:
         tracker.client.log_figure(

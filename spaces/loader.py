@@ -58,8 +58,8 @@ MAX_CORNERS = 20_000  # configs validated per variant; beyond it, range ends onl
 # Settings that must be the same for every variant: a comparison on different budgets or data is none.
 # TTA is too: it changes how every accuracy is measured, and it trains nothing worth searching.
 SHARED = frozenset(
-    {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "data_seed",
-     "tta", "data_args", "loader_workers"}
+    {"epochs", "dataset", "data_dir", "download", "val_frac", "test_frac", "split_seed", "val_seed",
+     "data_seed", "mnist1d_signals", "tta", "data_args", "loader_workers"}
 )  # fmt: skip
 # A search's name is a folder under --storage and an MLflow experiment: no path separators, no spaces.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

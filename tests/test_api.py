@@ -331,6 +331,7 @@ result = flatbasin.search(
 best = result.best_trial
 json.dump({{
     "state": result.state, "winner": result.winner, "parent": result.parent_run_id,
+    "recommended": result.recommended, "verdict": result.verdict,
     "tracking_uri": result.tracking_uri, "report": str(result.report), "run_ids": result.run_ids,
     "best": [[b.variant, b.score, b.test_acc, b.run_id, b.trials, b.params] for b in result.best],
     "confirmed": [[c.variant, c.seeds, c.val_mean, c.verdict] for c in result.confirmed],
@@ -354,12 +355,15 @@ def test_search_from_python_with_callables_and_reproduce(tmp_path, ray_tmpdir, p
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     out, _ = proc.communicate(timeout=840)
     assert proc.returncode == 0, out[-5000:]
-    assert "best trial per variant" in out and "Winner:" in out
+    assert "best trial per variant" in out and "Verdict:" in out
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["state"] == "finished" and result["tracking_uri"] == uri
     assert result["model"] == "callable:build_mlp" and result["dataset"] == "userdata:load"
     assert {b[0] for b in result["best"]} == {"sgd", "swa"}
     assert [c[1] for c in result["confirmed"]] == [2, 2] and result["winner"] in ("sgd", "swa", None)
+    assert result["recommended"] in ("sgd", "swa") and f"Verdict:      {result['verdict']}" in out
+    recommended = {b[0]: b[3] for b in result["best"]}[result["recommended"]]
+    assert result["to_reproduce"] == recommended  # the winner, or the cheapest of a tie
     assert Path(result["report"]).is_file()
 
     client = MlflowClient(uri)

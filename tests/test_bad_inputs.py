@@ -262,6 +262,16 @@ SEARCH: dict[str, Case] = {
     "yes for the budget": Case("epochs: true\nvariants: {sgd: {}}\n", (), "epochs takes a number"),
     "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
     "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
+    "a negative validation seed": Case("fixed: {val_seed: -1}\nvariants: {sgd: {}}\n", (), "val_seed"),
+    "a validation seed per variant": Case(
+        "variants: {sgd: {val_seed: 3}}\n", (), "val_seed is shared by every trial of a search"
+    ),
+    "mnist1d_signals on fixed data": Case(
+        "fixed: {mnist1d_signals: 2000}\nvariants: {sgd: {}}\n", (), "applies only to the mnist1d data set"
+    ),
+    "too few mnist1d signals": Case(
+        "dataset: mnist1d\nfixed: {mnist1d_signals: 10}\nvariants: {sgd: {}}\n", (), "mnist1d_signals"
+    ),
     "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
     # ---- a share of a CPU: Ray's rules, as for a GPU's share, checked before Ray starts
     "cpus below Ray's smallest step": Case(
@@ -515,6 +525,8 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "channels_last on signals": (
         ["--dataset", "mnist1d", "--set", "channels_last=true"], "channels_last applies to images"
     ),
+    "a validation seed beyond 32 bits": (["--set", "val_seed=4294967296"], "val_seed"),
+    "mnist1d_signals for digits": (["--set", "mnist1d_signals=2000"], "applies only to the mnist1d data set"),
     "missing data_dir": (
         ["--dataset", "image_folder", "--data-dir", "/nonexistent/fb-images"],
         "/nonexistent/fb-images",

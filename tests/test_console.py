@@ -71,13 +71,14 @@ def summary_text(width: int) -> tuple[str, list[str]]:
             zip(("cyclic_average", "swa", "sgd"), params, ids, strict=True)
         )
     ]
-    confirmed = [
-        {"variant": "swa", "n": 3, "val_mean": 0.9612, "val_std": 0.0031, "test_mean": 0.9533,
-         "test_std": 0.0021, "p_vs_best": None, "verdict": "best", "diverged": 0},
-        {"variant": "cyclic_average", "n": 3, "val_mean": 0.9580, "val_std": 0.0041,
-         "test_mean": 0.9513, "test_std": 0.0011, "p_vs_best": 0.312, "verdict": "within noise",
-         "diverged": 1},
-    ]  # fmt: skip
+    from flatbasin.search.confirm import confirmation_stats
+
+    finals = {
+        "swa": [{"score": s, "test_acc": 0.9533, "pair": k} for k, s in enumerate((0.9580, 0.9612, 0.9644))],
+        "cyclic_average": [{"score": s, "test_acc": 0.9513, "pair": k, "diverged": k == 2}
+                           for k, s in enumerate((0.9539, 0.9580, 0.9621))],
+    }  # fmt: skip
+    confirmed = confirmation_stats(finals, val_size=1200)
     outcome = SimpleNamespace(
         name="compare", best=best, trials_per_variant={"cyclic_average": 30, "swa": 2, "sgd": 2},
         untried=[], out_of_time="", confirmed=confirmed, unwritten=0, store=(None,), seconds={},
@@ -95,11 +96,11 @@ def summary_text(width: int) -> tuple[str, list[str]]:
 def test_summary_tables_fit_the_terminal_with_run_ids_whole(width):
     text, ids = summary_text(width)
     lines = text.splitlines()
-    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Winner:"))]
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("Verdict:"))]
     assert all(len(line) <= width for line in table), "\n".join(table)
     for run_id in ids:  # each id on one line of the table, not cut or folded
         assert any(run_id in line for line in table), run_id
-    assert "0.9612 ± 0.0031" in text and "swa_lr_max=0.15" in text  # numbers whole; params listed
+    assert "96.12 ± 0.32" in text and "swa_lr_max=0.15" in text  # numbers whole; params listed
 
 
 def comparison_text(rows, full=False):
@@ -185,7 +186,7 @@ def test_a_search_notes_them_before_it_starts(small_folder):
     assert "resized to 32x32" in notes[0] and "holds 3 examples" in notes[1]
 
 
-def test_ray_notices_are_dropped_and_its_other_warnings_kept(caplog):
+def test_ray_notices_are_dropped_and_its_other_warnings_kept():
     # The search's own run shows the whole effect (test_search_integration: no chatter); here,
     # that the filters drop those notices alone.
     import logging
@@ -197,12 +198,25 @@ def test_ray_notices_are_dropped_and_its_other_warnings_kept(caplog):
     token = logging.getLogger("ray._private.authentication.authentication_token_setup")
     tune = logging.getLogger("ray.tune.utils.util")
     assert len(token.filters) == len(tune.filters) == 1
-    with caplog.at_level(logging.WARNING):
+
+    class Kept(logging.Handler):
+        records: list[logging.LogRecord] = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    kept = Kept(logging.WARNING)  # on the loggers themselves: Ray's may not propagate to the root
+    for logger in (token, tune):
+        logger.addHandler(kept)
+    try:
         token.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
         token.warning("Token authentication is disabled for this Ray cluster. Anyone with ...")
         tune.warning("The `process_trial_save` operation took 0.571 s, which may be a performance bottleneck.")  # fmt: skip
         tune.warning("Install psutil to monitor system performance.")
-    assert [r.getMessage().split(".")[0] for r in caplog.records] == [
+    finally:
+        for logger in (token, tune):
+            logger.removeHandler(kept)
+    assert [r.getMessage().split(".")[0] for r in kept.records] == [
         "Token authentication is disabled for this Ray cluster",
         "Install psutil to monitor system performance",
     ]

@@ -434,6 +434,7 @@ E2E_SPACE = """
 name: from-base
 samples: 3
 epochs: 2
+confirm_seeds: 2
 fixed: {batch_size: 64}
 from: base
 base: {epochs: 2}
@@ -461,6 +462,9 @@ def test_a_search_from_base_trains_the_base_once(tmp_path, ray_tmpdir, process_g
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert out.count("Training the base once") == 1 and "searches the tail only" in out
+    # Its confirmation keeps the search's validation split (the base trained on the rest) and says so.
+    assert "over 2 fresh seeds, on the search's own validation split (its trials continue" in out
+    assert "with fresh seeds, on the search's own validation split of 144 examples" in out
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("from-base").experiment_id
@@ -479,6 +483,10 @@ def test_a_search_from_base_trains_the_base_once(tmp_path, ray_tmpdir, process_g
     sha = read_converged(with_weights).sha256
     assert parent.data.tags["flatbasin.from_sha256"] == sha
     assert parent.data.params["from"] == "base"
+    confirms = by_role["confirm"]
+    assert len(confirms) == 2 and {r.data.params["seed"] for r in confirms} == {"1", "2"}
+    assert {r.data.params["val_seed"] for r in confirms} == {t.data.params["val_seed"] for t in trials} == {"None"}
+    assert {r.data.params["from_sha256"] for r in confirms} == {sha}  # the same base, no retraining
     for run in trials:
         assert run.data.tags["flatbasin.base_run"] == base_id
         assert run.data.params["from_sha256"] == sha

@@ -4,6 +4,7 @@ MLflow (no Ray), and the report of a real search end to end (Ray, MLflow, the CL
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,13 @@ from typer.testing import CliRunner
 from flatbasin.search import figures
 from flatbasin.search.cli import app
 from flatbasin.search.errors import UsageError
-from flatbasin.search.report import find_search, read_report, write_report
+from flatbasin.search.report import (
+    MIN_IMPORTANCE_TRIALS,
+    find_search,
+    read_report,
+    write_files,
+    write_report,
+)
 
 VAL = 144  # examples in the digits validation split
 
@@ -94,19 +101,27 @@ def test_figures_are_legible_and_cheap():
 
 
 def test_confirmed_numbers_stand_beside_the_search_trials_curves():
-    """A search trial's score is one lucky seed: the confirmation's mean ± sd is drawn and named too."""
+    """A search trial's score is one lucky seed: the confirmation's mean ± sd is drawn and named too,
+    in a panel of its own (on the "models averaged" axis a bar would read as more models)."""
     swa = {"curve": points([130, 135, 140])}
     fig = figures.comparison_figure(
-        {"swa": swa, "sgd": {"curve": points([138])}}, confirmed={"swa": (0.9, 0.02, 3)}
+        {"swa": swa, "sgd": {"curve": points([138])}},
+        confirmed={"swa": (0.9, 0.02, 3), "sgd": (0.93, 0.01, 3)},
     )
-    (ax,) = fig.axes
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "confirmed: 90.0% ± 2.0%, 3 seeds" in labels[0] and "confirmed" not in labels[1], labels
+    ax, panel = fig.axes
+    labels = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert "confirmed: 90.0% ± 2.0%, 3 seeds" in labels[0] and "93.0% ± 1.0%" in labels[1], labels
     renderer = drawn(fig)
-    assert ax.get_legend().get_window_extent(renderer).x1 <= fig.bbox.width  # nothing cut off
-    (bar,) = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
-    (x,), (y,) = bar.lines[0].get_data()
-    assert x > 3 and y == 0.9 and ax.get_ylim()[0] <= 0.88  # right of the curves, sd in view
+    assert panel.get_legend().get_window_extent(renderer).x1 <= fig.bbox.width  # nothing cut off
+    assert not [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    bars = [c for c in panel.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    assert [bar.lines[0].get_data()[1][0] for bar in bars] == [0.93, 0.9]  # best mean first
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["sgd", "swa"]
+    main, side = ax.get_window_extent(renderer), panel.get_window_extent(renderer)
+    assert side.x0 > main.x1 and panel.get_ylim() == ax.get_ylim()  # apart, on the same scale
+    assert ax.get_ylim()[0] <= 0.88 and ax.get_xlim()[1] < 4  # sd in view; no room made for bars
+    for label in panel.get_xticklabels():  # the variants' names are not cut off at the bottom
+        assert label.get_window_extent(renderer).y0 >= 0
     finals = figures.comparison_figure(
         {"sgd": {"curve": points([138])}}, confirmed={"sgd": (0.9, 0.02, 3)}
     )
@@ -137,8 +152,9 @@ ERROR_TEXT = "<script>alert('x')</script> & DataError: corrupt"
 
 
 def add_run(client, experiment, parent, role, variant, trial_id, params, *, score=None,
-            curve=(), diverged=False, error=None):  # fmt: skip
-    """A run as tracking.py writes it: tags, params, per-epoch metrics, final metrics and curve."""
+            curve=(), diverged=False, error=None, ensemble=False):  # fmt: skip
+    """A run as tracking.py writes it: tags, params, per-epoch metrics, final metrics and curve
+    (with its members' diversity for an ensemble)."""
     tags = {"mlflow.parentRunId": parent, "flatbasin.role": role, "flatbasin.variant": variant,
             "flatbasin.trial_id": trial_id}  # fmt: skip
     run = client.create_run(experiment, tags=tags).info.run_id
@@ -152,6 +168,8 @@ def add_run(client, experiment, parent, role, variant, trial_id, params, *, scor
         for p in curve:
             metrics += [Metric("curve/val_acc", p["val_acc"], now, p["count"]),
                         Metric("curve/test_acc", p["test_acc"], now, p["count"])]  # fmt: skip
+            if ensemble and p["count"] > 1:
+                metrics.append(Metric("diversity/disagreement", 0.05, now, p["count"]))
     run_tags = []
     if score is not None:
         run_tags += [RunTag("flatbasin.final_logged", "true"),
@@ -226,6 +244,81 @@ def test_report_from_mlflow_runs(synthetic):
     assert not by_title["ema"].values and "not enough trials" in by_title["ema"].reason
     statuses = {t.trial_id: t.status for t in report.trials}
     assert statuses["snap1"] == "diverged" and statuses["snap2"] == "failed"
+
+
+FEW_SPACE = """\
+name: few
+samples: 5
+epochs: 4
+variants:
+  swa: {lr: {loguniform: [0.01, 0.2]}, swa_lr: {loguniform: [0.001, 0.05]}}
+  snapshot: {lr: {loguniform: [0.05, 0.5]}, cycles: {int: [2, 4]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory):
+    """A search of 3 swa and 2 snapshot trials, confirmed over 3 runs that each had a fresh seed
+    and a fresh validation split (their seed and val_seed params), as the search records them."""
+    tmp = tmp_path_factory.mktemp("few")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    space = tmp / "few.yaml"
+    space.write_text(FEW_SPACE)
+    experiment = client.create_experiment("few", artifact_location=str(tmp / "artifacts"))
+    parent = client.create_run(experiment, tags={"flatbasin.role": "search"}).info.run_id
+    client.log_batch(parent, params=[Param("space", str(space)), Param("seed", "0")])
+    client.log_artifact(parent, str(space))
+    for i, lr in enumerate((0.02, 0.05, 0.1)):
+        add_run(client, experiment, parent, "trial", "swa", f"swa{i}", {"lr": lr, "swa_lr": 0.01},
+                score=acc(130 + i), curve=points([128, 129 + i, 130 + i]))  # fmt: skip
+    for i, cycles in enumerate((2, 4)):
+        add_run(client, experiment, parent, "trial", "snapshot", f"snap{i}", {"lr": 0.1, "cycles": cycles},
+                score=acc(131 + i), curve=points([125, 131 + i]), ensemble=True)  # fmt: skip
+    for variant, corrects in {"swa": [139, 141, 137], "snapshot": [140, 141, 138]}.items():
+        for k, correct in enumerate(corrects):
+            add_run(client, experiment, parent, "confirm", variant, f"c-{variant}{k}",
+                    {"seed": k + 1, "val_seed": k + 2}, score=acc(correct),
+                    curve=points([correct - 2, correct]) if variant == "snapshot" else points([correct]),
+                    ensemble=variant == "snapshot")  # fmt: skip
+    client.set_terminated(parent, "FINISHED")
+    return uri, tmp
+
+
+def test_the_report_opens_with_the_verdict(few):
+    uri, tmp = few
+    page = write_report("few", uri, out=tmp / "out", log=False)
+    text = page.read_text()
+    verdict = text.index('<p class="verdict">')
+    assert verdict < text.index("<table") and verdict < text.index("<dl>")  # before every table
+    assert text.index("Confirmed over 3 seeds and validation splits") < text.index("Best trial per variant")  # fmt: skip
+    said = re.search(r'<p class="verdict">(.*?)</p>', text).group(1)
+    assert said.startswith("No winner beyond noise: snapshot leads") and "swa" in said
+    assert "over 3 runs, each with a fresh seed and a fresh validation split" in said
+    assert "swa costs least (one model per prediction)" in said  # snapshot runs 2 models
+    # Numbers never wrap: every cell of numbers with spaces inside (where a line could break, as in
+    # "96.99 ± 0.51") is a numeric cell, kept on one line.
+    assert re.search(r"td\.num \{[^}]*white-space: nowrap", text)
+    cells = re.findall(r"<td>([^<]*)</td>", text)
+    breakable = re.compile(r"[\d.,%±+\-–()/]*\d[\d.,%±+\-–()/]* [\d.,%±+\-–() /to]*")
+    assert not [c for c in cells if breakable.fullmatch(c)], cells
+    assert re.search(r'<td class="num">\d+\.\d\d ± \d+\.\d\d</td>', text)
+    # 3 and 2 trials: no importance panel, and one line says why.
+    assert not (tmp / "out" / "importances.png").exists() and "importances.png" not in text
+    (line,) = re.findall(r"No importance panels: [^<]*", text)
+    assert "swa: not enough trials (3; importances need at least 4)" in line
+    assert "snapshot: not enough trials (2" in line and "variant (all trials): the only searched parameter" in line  # fmt: skip
+
+
+def test_a_search_without_confirmation_says_so_first(synthetic, tmp_path):
+    uri, parent_id, _ = synthetic
+    client = MlflowClient(uri)
+    report = read_report(client, find_search(client, parent_id, uri), uri)
+    report.confirmations = []
+    page = write_files(report, tmp_path)[-1].read_text()
+    said = re.search(r'<p class="verdict unconfirmed">(.*?)</p>', page).group(1)
+    assert said.startswith("Not confirmed: the best search trial is swa&#x27;s") and "--confirm-seeds" in said
+    assert page.index("verdict unconfirmed") < page.index("<table")
 
 
 def test_report_bad_input_is_one_message(synthetic, tmp_path):
@@ -326,7 +419,7 @@ def test_importances_of_a_real_search(searched):
     assert report.space is not None and report.val_size == VAL
     assert len(report.trials) == 6
     for study in report.importances:
-        if study.trials >= 2:  # enough trials: computed, or the one reason fANOVA cannot
+        if study.trials >= MIN_IMPORTANCE_TRIALS:  # computed, or the one reason fANOVA cannot
             assert study.values or "scored the same" in study.reason, study
         else:
             assert "not enough trials" in study.reason, study

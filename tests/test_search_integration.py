@@ -130,7 +130,8 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     uri, folder = searched.uri, searched.folder
     assert searched.returncode == 0, searched.stdout + searched.stderr
     assert "best trial per variant" in searched.stdout and "flatbasin reproduce" in searched.stdout
-    assert "confirmed over 2 fresh seeds" in searched.stdout and "Winner:" in searched.stdout
+    assert "confirmed over 2 fresh seeds and validation splits" in searched.stdout
+    assert "Verdict:" in searched.stdout
     assert_no_library_chatter(searched.stdout + searched.stderr)
 
     client = MlflowClient(uri)
@@ -205,17 +206,35 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
         for key in ("lr", "variant", "epochs"):
             assert run.data.params[key] == source.data.params[key], key
     assert len({(r.data.tags["flatbasin.confirms"], r.data.params["seed"]) for r in confirms}) == 6
+    # Every variant ran on the same seeds and the same fresh validation splits (the search's was
+    # split_seed + 1's: its trials have no val_seed); the test split is the search's.
+    runs_of = {
+        v: sorted((r.data.params["seed"], r.data.params["val_seed"]) for r in confirms
+                  if r.data.tags["flatbasin.variant"] == v)
+        for v in ("sgd", "swa", "snapshot")
+    }  # fmt: skip
+    assert runs_of["sgd"] == runs_of["swa"] == runs_of["snapshot"] and len(runs_of["sgd"]) == 2
+    assert {t.data.params["val_seed"] for t in trials} == {"None"}
+    assert {val_seed for _, val_seed in runs_of["sgd"]}.isdisjoint({"None", "1"})
+    assert {r.data.params["split_seed"] for r in confirms} == {t.data.params["split_seed"] for t in trials}
     assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
+    assert all(row["fresh_splits"] and row["val_size"] == 144 for row in summary["confirmed"])
+    assert parent.data.metrics["confirmed/val_size"] == 144
     # One meaning per tag: the best search trial (also under its former name), the confirmed
-    # winner (none on a tie at the top), the run the printed Reproduce: names.
-    tags, confirmed = parent.data.tags, summary["confirmed"]
+    # winner (only beyond noise), the recommended variant (the winner, or the cheapest of a tie),
+    # the verdict in words, the run the printed Reproduce: names.
+    tags = parent.data.tags
     top = summary["best_per_variant"][0]
     assert tags["flatbasin.best_search_run"] == tags["flatbasin.best_run_id"] == top["run_id"]
-    tied = [row for row in confirmed if row["val_mean"] == confirmed[0]["val_mean"]]
-    assert tags.get("flatbasin.winner") == (confirmed[0]["variant"] if len(tied) == 1 else None)
-    chosen = next(r for r in summary["best_per_variant"] if r["variant"] == confirmed[0]["variant"])
+    assert tags.get("flatbasin.winner") in (None, summary["confirmed"][0]["variant"])
+    assert tags["flatbasin.recommended"] in {"sgd", "swa", "snapshot"}
+    if "flatbasin.winner" in tags:
+        assert tags["flatbasin.recommended"] == tags["flatbasin.winner"]
+    chosen = next(r for r in summary["best_per_variant"] if r["variant"] == tags["flatbasin.recommended"])
     assert tags["flatbasin.reproduce_run"] == chosen["run_id"]
     assert f"Reproduce:    flatbasin reproduce {chosen['run_id']} " in searched.stdout
+    verdict = tags["flatbasin.verdict"]
+    assert verdict.startswith(("Winner: ", "No winner beyond noise: ")) and f"Verdict:      {verdict}\n" in searched.stdout  # fmt: skip
 
     best = summary["best_per_variant"][0]["run_id"]
     again = flatbasin("reproduce", best, "--tracking-uri", uri, cwd=tmp_path)

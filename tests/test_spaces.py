@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import socket
 from pathlib import Path
 
@@ -22,7 +23,24 @@ def test_there_is_a_space_per_variant_and_a_compare_space():
     # compare runs as shipped, with no file made first: a variant that reads one (prior_guided's
     # focus library) has its own space instead.
     runs_without_files = {name for name, v in REGISTRY.items() if not v.file_params}
-    assert set(load_space(Path(SHIPPED[0]).parent / "compare.yaml").variants) == runs_without_files
+    compare = load_space(Path(SHIPPED[0]).parent / "compare.yaml")
+    assert "sgd" in compare.variants and set(compare.variants) <= runs_without_files
+
+
+def test_the_bundled_comparison_can_tell_variants_apart():
+    """Enough trials per variant for TPE to leave its random start-up, a validation split where one
+    example is well under a quarter point, and a confirmation to say how sure the answer is."""
+    from flatbasin.trainables.config import make_config
+    from flatbasin.trainables.data import load_data
+
+    compare = load_space(Path(SHIPPED[0]).parent / "compare.yaml")
+    per_variant = compare.samples // len(compare.variants)
+    assert per_variant >= 6 and compare.samples % len(compare.variants) == 0
+    startup = inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
+    assert compare.samples > startup + len(compare.variants)  # each variant gets guided trials
+    assert compare.confirm_seeds >= 3
+    data = load_data(make_config("sgd", compare.settings).data_spec, "cpu")
+    assert len(data.y_val) >= 1000 and len(data.y_train) >= 3600  # no less training data than before
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -34,6 +34,7 @@ DatasetName = Literal[
 ]  # fmt: skip
 BUILT_IN_NAMES: tuple[str, ...] = get_args(DatasetName)
 MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
+MNIST1D_SIGNALS = 5_000  # the mnist1d package's own count: 4,000 train / 1,000 test
 BUILT_IN = ("mnist1d", "digits", "synthetic")  # made or shipped locally: no data_dir, no download
 GENERATED = ("mnist1d", "synthetic")  # drawn from data_seed
 SYNTHETIC_IMAGES = 60_000  # CIFAR-10's count; with test_frac 1/6, its 50,000 / 10,000 split
@@ -66,10 +67,21 @@ class DataSpec(NoBoolNumbers):
     val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
     test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
     split_seed: int = Field(0, ge=0, le=2**32 - 1)  # the same in every trial: the same split
+    # The validation split alone (None: split_seed + 1, as before it existed). The test split never
+    # depends on it: a confirmation draws fresh validation examples and is tested on the same ones.
+    val_seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    # mnist1d only: how many signals are drawn (the package's 5,000 by default); 80% of them are the
+    # training data (validation is carved from it), the rest the test split
+    mnist1d_signals: int = Field(MNIST1D_SIGNALS, ge=100, le=1_000_000)
     data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d, synthetic: which draw
 
     def __hash__(self) -> int:  # data_args is a dict: hash what the spec says, in JSON
         return hash(self.model_dump_json())
+
+    @property
+    def val_split_seed(self) -> int:
+        """The seed that draws the validation split from the training data."""
+        return self.split_seed + 1 if self.val_seed is None else self.val_seed
 
     @property
     def user(self) -> bool:
@@ -116,6 +128,17 @@ class DataSpec(NoBoolNumbers):
             raise ValueError(
                 f"applies only to the synthetic data set; '{dataset}' has the images it has, "
                 f"so leave synthetic_images out"
+            )
+        return count
+
+    @field_validator("mnist1d_signals")
+    @classmethod
+    def _only_for_mnist1d(cls, count: int, info: ValidationInfo) -> int:
+        dataset = info.data.get("dataset")
+        if count != MNIST1D_SIGNALS and dataset is not None and dataset != "mnist1d":
+            raise ValueError(
+                f"applies only to the mnist1d data set; '{dataset}' has the examples it has, "
+                "so leave mnist1d_signals out"
             )
         return count
 
@@ -248,12 +271,13 @@ Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 def mnist1d_args(spec: DataSpec) -> dict[str, object]:
     """The mnist1d package's standard generation arguments (5,000 signals of length 40, 4,000 train /
-    1,000 test) with the spec's seed. Part of the fingerprint: another draw is another data set."""
+    1,000 test) with the spec's seed and count. Part of the fingerprint: another draw is another
+    data set."""
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args(as_dict=True)
     del args["url"]  # where the published pickle lives; never fetched here
-    return {**args, "seed": spec.data_seed}
+    return {**args, "seed": spec.data_seed, "num_samples": spec.mnist1d_signals}
 
 
 def _mnist1d(spec: DataSpec) -> Raw:
@@ -509,7 +533,7 @@ def _in_memory(
     if x_test is None or y_test is None:
         keep, test = _split(len(x), spec.test_frac, spec.split_seed)
         x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
-    train, val = _split(len(x), spec.val_frac, spec.split_seed + 1)
+    train, val = _split(len(x), spec.val_frac, spec.val_split_seed)
     _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(x_test)})
 
     def tensor(a: np.ndarray) -> Tensor:

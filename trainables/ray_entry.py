@@ -144,7 +144,9 @@ def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
         if save is not None and not result.diverged:
             save(Path(tmp) / CHECKPOINT_FILE)
             checkpoint = tune.Checkpoint.from_directory(tmp)
-        tune.report(final_metrics(result, rungs), checkpoint=checkpoint)
+        # The validation split's size: the resolution of a score, for the confirmation's test
+        final = {**final_metrics(result, rungs), "val_size": data.size("val")}
+        tune.report(final, checkpoint=checkpoint)
 
 
 class CheckpointPolicy:

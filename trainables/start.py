@@ -25,7 +25,10 @@ Weights = dict[str, Tensor]
 
 # The settings that make two trials see the same examples in the same splits. A model trained on
 # another split has seen this search's validation examples, so its scores there would mean nothing.
-DATA_KEYS = ("dataset", "image_size", "val_frac", "test_frac", "split_seed", "data_seed")
+DATA_KEYS = (
+    "dataset", "image_size", "val_frac", "test_frac", "split_seed", "val_seed", "data_seed",
+    "mnist1d_signals",
+)  # fmt: skip
 
 
 class StartPoint(NoBoolNumbers):

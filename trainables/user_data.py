@@ -300,7 +300,7 @@ def _find_bad_item(what: str, dataset: Dataset, n: int) -> None:
 
 def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> StreamedData:
     """Checked, split and fingerprinted Datasets; the validation split is carved from the training
-    set by split_seed, as for the built-in sets."""
+    set by val_seed (or split_seed), as for the built-in sets."""
     from flatbasin.trainables.data import DataError, _check_splits, _split
 
     train_set, test_set = result
@@ -329,7 +329,7 @@ def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> Streamed
         _check_labels(what, f"the {name} labels", y)
     classes = _check_classes(what, y_all, y_test)
     digest.update(y_all.tobytes() + y_test.tobytes() + f"{sizes}".encode())
-    train, val = _split(len(y_all), spec.val_frac, spec.split_seed + 1)
+    train, val = _split(len(y_all), spec.val_frac, spec.val_split_seed)
     _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(y_test)})
     return StreamedData(
         name=spec.dataset,
