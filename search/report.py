@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
-from flatbasin.search import figures
+from flatbasin.search import figures, soup
 from flatbasin.search.confirm import ALPHA, confirmation_stats
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
@@ -102,6 +102,7 @@ class Report:
     curves: dict[str, dict[str, Any]]  # variant -> {"curve": [...], "extra_curves": {...}}
     val_size: int | None
     importances: list[Importances]
+    soups: list[dict[str, Any]] = field(default_factory=list)  # search/soup.py's runs, newest each
 
 
 # ----------------------------------------------------------------------------- reading MLflow
@@ -340,6 +341,7 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
         curves=curves,
         val_size=figures.infer_val_size(measured),
         importances=importances(trials, space, problem),
+        soups=soup.recorded(client, parent),
     )
 
 
@@ -779,6 +781,10 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         "sideways slightly so none hides another. Variants that deploy one final model (sgd, "
         "ema) are horizontal lines.</p>",
         _confirmed_section(report),
+        soup.html_section(
+            report.soups, next(iter(report.best.values()), None),
+            next((c for c in confirmed(report.confirmations) if c.verdict == "best"), None),
+        ),
         _importance_section(report, images),
         _trials_section(report),
     ]

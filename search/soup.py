@@ -805,3 +805,77 @@ def _member(
     train(config, on_epoch=keep_last, start_weights=converged_weights(client, config))
     retrained = Candidate(**{**asdict(candidate), "checkpoint": path})
     return _load(client, retrained, load_data(config.data_spec, "cpu"), "cpu", soups)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def recorded(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
+    """The soups and ensemble recorded under a search's run, the newest of each kind (a second
+    `flatbasin soup` makes new runs; the report shows the latest), in the order of TITLES."""
+    newest: dict[str, Run] = {}
+    for run in _children(client, parent):
+        kind = run.data.tags.get(KIND)
+        if run.data.tags.get(ROLE) not in (SOUP_ROLE, ENSEMBLE_ROLE) or kind not in TITLES:
+            continue
+        if run.info.status != "FINISHED":
+            continue
+        if kind not in newest or run.info.start_time > newest[kind].info.start_time:
+            newest[kind] = run
+    return [
+        {
+            "title": TITLES[kind], "run_id": run.info.run_id,
+            "val_acc": run.data.metrics.get("val_acc"), "test_acc": run.data.metrics.get("test_acc"),
+            "members": int(run.data.metrics.get("members", 0)),
+            "candidates": run.data.params.get("candidates", "?"),
+            "weights": run.data.params.get("weights", ""),
+            "inference_cost": int(run.data.metrics.get("inference_cost", 0)),
+        }
+        for kind in TITLES
+        if (run := newest.get(kind)) is not None
+    ]  # fmt: skip
+
+
+def html_section(rows: list[dict[str, Any]], best: Any, winner: Any) -> str:
+    """The report's section: the soups and ensemble beside the best single trial and the confirmed
+    winner (report.Trial and report.Confirmed, or None). Every string is escaped here."""
+    from html import escape as esc
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
+
+    if not rows:
+        return ""
+    body = []
+    if best is not None:
+        body.append([esc(f"best single trial ({best.variant} {best.trial_id})"), pct(best.score),
+                     pct(best.test_acc), "1 trial", "–", f"<code>{esc(best.run_id)}</code>"])  # fmt: skip
+    if winner is not None:
+        test = "–" if winner.test_mean is None else (
+            f"{100 * winner.test_mean:.2f} ± {100 * (winner.test_std or 0.0):.2f}"
+        )  # fmt: skip
+        body.append([esc(f"confirmed winner ({winner.variant}, {winner.seeds} seeds)"),
+                     esc(f"{100 * winner.val_mean:.2f} ± {100 * winner.val_std:.2f}"), esc(test),
+                     "1 configuration, retrained", "–", "–"])  # fmt: skip
+    for row in rows:
+        members = f"{row['members']} of {row['candidates']}"
+        if row["title"] == TITLES["ensemble"]:
+            members += f" ({row['weights']})"
+        body.append([esc(row["title"]), pct(row["val_acc"]), pct(row["test_acc"]), esc(members),
+                     str(row["inference_cost"]), f"<code>{esc(row['run_id'])}</code>"])  # fmt: skip
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("model", "val acc", "test acc", "members", "networks per prediction", "MLflow run")
+    )
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body
+    )
+    return (
+        "<h2>One model from the whole search</h2>"
+        '<p class="muted">Weight soups (the equal average of trials\' weights, batch norm '
+        "re-estimated; greedy: trials by validation accuracy, each kept if the soup's validation "
+        "accuracy does not drop) run one network per prediction; the greedy ensemble (selection "
+        "with replacement, weights = counts) runs each member's networks. Every row was chosen on "
+        "the validation split, which flatters its val acc; test was scored once, at the end.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+    )
