@@ -168,6 +168,9 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
     """Everything checked before any model is loaded: the store answers, the search is there, it
     has finished trials whose final weights Tune kept, and (for soups) they share one start.
     Raises UsageError saying what is wrong."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
     from flatbasin.search.report import find_search
 
     kinds = {"all": ("uniform", "greedy", "ensemble"), "soups": ("uniform", "greedy"),
@@ -687,12 +690,15 @@ def reproduce_result(
     their recorded weights, and compare. Each member's final weights come from Tune's storage when
     they are still there and are the ones recorded (sha256); otherwise the member is retrained from
     its run, as `flatbasin reproduce` retrains a trial. Logged as a reproduction run."""
+    import os
+
     import torch
 
     from flatbasin.trainables import soups
     from flatbasin.trainables.data import load_data
     from flatbasin.trainables.tta import with_tta
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory(prefix="flatbasin-soup-") as folder:
         try:

@@ -11,11 +11,8 @@ search through the real CLI, Ray and MLflow (marked integration and slow).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +25,8 @@ from typer.testing import CliRunner
 
 from flatbasin.search import soup
 from flatbasin.search.cli import app
-from flatbasin.search.errors import UsageError, plain_console
-from flatbasin.search.tracking import FROM_SHA, BASE_RUN, Tracker, TrialRecord
+from flatbasin.search.errors import plain_console
+from flatbasin.search.tracking import BASE_RUN, FROM_SHA, Tracker, TrialRecord
 from flatbasin.trainables import soups
 from flatbasin.trainables.config import make_config, trial_config
 from flatbasin.trainables.curve import accuracy
@@ -145,7 +142,7 @@ def test_batch_norm_is_re_estimated_for_every_candidate_average(blobs, from_one_
 
 
 def test_ensemble_probabilities_are_the_weighted_mean_of_its_members(blobs, from_one_base):
-    _, _, xv, yv = blobs
+    _, _, xv, _yv = blobs
     nets = list(from_one_base.values())[:3]
     ensemble = soups.WeightedEnsemble(nets, [3.0, 1.0, 2.0]).eval()
     with torch.no_grad():
@@ -241,6 +238,19 @@ def recorded(tmp_path_factory):
     return folder, uri, parent, data
 
 
+@pytest.fixture(scope="module")
+def souped(recorded):
+    """`flatbasin soup` of the recorded search, through the CLI."""
+    _folder, uri, _, _ = recorded
+    result = runner.invoke(app, ["soup", SEARCH, "--tracking-uri", uri, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for title in ("best single trial", "uniform soup", "greedy soup", "greedy ensemble"):
+        assert title in result.output, result.output
+    client = MlflowClient(uri)
+    parent = client.get_run(recorded[2])
+    return soup.recorded(client, parent), result.output
+
+
 @pytest.mark.slow
 def test_soups_and_the_ensemble_are_recorded_with_their_members(recorded):
     folder, uri, parent, data = recorded
@@ -306,3 +316,156 @@ def deployed_model(client: MlflowClient, run_id: str, checkpoint: Path, folder: 
     local = Path(client.download_artifacts(run_id, "trial_config.json", str(folder / run_id)))
     config = TrialConfig.model_validate(json.loads(local.read_text())["config"])
     return load_deployed(config, checkpoint)
+
+
+@pytest.mark.slow
+def test_reproduce_rebuilds_a_soup_from_its_members_and_from_continues_it(recorded, souped):
+    """reproduce of a soup or an ensemble rebuilds it from its recorded members: from their final
+    weights in Tune's storage, or, where those are gone, by retraining the member from its run; on
+    the CPU it matches exactly. `train --from SOUP_RUN` continues the soup's weights."""
+    folder, uri, _, _ = recorded
+    runs = {row["title"]: row["run_id"] for row in souped[0]}
+    greedy, ensemble = runs["greedy soup"], runs["greedy ensemble"]
+    for run_id in (greedy, ensemble):
+        result = runner.invoke(app, ["reproduce", run_id, "--tracking-uri", uri])
+        assert result.exit_code == 0 and "exact match" in result.output, result.output
+        assert "its final weights in Tune's storage" in result.output
+    client = MlflowClient(uri)
+    members = json.loads(
+        Path(client.download_artifacts(greedy, "soup.json", str(folder / "g"))).read_text()
+    )["members"]
+    gone = Path(members[0]["checkpoint"]).parent.parent
+    shutil.move(gone, folder / "moved")  # Tune's copy of the first member is gone
+    try:
+        result = runner.invoke(app, ["reproduce", greedy, "--tracking-uri", uri])
+    finally:
+        shutil.move(folder / "moved", gone)
+    assert result.exit_code == 0 and "exact match" in result.output, result.output
+    assert f"member {members[0]['trial_id']}: no checkpoint in Tune's storage" in result.output
+    reproductions = client.search_runs(
+        [client.get_run(greedy).info.experiment_id],
+        filter_string=f"tags.`flatbasin.reproduces` = '{greedy}'",
+    )
+    assert len(reproductions) == 2
+    assert all(r.data.tags["flatbasin.exact_match"] == "true" for r in reproductions)
+
+    tail = runner.invoke(
+        app, ["train", "--variant", "swa", "--epochs", "1", "--set", "threads=1", "--from", greedy,
+              "--tracking-uri", uri],
+    )  # fmt: skip
+    assert tail.exit_code == 0 and f"continuing run {greedy}" in tail.output, tail.output
+    refused = runner.invoke(app, ["train", "--variant", "swa", "--from", ensemble, "--tracking-uri", uri])
+    assert refused.exit_code == 2 and "kept no weights" in refused.output, refused.output
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hand_made(tmp_path: Path, name: str, start: str | None, trials: list[dict]) -> str:
+    """A search's run and its trial runs written straight into MLflow (real SQLite store), with
+    Tune's folder named but never made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, name, search_key=str(tmp_path / "runs" / name))
+    parent = tracker.parent({"from": "base"} if start else {})
+    if start:
+        tracker.client.set_tag(parent, FROM_SHA, start)
+    for i, trial in enumerate(trials):
+        run = tracker.client.create_run(tracker.experiment_id, tags={
+            MLFLOW_PARENT_RUN_ID: parent, "flatbasin.role": "trial", "flatbasin.variant": "swa",
+            "flatbasin.trial_id": f"t{i}", **({"flatbasin.final_logged": "true",
+            "flatbasin.diverged": "false"} if trial.get("finished", True) else {})})  # fmt: skip
+        if trial.get("sha"):
+            tracker.client.log_param(run.info.run_id, "from_sha256", trial["sha"])
+        tracker.client.log_metric(run.info.run_id, "final_score", 0.9)
+    return uri
+
+
+def soup_fails(uri: str, *args: str) -> str:
+    client_runs = _runs(uri)
+    result = runner.invoke(
+        app, ["soup", *args, "--tracking-uri", uri], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    )
+    output = result.output
+    assert result.exit_code == 2, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output and output.startswith("error: "), output
+    assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
+    assert _runs(uri) == client_runs  # nothing recorded
+    return " ".join(output.split())
+
+
+def _runs(uri: str) -> int:
+    if not uri.startswith("sqlite:") or not Path(uri.removeprefix("sqlite:///")).is_file():
+        return 0
+    client = MlflowClient(uri)
+    return sum(
+        len(client.search_runs([e.experiment_id], max_results=1000))
+        for e in client.search_experiments()
+    )
+
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_soups_of_trials_from_different_starts_are_refused(tmp_path):
+    uri = hand_made(tmp_path, "mixed", SHA_A, [{"sha": SHA_A}, {"sha": SHA_B}, {"sha": None}])
+    text = soup_fails(uri, "mixed")
+    assert "do not all continue the search's converged model (sha256 aaaaaaaaaaaa)" in text
+    assert "bbbbbbbbbbbb" in text and "none (from scratch)" in text
+    assert "cannot be averaged" in text
+
+
+def test_soups_of_a_search_from_scratch_are_refused_with_what_to_do(tmp_path):
+    uri = hand_made(tmp_path, "scratch", None, [{"sha": None}])
+    for args in (["scratch"], ["scratch", "--only", "soups"]):
+        text = soup_fails(uri, *args)
+        assert "search 'scratch': a weight soup averages the weights of trials that continue" in text
+        assert "--from base" in text and "--only ensemble" in text
+    # The ensemble needs no shared start: it gets as far as the trials' weights (not kept here).
+    text = soup_fails(uri, "scratch", "--only", "ensemble")
+    assert "the trials' final weights are kept in Tune's storage" in text and "not there" in text
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown search", "no finished trials", "store missing", "server down", "bad --only"]
+)
+def test_bad_input_ends_in_one_paragraph(case, tmp_path):
+    uri = hand_made(tmp_path, "some", SHA_A, [{"sha": SHA_A, "finished": False}])
+    search, needle = "some", ""
+    if case == "unknown search":
+        search, needle = "nothere", "no search named or with run id 'nothere'"
+    elif case == "no finished trials":
+        needle = "search 'some' (run "
+    elif case == "store missing":
+        uri, needle = f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "no MLflow store at"
+    elif case == "server down":
+        uri, needle = f"http://127.0.0.1:{closed_port()}", "is not reachable"
+    text = soup_fails(uri, search, *(["--only", "everything"] if case == "bad --only" else []))
+    if case == "no finished trials":
+        assert "has no finished trials" in text
+    if case == "bad --only":
+        needle = "--only everything: expected all, soups or ensemble"
+    assert needle in text, text
+    assert not (tmp_path / "typo").exists()
+
+
+def test_search_soup_from_scratch_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: 2\nvariants:\n  sgd: {lr: {loguniform: [0.02, 0.1]}}\n")
+    result = runner.invoke(
+        app, ["search", str(space), "--soup", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+              "--storage", str(tmp_path / "runs")], env={"RAY_TMPDIR": str(ray_tmpdir)},
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("error: --soup: a weight soup averages") and "--from base" in text
+    assert "Traceback" not in result.output
+    assert not list(ray_tmpdir.rglob("session_*")) and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "m.db").exists()
