@@ -11,8 +11,11 @@ search through the real CLI, Ray and MLflow (marked integration and slow).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -469,3 +472,58 @@ def test_search_soup_from_scratch_is_refused_before_ray(tmp_path, ray_tmpdir, mo
     assert "Traceback" not in result.output
     assert not list(ray_tmpdir.rglob("session_*")) and not (tmp_path / "runs").exists()
     assert not (tmp_path / "m.db").exists()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+E2E_SPACE = """
+name: soup-e2e
+samples: 3
+epochs: 2
+confirm_seeds: 2
+fixed: {batch_size: 64}
+from: base
+base: {epochs: 2}
+variants:
+  swa: {swa_lr: {loguniform: [0.005, 0.05]}}
+  snapshot: {lr: {loguniform: [0.02, 0.1]}, cycles: 2}
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_search_from_base_ends_with_its_soups(tmp_path, ray_tmpdir, process_groups):
+    """`from: base` through the real CLI, Ray and MLflow: --soup is on by default, the summary
+    shows the soups and the ensemble beside the best trial and the confirmed winner, each is a run
+    under the search's, and the report has their section."""
+    space = tmp_path / "soup-e2e.yaml"
+    space.write_text(E2E_SPACE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmpdir)}
+    proc = process_groups.spawn(
+        [sys.executable, "-m", "flatbasin", "search", str(space), "--tracking-uri", uri,
+         "--storage", str(tmp_path / "runs"), "--seed", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out, _ = proc.communicate(timeout=840)
+    assert proc.returncode == 0, out
+    text = " ".join(out.split())
+    assert "one model from the whole search" in text, out
+    for row in ("best single trial", "confirmed winner", "uniform soup", "greedy soup",
+                "greedy ensemble"):  # fmt: skip
+        assert row in text, out
+    assert text.index("confirmed over 2") < text.index("one model from the whole search")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("soup-e2e").experiment_id
+    runs = client.search_runs([experiment])
+    parent = next(r for r in runs if r.data.tags.get("flatbasin.role") == "search")
+    made = [r for r in runs if r.data.tags.get("flatbasin.role") in ("soup", "ensemble")]
+    assert sorted(r.data.tags["flatbasin.soup_kind"] for r in made) == ["ensemble", "greedy", "uniform"]
+    trials = {r.data.tags["flatbasin.trial_id"] for r in runs
+              if r.data.tags.get("flatbasin.role") in ("trial", "confirm")}  # fmt: skip
+    for run in made:
+        assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent.info.run_id
+        assert set(run.data.tags["flatbasin.members"].split(",")) <= trials
+        assert run.data.params["candidates"] == "7"  # 3 trials and 4 confirmation runs
+    page = (tmp_path / "reports" / "soup-e2e" / "report.html").read_text()
+    assert "One model from the whole search" in page and "greedy ensemble" in page
