@@ -329,7 +329,7 @@ def build(plan: Plan, device: str = "auto", console: Console | None = None) -> S
         "training examples for every average"
     )
     with torch.no_grad():
-        loaded = [_load(plan.client, c, data, str(torch_device), soups) for c in plan.candidates]
+        loaded = [load(plan.client, c, data, str(torch_device), soups) for c in plan.candidates]
     results = _make(plan, loaded, data)
     report = SoupReport(plan.search, plan.parent.info.run_id, [], [], list(plan.notes))
     for result, model, record in results:
@@ -357,7 +357,8 @@ def _config(client: MlflowClient, candidate: Candidate, device: str) -> Any:
     return config
 
 
-def _load(client: MlflowClient, candidate: Candidate, data: Any, device: str, soups: bool) -> Loaded:
+def load(client: MlflowClient, candidate: Candidate, data: Any, device: str, soups: bool) -> Loaded:
+    """A candidate's deployed model from its last checkpoint, and (`soups`) the trial as one network."""
     from flatbasin.trainables.checkpoint import CheckpointError, read_checkpoint
     from flatbasin.trainables.loop import load_deployed
     from flatbasin.trainables.soups import networks_of, plain, single_network
@@ -787,7 +788,7 @@ def _member(
 
     if candidate.checkpoint.is_file():
         config = _config(client, candidate, "cpu")
-        item = _load(client, candidate, load_data(config.data_spec, "cpu"), "cpu", soups)
+        item = load(client, candidate, load_data(config.data_spec, "cpu"), "cpu", soups)
         if item.sha256 == member["sha256"]:
             console.print(f"member {candidate.trial_id}: its final weights in Tune's storage")
             return item
@@ -810,7 +811,7 @@ def _member(
 
     train(config, on_epoch=keep_last, start_weights=converged_weights(client, config))
     retrained = Candidate(**{**asdict(candidate), "checkpoint": path})
-    return _load(client, retrained, load_data(config.data_spec, "cpu"), "cpu", soups)
+    return load(client, retrained, load_data(config.data_spec, "cpu"), "cpu", soups)
 
 
 # ----------------------------------------------------------------------------- the report
