@@ -165,6 +165,28 @@ def test_ensemble_probabilities_are_the_weighted_mean_of_its_members(blobs, from
         soups.WeightedEnsemble(nets[:1], [0.0])
 
 
+def test_a_trial_that_deploys_an_ensemble_joins_a_soup_as_its_members_average(blobs, from_one_base):
+    """snapshot and fge deploy a softmax ensemble of their snapshots: as one network (a soup's
+    ingredient) they are the weight average of those snapshots, batch norm re-estimated; a trial
+    deploying one network (an AveragedModel, TTA or not) is that network."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from flatbasin.trainables.averagers import SoftmaxEnsemble
+    from flatbasin.trainables.tta import TestTimeAugmented
+
+    x = blobs[0]
+    nets = list(from_one_base.values())[:2]
+    deployed = SoftmaxEnsemble(nets)
+    assert soups.networks_of(deployed) == nets
+    one = soups.single_network(deployed, lambda: [x])
+    by_hand = soups.average(nets, lambda: [x])
+    for a, b in zip(one.state_dict().values(), by_hand.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    averaged = AveragedModel(nets[0])
+    assert soups.networks_of(TestTimeAugmented(averaged, "flip_shift")) == [averaged.module]
+    assert soups.single_network(averaged, lambda: [x]) is averaged.module
+
+
 def test_greedy_ensemble_selection_with_replacement(blobs, from_one_base):
     _, _, xv, yv = blobs
     probs = {k: predict(n, [xv]) for k, n in from_one_base.items()}
