@@ -50,6 +50,7 @@ from flatbasin.search.tracking import (
     TRIAL_ID,
     VARIANT,
     TrackingUnavailable,
+    _quoted,
     base_tags,
     read_store,
 )
@@ -180,7 +181,8 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
     except TrackingUnavailable as err:
         raise UsageError(str(err)) from err
     try:
-        parent = find_search(client, search, uri)
+        parent = _by_folder(client, search, uri) if _folder_like(search) else None
+        parent = parent or find_search(client, search, uri)
         runs = [r for r in _children(client, parent) if r.data.tags.get(ROLE) in ("trial", "confirm")]
     except MlflowException as err:
         raise UsageError(
@@ -243,6 +245,33 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
         )
     return Plan(name, uri, client, parent, kinds, candidates, notes,
                 parent.data.tags.get("flatbasin.winner"))  # fmt: skip
+
+
+def _folder_like(search: str) -> bool:
+    """SEARCH given as the search's Tune folder (runs/NAME), not as its name or run id."""
+    return "/" in search or Path(search).is_dir()
+
+
+def _by_folder(client: MlflowClient, search: str, uri: str) -> Run:
+    """The search whose Tune folder this is: its run records the folder (flatbasin.search)."""
+    folder = Path(search).expanduser().resolve()
+    if not folder.is_dir():
+        raise UsageError(
+            f"{search}: no such folder; give a search's name, its MLflow run id, or its Tune "
+            "folder (runs/NAME)"
+        )
+    experiment = client.get_experiment_by_name(folder.name)
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{_quoted(str(folder))}'",
+        max_results=1,
+    ) if experiment is not None else []  # fmt: skip
+    if not found:
+        raise UsageError(
+            f"{search}: {redact_uri(uri)} holds no search whose Tune folder is {folder} (a search "
+            "is recorded in the MLflow store it ran with: pass that one with --tracking-uri)"
+        )
+    return found[0]
 
 
 def _finished(run: Run) -> bool:

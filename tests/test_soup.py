@@ -344,6 +344,27 @@ def deployed_model(client: MlflowClient, run_id: str, checkpoint: Path, folder: 
 
 
 @pytest.mark.slow
+def test_a_search_is_found_by_name_run_id_or_tune_folder(recorded):
+    folder, uri, parent, _ = recorded
+    for search in (SEARCH, parent, str(folder / "runs" / SEARCH)):
+        found = soup.plan(search, uri, "all")
+        assert found.parent.info.run_id == parent and len(found.candidates) == 5
+        assert [c.role for c in found.candidates].count("confirm") == 1
+
+
+def test_the_resume_command_keeps_soup_as_given(tmp_path):
+    from flatbasin.search.tuner import SearchOptions, resume_command
+    from flatbasin.spaces import load_space
+
+    space = load_space("swa")
+    for soup_option, expected in ((True, "--soup"), (False, "--no-soup"), (None, None)):
+        options = SearchOptions(tracking_uri="sqlite:///x.db", storage=tmp_path, soup=soup_option)
+        command = resume_command(space, options)
+        assert command.endswith("--resume")
+        assert (expected in command.split()) if expected else "soup" not in command
+
+
+@pytest.mark.slow
 def test_reproduce_rebuilds_a_soup_from_its_members_and_from_continues_it(recorded, souped):
     """reproduce of a soup or an ensemble rebuilds it from its recorded members: from their final
     weights in Tune's storage, or, where those are gone, by retraining the member from its run; on
@@ -458,8 +479,10 @@ def test_soups_of_a_search_from_scratch_are_refused_with_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["unknown search", "no finished trials", "store missing", "server down", "bad --only"]
-)
+    "case",
+    ["unknown search", "no finished trials", "store missing", "server down", "bad --only",
+     "no such folder", "a folder of no search"],
+)  # fmt: skip
 def test_bad_input_ends_in_one_paragraph(case, tmp_path):
     uri = hand_made(tmp_path, "some", SHA_A, [{"sha": SHA_A, "finished": False}])
     search, needle = "some", ""
@@ -471,6 +494,10 @@ def test_bad_input_ends_in_one_paragraph(case, tmp_path):
         uri, needle = f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "no MLflow store at"
     elif case == "server down":
         uri, needle = f"http://127.0.0.1:{closed_port()}", "is not reachable"
+    elif case == "no such folder":
+        search, needle = str(tmp_path / "runs" / "gone"), "gone: no such folder"
+    elif case == "a folder of no search":
+        search, needle = str(tmp_path), f"holds no search whose Tune folder is {tmp_path}"
     text = soup_fails(uri, search, *(["--only", "everything"] if case == "bad --only" else []))
     if case == "no finished trials":
         assert "has no finished trials" in text
