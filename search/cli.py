@@ -526,7 +526,11 @@ def report(
 @app.command("soup")
 def soup_command(
     search_name: Annotated[
-        str, typer.Argument(metavar="SEARCH", help="a search's name or its MLflow run id")
+        str,
+        typer.Argument(
+            metavar="SEARCH",
+            help="a search's name, its MLflow run id, or its Tune folder (runs/NAME)",
+        ),
     ],
     tracking_uri: TrackingUri = None,
     only: Annotated[

@@ -440,6 +440,7 @@ def _make(plan: Plan, loaded: list[Loaded], data: Any) -> list[tuple[SoupResult,
         return data.inputs("train")
 
     made: list[tuple[str, Any, list[tuple[str, float]], float, dict[str, Any]]] = []
+    extra: dict[str, Any]
     with torch.no_grad():
         if set(plan.kinds) & {"uniform", "greedy"}:
             ingredients = {k: item.network for k, item in by_key.items()}
@@ -461,16 +462,16 @@ def _make(plan: Plan, loaded: list[Loaded], data: Any) -> list[tuple[SoupResult,
             model = soups.WeightedEnsemble(
                 [by_key[k].deployed for k in keys], [float(selection.counts[k]) for k in keys]
             ).eval()
-            record = {
+            chosen: dict[str, Any] = {
                 "rounds": [{"added": k, "val_acc": a} for k, a in selection.rounds],
                 "member_val_acc": {k: _accuracy(item.deployed, data, "val") for k, item in by_key.items()},
             }  # fmt: skip
             made.append(("ensemble", model, [(k, float(selection.counts[k])) for k in keys],
-                         _accuracy(model, data, "val"), record))  # fmt: skip
+                         _accuracy(model, data, "val"), chosen))  # fmt: skip
         out = []
         for kind, model, members, val_acc, record in made:
             test_acc = _accuracy(model, data, "test")  # the test split: once, at the end
-            own = record.get("ingredient_val_acc") or record.get("member_val_acc") or {}
+            own: dict[str, float] = record.get("ingredient_val_acc") or record.get("member_val_acc") or {}
             result = SoupResult(
                 kind=kind, val_acc=val_acc, test_acc=test_acc,
                 members=tuple(
@@ -636,7 +637,7 @@ def _log_model(uri: str, run_id: str, model: Any) -> None:
 
 def references(plan: Plan, loaded: list[Loaded]) -> list[Reference]:
     """The best single trial of the search and the confirmed winner, as the summary names them."""
-    networks = {}
+    networks: dict[str, int] = {}
     for item in loaded:
         networks.setdefault(item.candidate.variant, item.networks)
     runs = _children(plan.client, plan.parent)
@@ -646,11 +647,11 @@ def references(plan: Plan, loaded: list[Loaded]) -> list[Reference]:
         best = min(trials, key=lambda r: (-r.data.metrics.get("final_score", 0.0),
                                           r.data.metrics.get("val_loss", math.inf), _trial_id(r)))  # fmt: skip
         variant = best.data.tags.get(VARIANT, "?")
-        test = best.data.metrics.get("test_acc")
+        best_test = best.data.metrics.get("test_acc")
         rows.append(Reference(
             f"best single trial ({variant} {_trial_id(best)})",
             f"{best.data.metrics.get('final_score', math.nan):.4f}",
-            "–" if test is None else f"{test:.4f}", "1 trial", networks.get(variant),
+            "–" if best_test is None else f"{best_test:.4f}", "1 trial", networks.get(variant),
             best.info.run_id,
         ))  # fmt: skip
     if plan.winner:
@@ -765,7 +766,9 @@ def reproduce_result(
             sha = weights_sha256(network.state_dict())
         val_acc, test_acc = _accuracy(model, data, "val"), _accuracy(model, data, "test")
     work.cleanup()
-    rows = [("val_acc", record["val_acc"], val_acc), ("test_acc", record["test_acc"], test_acc)]
+    rows: list[tuple[str, Any, Any]] = [
+        ("val_acc", record["val_acc"], val_acc), ("test_acc", record["test_acc"], test_acc)
+    ]
     if kind != "ensemble":
         rows.append(("weights sha256", record["soup_sha256"], sha))
     exact = all(a == b for _, a, b in rows)
@@ -850,6 +853,7 @@ def recorded(client: MlflowClient, parent: Run) -> list[dict[str, Any]]:
     """The soups and ensemble recorded under a search's run, the newest of each kind (a second
     `flatbasin soup` makes new runs; the report shows the latest), in the order of TITLES."""
     newest: dict[str, Run] = {}
+    run: Run | None
     for run in _children(client, parent):
         kind = run.data.tags.get(KIND)
         if run.data.tags.get(ROLE) not in (SOUP_ROLE, ENSEMBLE_ROLE) or kind not in TITLES:

@@ -186,9 +186,6 @@ class WeightedEnsemble(nn.Module):
         self.register_buffer("weights", torch.tensor([w / total for w in weights]))
 
     def forward(self, x: Tensor) -> Tensor:
-        probs = sum(
-            w * m(x).float().softmax(dim=1)
-            for w, m in zip(self.weights.tolist(), self.members, strict=True)
-        )
-        assert isinstance(probs, Tensor)
-        return probs.clamp_min(1e-12).log()
+        weights = self.get_buffer("weights")
+        probs = torch.stack([m(x).float().softmax(dim=1) for m in self.members])
+        return torch.einsum("m,mnc->nc", weights, probs).clamp_min(1e-12).log()
