@@ -279,7 +279,9 @@ def souped(recorded):
 @pytest.mark.slow
 def test_soups_and_the_ensemble_are_recorded_with_their_members(recorded):
     folder, uri, parent, data = recorded
-    report = soup.make(SEARCH, uri, "all", "cpu", plain_console())
+    import flatbasin
+
+    report = flatbasin.soup(SEARCH, tracking_uri=uri, device="cpu", console=plain_console())
     client = MlflowClient(uri)
     kinds = [r.kind for r in report.results]
     assert kinds == ["uniform", "greedy", "ensemble"]
