@@ -7,6 +7,7 @@ From Python (a notebook), as Ray Tune and Optuna are used:
                               model=build, data=load, samples=8)
     result.winner, result.best[0].run_id
     flatbasin.train("swa", model=build, data=load, epochs=10)
+    flatbasin.soup("mine")   # weight soups and greedy ensemble of a finished search
 
 One import name for the repository's folders: `flatbasin.search` (driver: CLI, Tuner, MLflow; the
 module is callable, as `flatbasin.search(...)`), `flatbasin.trainables` (worker: plain PyTorch) and
@@ -23,7 +24,7 @@ except PackageNotFoundError:  # running from a checkout that was never installed
 
 # Reached through the package, imported on first use (search/api.py); `search` is the callable
 # subpackage flatbasin.search itself.
-_API = ("train", "SearchResult", "BestTrial", "ConfirmedVariant", "UsageError", "SearchFailed")
+_API = ("train", "soup", "SearchResult", "BestTrial", "ConfirmedVariant", "UsageError", "SearchFailed")
 __all__ = ["search", *_API]
 
 

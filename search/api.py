@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from flatbasin.trainables.loop import TrialResult
 
 __all__ = ["BestTrial", "ConfirmedVariant", "SearchFailed", "SearchResult", "UsageError", "search",
-           "train"]  # fmt: skip
+           "soup", "train"]  # fmt: skip
 
 # What Tune keeps of a search and restores on --resume (its search algorithm, schedule, run config and
 # trial settings): given again, these would be silently ignored, so a resume refuses them.
@@ -111,6 +111,7 @@ class SearchResult:
     seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, confirmation, finish
     verdict: str = ""  # the confirmation's conclusion in words (confirm.verdict)
     recommended: str | None = None  # the winner, else the cheapest of the variants that tie
+    soups: tuple[Any, ...] = ()  # soup.SoupResult: uniform and greedy soups, greedy ensemble (--soup)
 
     @property
     def best_trial(self) -> BestTrial | None:
@@ -318,6 +319,7 @@ def search(
     checkpoint_interval: float | None = None,
     confirm_seeds: int | None = None,
     start_from: str | None = None,
+    soup: bool | None = None,
     console: Console | None = None,
 ) -> SearchResult:
     """Run a search: `space` is a space file, a bundled space's name ("compare", "swa", ...) or
@@ -326,6 +328,10 @@ def search(
     `model` and `data` replace the space's `model` and `dataset`: a name, or a Python callable
     (`build(input_shape, num_classes, **model_args)` returning a torch.nn.Module; `load(**data_args)`
     returning four arrays or two torch Datasets), which the trials get wherever they run.
+
+    `soup`: after the search, the uniform and greedy weight soups and the greedy ensemble of its
+    trials (`flatbasin soup`); None: on for a search that continues a converged model (`start_from`
+    or the space's `from:`), off otherwise. True for a search from scratch is refused.
 
     Bad input raises UsageError, before Ray starts, with the message the command line prints; a
     base phase that fails raises SearchFailed. A search whose trials failed returns, with
@@ -367,7 +373,7 @@ def search(
         {**given, "address": address, "tracking_uri": tracking_uri, "storage": storage,
          "name": name, "resume": resume, "cpus_per_trial": cpus_per_trial,
          "gpus_per_trial": gpus_per_trial, "confirm_seeds": confirm_seeds,
-         "start_from": start_from},
+         "start_from": start_from, "soup": soup},
         passed,
     )  # fmt: skip
     # Its report goes to ./reports/NAME at the end: nothing there may be a device or a pipe.
@@ -377,6 +383,7 @@ def search(
         Path("reports") / (options.name or found.name), writable=False,
         what="the search's report folder",
     )  # fmt: skip
+    souped = _soup_wanted(options.soup, options.start_from or found.start_from)
     quiet_mlflow_retries()
     ray_before = _ray_running()
     here = Path.cwd()  # a search on a cluster works from its storage folder (run_search)
@@ -418,7 +425,10 @@ def search(
         os.chdir(here)
         if not ray_before:  # the Ray this search started goes with it
             _stop_ray()
-    output.print_summary(outcome, options.tracking_uri, console)
+    soups = None
+    if souped and outcome.state == "finished" and outcome.best and not outcome.unwritten:
+        soups = _soup_after(outcome.parent_run_id, options.tracking_uri, console)
+    output.print_summary(outcome, options.tracking_uri, console, soups=soups)
     store_down = outcome.store[0]
     report = (
         output.write_search_report(outcome.parent_run_id, options.tracking_uri, console)
@@ -432,7 +442,69 @@ def search(
         raise SearchFailed(
             disk_failed(outcome.disk, outcome.resume_command, outcome.experiment_path)
         )
-    return _result(outcome, options.tracking_uri, report)
+    return dataclasses.replace(
+        _result(outcome, options.tracking_uri, report),
+        soups=tuple(soups.results) if soups is not None else (),
+    )
+
+
+def _soup_wanted(soup: bool | None, start_from: str | None) -> bool:
+    """--soup: on by default with --from; asked for a search from scratch, refused (before Ray)."""
+    if soup is None:
+        return start_from is not None
+    if soup and start_from is None:
+        from flatbasin.search.soup import from_scratch_refusal
+
+        raise UsageError(from_scratch_refusal("--soup"))
+    return soup
+
+
+def _soup_after(parent_run_id: str, tracking_uri: str, console: Console) -> Any:
+    """The search's soups and ensemble; any failure is a warning with the command that retries:
+    the search's own results are safe in MLflow whatever happens here."""
+    import shlex
+
+    from flatbasin.search import soup
+    from flatbasin.search.credentials import redact_uri, scrub
+
+    try:
+        return soup.make(parent_run_id, tracking_uri, "all", "auto", console)
+    except Exception as err:
+        stderr.print(
+            f"warning: no soup was made ({type(err).__name__}: {scrub(str(err))}); try: flatbasin "
+            f"soup {parent_run_id} --tracking-uri {shlex.quote(redact_uri(tracking_uri))}",
+            style="yellow",
+        )
+        return None
+
+
+def soup(
+    search: str,
+    *,
+    tracking_uri: str | None = None,
+    only: str = "all",
+    device: str = "auto",
+    console: Console | None = None,
+) -> Any:
+    """`flatbasin soup SEARCH`: the uniform and greedy weight soups (trials that continue one
+    converged model) and the greedy ensemble (any search) of a finished search's trials, each
+    recorded as an MLflow run under the search's run; returns a `flatbasin.search.soup.SoupReport`
+    (its `results`: kind, val_acc, test_acc, members, inference_cost, run_id). `search` is the
+    search's name or its run id; `only`: "all", "soups" or "ensemble"; `device`: "auto", "cpu" or
+    "cuda". Bad input (no such search, no finished trial, a store that is down, soups of a search
+    from scratch) raises UsageError before any model is loaded."""
+    from flatbasin.search import output
+    from flatbasin.search import soup as soups
+
+    if only not in ("all", "soups", "ensemble"):
+        raise UsageError(f"--only {only}: expected all, soups or ensemble")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda")
+    console = console or output.CONSOLE
+    quiet_mlflow_retries()
+    report = soups.make(search, tracking_uri_or_default(tracking_uri), only, device, console)  # type: ignore[arg-type]
+    soups.print_table(report, console)
+    return report
 
 
 def _search_space(

@@ -353,6 +353,15 @@ def search(
             "file",
         ),
     ] = None,
+    soup: Annotated[
+        bool | None,
+        typer.Option(
+            "--soup/--no-soup",
+            help="after the search, weight soups and the greedy ensemble of its trials (flatbasin "
+            "soup); default: on with --from, off otherwise",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
     from flatbasin.search import api, signals
@@ -543,6 +552,37 @@ def report(
     except Unwritten as err:
         fail(str(err), code=EXIT_FAILED)
     console.print(f"Report:       {page}")
+
+
+@app.command("soup")
+def soup_command(
+    search_name: Annotated[
+        str,
+        typer.Argument(
+            metavar="SEARCH",
+            help="a search's name, its MLflow run id, or its Tune folder (runs/NAME)",
+        ),
+    ],
+    tracking_uri: TrackingUri = None,
+    only: Annotated[
+        str,
+        typer.Option(
+            help="all (uniform and greedy weight soups, greedy ensemble), soups, or ensemble (the "
+            "one a search from scratch can have)"
+        ),
+    ] = "all",
+    device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda")] = "auto",
+) -> None:
+    """Weight soups and the greedy ensemble of a search's trials, each chosen on validation and
+    recorded as an MLflow run under the search's (see docs/soups.md)."""
+    from flatbasin.search import api
+
+    try:
+        api.soup(search_name, tracking_uri=tracking_uri, only=only, device=device, console=console)
+    except UsageError as err:
+        fail(str(err))
+    except Unwritten as err:
+        fail(str(err), code=EXIT_FAILED)
 
 
 @app.command("focus-library")

@@ -164,7 +164,9 @@ def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> N
     console.print(f"Verdict:      {confirm.verdict(rows).text}")
 
 
-def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -> None:
+def print_summary(
+    outcome: Any, tracking_uri: str, console: Console = CONSOLE, soups: Any = None
+) -> None:
     from flatbasin.search.credentials import redact_uri
     from flatbasin.search.tracking import browse_hint
     from flatbasin.search.tuner import learned_nothing
@@ -213,6 +215,10 @@ def print_summary(outcome: Any, tracking_uri: str, console: Console = CONSOLE) -
         )
     if outcome.confirmed:
         print_confirmed(outcome.confirmed, console)
+    if soups is not None:  # beside the best trial and the winner: soups and ensemble (--soup)
+        from flatbasin.search.soup import print_table
+
+        print_table(soups, console)
     if outcome.unwritten and not outcome.store[0]:  # else a paragraph of its own says it
         console.print(
             f"{outcome.unwritten} trial(s) could not be written to MLflow; once it is back run:",

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import flatbasin
-from flatbasin.search import confirm, figures
+from flatbasin.search import confirm, figures, soup
 from flatbasin.search.confirm import ALPHA, confirmation_stats
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
@@ -106,6 +106,7 @@ class Report:
     val_size: int | None
     importances: list[Importances]
     fresh_splits: bool | None = None  # whether each confirmation run had a fresh validation split
+    soups: list[dict[str, Any]] = field(default_factory=list)  # search/soup.py's runs, newest each
 
 
 # ----------------------------------------------------------------------------- reading MLflow
@@ -354,6 +355,7 @@ def read_report(client: MlflowClient, parent: Run, uri: str) -> Report:
         importances=importances(trials, space, problem),
         fresh_splits=bool(confirmations)
         and all(c.val_seed != "None" and c.val_seed not in searched_splits for c in confirmations),
+        soups=soup.recorded(client, parent),
     )
 
 
@@ -854,6 +856,16 @@ def _trials_section(report: Report) -> str:
     )
 
 
+def _soup_section(report: Report) -> str:
+    """Soups and the greedy ensemble beside the best single trial and the confirmed choice: the
+    winner, else the variant recommended among those that tie."""
+    tags = report.parent.data.tags
+    choice = tags.get("flatbasin.winner") or tags.get("flatbasin.recommended")
+    row = next((c for c in confirmed(report) if c.variant == choice), None)
+    label = "confirmed winner" if choice and choice == tags.get("flatbasin.winner") else "confirmed choice, a tie"
+    return soup.html_section(report.soups, next(iter(report.best.values()), None), row, label)
+
+
 def render_html(report: Report, images: dict[str, bytes]) -> str:
     tags, params = report.parent.data.tags, report.parent.data.params
     datasets = sorted({t.params.get("dataset", "?") for t in report.trials})
@@ -886,6 +898,7 @@ def render_html(report: Report, images: dict[str, bytes]) -> str:
         "gives each variant's mean ± sd over its confirmation runs, the numbers to compare. Curves "
         "are nudged sideways slightly so none hides another. Variants that deploy one final model "
         "(sgd, ema) are horizontal lines.</p>",
+        _soup_section(report),
         _importance_section(report, images),
         _trials_section(report),
     ]

@@ -76,6 +76,12 @@ def reproduce(
         client = read_store(tracking_uri)
     except TrackingUnavailable as err:
         raise UsageError(str(err)) from err
+    with contextlib.suppress(MlflowException):  # an unknown run: fetch_record says so
+        run = client.get_run(run_id)
+        if run.data.tags.get(ROLE) in ("soup", "ensemble"):  # rebuilt from its members
+            from flatbasin.search.soup import reproduce_result
+
+            return reproduce_result(client, run, tracking_uri, console)
     record = fetch_record(client, run_id)
     config = TrialConfig.model_validate({**record["config"], "threads": record["threads"]})
     code_folder = tempfile.TemporaryDirectory(prefix="flatbasin-code-")

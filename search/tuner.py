@@ -84,6 +84,7 @@ class SearchOptions(BaseModel):
     confirm_seeds: int | None = Field(None, ge=0, le=100)  # None: the space's confirm_seeds
     start_from: str | None = None  # --from: base, an MLflow run id or a checkpoint file (see
     # search/post_convergence.py); None: the space's `from:`, if it has one
+    soup: bool | None = None  # --soup/--no-soup (search/soup.py); None: on with a start, else off
     # Callables handed to flatbasin.search from Python, pickled by value, by their `callable:NAME`:
     # every trial (and a base phase trained as a Ray task) gets them from Ray's object store.
     passed: dict[str, bytes] = Field(default_factory=dict, repr=False)
@@ -279,6 +280,8 @@ def resume_command(space: Space, options: SearchOptions) -> str:
         args += ["--confirm-seeds", str(options.confirm_seeds)]
     if options.start_from:  # a file made absolute, as the search recorded it
         args += ["--from", post_convergence.parse_source(options.start_from).text]
+    if options.soup is not None:  # not in Tune's state: the soups come after it
+        args += ["--soup" if options.soup else "--no-soup"]
     return shlex.join([*args, "--resume"])
 
 
@@ -294,6 +297,8 @@ def _resume_call(space: Space, options: SearchOptions, storage: Path) -> str:
         args.append(f"confirm_seeds={options.confirm_seeds}")
     if options.start_from:
         args.append(f"start_from={post_convergence.parse_source(options.start_from).text!r}")
+    if options.soup is not None:
+        args.append(f"soup={options.soup}")
     for option, key in (("model", "model"), ("data", "dataset")):
         if key in space.overridden:
             value = str(space.settings[key])
