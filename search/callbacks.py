@@ -14,6 +14,8 @@ from typing import Any
 
 from ray import tune
 from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
@@ -25,6 +27,9 @@ from flatbasin.trainables.files import disk_problem, disk_state
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
         "trial_config", "data_fingerprint", "plan", "threads", "seconds_total", "permanent_error", "model_built",
         "diversity", "phase", "seconds_to_best", "runtime", "chance", "code"}  # fmt: skip
+
+# What Tune adds to every result: each epoch's row of a report carries them (epoch_rows).
+TUNE_FIELDS = (*AUTO_RESULT_KEYS, "trial_id")
 
 # The callbacks of the search running in this process. Tune pickles its callbacks with the experiment
 # state and a restored Tuner unpickles them: through this table a restored search gets this process's
@@ -40,6 +45,35 @@ def make_live(*callbacks: Any) -> None:
 def _revive(cls: type, state: dict[str, Any]) -> Any:
     live = _LIVE.get(cls.__name__)
     return live if live is not None else cls.from_state(state)
+
+
+def epoch_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per epoch of a trial's report, oldest first: the trial sends short epochs several to
+    a report (trainables/ray_entry.EpochReporter), the newest as the result, the earlier ones under
+    `epochs`. Each earlier one gets the report's own fields from Tune (trial id, node, time)."""
+    earlier = result.get("epochs")
+    if not earlier:
+        return [result]
+    tune_fields = {k: result[k] for k in TUNE_FIELDS if k in result}
+    newest = {k: v for k, v in result.items() if k != "epochs"}
+    return [*({**tune_fields, **row, "done": False} for row in earlier), newest]
+
+
+class JsonRows(JsonLoggerCallback):
+    """Tune's result.json, one line per epoch however many epochs a report carried: what `flatbasin
+    sync`, a restored search and anyone reading the file expect."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        for row in epoch_rows(result):
+            super().log_trial_result(iteration, trial, row)
+
+
+class CsvRows(CSVLoggerCallback):
+    """Tune's progress.csv, one line per epoch (see JsonRows)."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        for row in epoch_rows(result):
+            super().log_trial_result(iteration, trial, row)
 
 
 def read_results(trial_dir: Path) -> list[dict[str, Any]]:
@@ -123,8 +157,8 @@ class MlflowWriter(Callback):
                 for row in read_results(Path(trial.local_path or trial.path or ".")):
                     record.add({k: v for k, v in row.items() if k in KEPT})
                 self.records[trial.trial_id] = record
-            if result is not None:
-                record.add({k: v for k, v in result.items() if k in KEPT})
+            for row in epoch_rows(result) if result is not None else []:
+                record.add({k: v for k, v in row.items() if k in KEPT})
             if status is not None:
                 record.status = status
             self.unwritten.add(trial.trial_id)

@@ -30,6 +30,8 @@ from rich.console import Console
 from flatbasin.search import post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
+    CsvRows,
+    JsonRows,
     MlflowWriter,
     Progress,
     StopOnPermanentError,
@@ -40,14 +42,27 @@ from flatbasin.search.cluster import check_cluster
 from flatbasin.search.confirm import confirmation_stats, fresh_seeds
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
+from flatbasin.search.figures import curve_figure
 from flatbasin.search.schedulers import PerVariantASHA
-from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord, curve_figure
+from flatbasin.search.tracking import Tracker, TrackingUnavailable, TrialRecord
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
 from flatbasin.trainables.config import sampled
 from flatbasin.trainables.files import disk_problem, disk_state
 
 MODEL_LOGGED = "flatbasin.model_logged"
+# Checkpoints kept per trial. Tune snapshots its whole state (every trial's, the searcher's: a cost
+# that grows with the trials) whenever a trial has checkpointed this many times since the last
+# snapshot, so that the state never names a checkpoint already deleted. At 1 that was at every
+# checkpoint, each trial's final one included: 1,000 short trials made 1,000 snapshots of up to
+# 1,000 trials. At 2 a trial's state lags at most one checkpoint behind, which is still on disk: a
+# driver killed outright resumes each trial from its latest or the one before (a trial that had
+# just finished may train its last checkpoint's epochs again); other snapshots come every 10 s or
+# more (Tune's auto period, which keeps them under 5% of the time).
+KEEP_CHECKPOINTS = 2
+# A trial reports its epochs at most once a second, several to a report when they are shorter
+# (trainables/ray_entry.EpochReporter): each report held the trial for a round trip to the driver.
+REPORT_INTERVAL_S = 1.0
 
 
 class SearchOptions(BaseModel):
@@ -141,7 +156,7 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
+    # Tune snapshots its state at every other checkpoint of a trial (KEEP_CHECKPOINTS); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -530,7 +545,6 @@ def _run(
 ) -> Outcome:
     import optuna
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -546,11 +560,9 @@ def _run(
         storage_path=str(storage),
         # result.json and progress.csv are what `flatbasin sync` and a restored search read back;
         # TensorBoard files are left out (curves are lists, which TensorBoard cannot take).
-        callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
+        callbacks=[writer, progress, JsonRows(), CsvRows()],
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        # One checkpoint per trial, and every new one forces a snapshot of Tune's own state: a driver
-        # killed at any moment resumes with each trial at its latest checkpoint, a finished trial at its end.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         stop=stopper,
         verbose=0,
     )
@@ -582,6 +594,8 @@ def _run(
             param_space={
                 "checkpoint_every": options.checkpoint_every,
                 "checkpoint_interval_s": options.checkpoint_interval_s,
+                "report_interval_s": REPORT_INTERVAL_S,
+                "report_at": scheduler.milestones() if isinstance(scheduler, PerVariantASHA) else [],
             },
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrency),
@@ -863,7 +877,6 @@ def _confirm(
     flatbasin.role=confirm and never touch the search's own runs. `trainable` is the search's own:
     confirmations of a post-convergence search continue the same converged model."""
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     path = confirm_path(experiment_path)
     configs = [
@@ -888,6 +901,7 @@ def _confirm(
             param_space={
                 "checkpoint_every": options.checkpoint_every,
                 "checkpoint_interval_s": options.checkpoint_interval_s,
+                "report_interval_s": REPORT_INTERVAL_S,
                 "confirm": tune.grid_search(configs),
             },
             tune_config=tune.TuneConfig(
@@ -899,9 +913,9 @@ def _confirm(
             run_config=tune.RunConfig(
                 name=path.name,
                 storage_path=str(path.parent),
-                callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
+                callbacks=[writer, progress, JsonRows(), CsvRows()],
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 stop=stopper,
                 verbose=0,
             ),
@@ -968,12 +982,17 @@ def _finish_parent(
     # Pickle format on purpose: the ensembles' forward is not traceable to pt2 without example inputs.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     for row in best:
-        ckpt = checkpoints.get(row["trial_id"])
-        if ckpt is None or row["run_id"] is None:
+        if row["run_id"] is None:
             continue
         run = tracker.client.get_run(row["run_id"])
         if run.data.tags.get(MODEL_LOGGED) == "true":
             continue  # a restored search or a second sync: the model is there already
+        if row["final"]["curve"]:  # drawn for the best trials only: 70 ms of CPU a figure
+            figure = curve_figure({row["variant"]: row["final"]}, trial_id=row["trial_id"])
+            tracker.client.log_figure(row["run_id"], figure, "curve.png")
+        ckpt = checkpoints.get(row["trial_id"])
+        if ckpt is None:
+            continue
         config = TrialConfig.model_validate(row["final"]["trial_config"])
         with ckpt.as_directory() as folder:
             model = load_deployed(
