@@ -46,7 +46,8 @@ CASES: dict[str, dict[str, Any]] = {
     "1s": {"data": {"dataset": "digits"}, "epochs": 4, "trials": 16, "what": "~1 s (digits, 4 epochs)"},
     "10s": {"data": {"dataset": "digits"}, "epochs": 36, "trials": 16, "what": "~10 s (digits, 36 epochs)"},
 }  # fmt: skip
-GOALS = {"fast": 0.002, "many": 1.3, "1s": 1.20, "10s": 1.10}  # s per epoch; whole / floor
+GOALS = {"many": 1.3, "1s": 1.20, "10s": 1.10}  # whole search / floor
+EPOCH_GOAL_S = 0.002  # fast: wall seconds per reported epoch beyond the floor
 SPACE = """
 name: scale
 samples: {trials}
@@ -114,6 +115,16 @@ def flatbasin_search(case: dict[str, Any], trials: int, folder: Path) -> dict[st
 
         return timed_call
 
+    from flatbasin.search import tuner
+
+    entered: list[float] = []
+    run_search = tuner.run_search
+
+    def entering(*args: Any, **kwargs: Any) -> Any:
+        entered.append(time.perf_counter())  # api.search imports and checks before this
+        return run_search(*args, **kwargs)
+
+    tuner.run_search = entering
     output.print_summary = timing("summary", output.print_summary)
     output.write_search_report = timing("report", output.write_search_report)
     api._stop_ray = timing("ray shutdown", api._stop_ray)
@@ -129,11 +140,12 @@ def flatbasin_search(case: dict[str, Any], trials: int, folder: Path) -> dict[st
     total = time.perf_counter() - tick
     assert result.state == "finished" and not result.errors and result.best, result
     seconds = result.seconds
+    before = entered[0] - tick + seconds["start-up"]
     return {
         "total": total,
-        "before": seconds["start-up"],
+        "before": before,
         "trials": seconds["trials"],
-        "after": total - seconds["start-up"] - seconds["trials"],
+        "after": total - before - seconds["trials"],
         "finish": seconds["finish"],
         **timed,
         "store MB": (folder / "mlflow.db").stat().st_size / 2**20,
@@ -281,11 +293,12 @@ def run_case(case_name: str, trials: int, repeats: int, keep: Path | None = None
     return rounds
 
 
-def ratio_line(rounds: list[dict[str, dict[str, float]]], goal: float) -> float:
+def ratio_line(rounds: list[dict[str, dict[str, float]]], goal: float | None) -> float:
     ratios = [r["flatbasin"]["total"] / r["floor"]["total"] for r in rounds]
     ratio = statistics.median(ratios)
     spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
-    print(f"  whole search / floor: {ratio:.2f} (goal <= {goal:.2f}: {verdict(ratio, goal)}){spread}")
+    aim = f" (goal <= {goal:.2f}: {verdict(ratio, goal)})" if goal is not None else ""
+    print(f"  whole search / floor: {ratio:.2f}{aim}{spread}")
     return ratio
 
 
@@ -315,12 +328,12 @@ def main() -> None:
             epochs = trials * case["epochs"]
             beyond = [(r["flatbasin"]["total"] - r["floor"]["total"]) / epochs for r in rounds]
             in_trials = [(r["flatbasin"]["trials"] - r["floor"]["trials"]) / epochs for r in rounds]
-            goal = GOALS["fast"]
+            goal = EPOCH_GOAL_S
             print(f"  wall per reported epoch beyond the floor ({epochs} epochs): whole search "
                   f"{1000 * statistics.median(beyond):.1f} ms (goal <= {1000 * goal:.0f} ms: "
                   f"{verdict(statistics.median(beyond), goal)}); trial phase alone "
                   f"{1000 * statistics.median(in_trials):.1f} ms")  # fmt: skip
-        ratio_line(rounds, GOALS.get(args.case, 1.3))
+        ratio_line(rounds, GOALS.get(args.case))
         return
 
     sizes = sorted(args.sizes)
