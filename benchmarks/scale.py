@@ -18,7 +18,8 @@ reported epoch beyond the floor; for many trials, the driver's CPU seconds and p
 how they grow from the smallest size to the largest (per trial added), the MLflow store's size, and
 on the largest search the time of the printed summary, of `flatbasin report` and of `flatbasin sync`.
 Every row carries the 1-minute load average seen during its run (the run's own processes included:
-about 2 to 3 of it), since the machine may be shared. Times start after imports, at the call that
+about 2 to 3 of it), since the machine may be shared; the CPU seconds of each way's processes,
+which move less with the load than wall time, are printed beside the wall-time ratios. Times start after imports, at the call that
 starts Ray (or the search), and end when it returns and Ray is down.
 """
 
@@ -184,7 +185,7 @@ def measure(way: str, case_name: str, trials: int, folder: Path) -> dict[str, fl
     command = [sys.executable, __file__, case_name, "--one", way, "--trials", str(trials),
                "--folder", str(folder)]  # fmt: skip
     ray_tmp = tempfile.mkdtemp(prefix="fbsr-", dir="/tmp")  # Ray's own: no address file left behind
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_TMPDIR": ray_tmp}
+    env = {**_user_env(), "RAY_TMPDIR": ray_tmp}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
@@ -209,6 +210,13 @@ def measure(way: str, case_name: str, trials: int, folder: Path) -> dict[str, fl
     for role in ROLES:
         figures[f"cpu {role}"] = sum(c for r, c in cpu.values() if r == role)
     return figures
+
+
+def _user_env() -> dict[str, str]:
+    """This environment as a user's would be: Python writes and reads its bytecode caches (a
+    PYTHONDONTWRITEBYTECODE here made every process compile flatbasin's modules afresh)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONWARNINGS": "ignore"}
 
 
 def _tree(root: int) -> dict[int, tuple[str, float]]:
@@ -244,7 +252,7 @@ def timed_command(args: list[str], folder: Path) -> float:
     """A flatbasin command in a fresh process, as a user runs it: its wall seconds."""
     tick = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "flatbasin", *args], cwd=folder,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+                          capture_output=True, text=True, env=_user_env())  # fmt: skip
     seconds = time.perf_counter() - tick
     if done.returncode != 0:
         sys.exit(f"flatbasin {args[0]} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -299,7 +307,15 @@ def ratio_line(rounds: list[dict[str, dict[str, float]]], goal: float | None) ->
     spread = f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
     aim = f" (goal <= {goal:.2f}: {verdict(ratio, goal)})" if goal is not None else ""
     print(f"  whole search / floor: {ratio:.2f}{aim}{spread}")
+    # CPU seconds move less than wall time with the machine's load: what each way spent, all of its
+    # processes together, against the floor's
+    cpu = [_cpu(r["flatbasin"]) / _cpu(r["floor"]) for r in rounds]
+    print(f"  CPU seconds, all processes / floor's: {statistics.median(cpu):.2f}")
     return ratio
+
+
+def _cpu(figures: dict[str, float]) -> float:
+    return sum(figures[f"cpu {role}"] for role in ROLES)
 
 
 def main() -> None:
