@@ -140,6 +140,14 @@ def flatbasin_search(case: dict[str, Any], trials: int, folder: Path) -> dict[st
     )  # fmt: skip
     total = time.perf_counter() - tick
     assert result.state == "finished" and not result.errors and result.best, result
+    # What the trials waited in Tune's report (their own clock, in each final result), per epoch
+    waited = reports = epochs = 0.0
+    for path in (folder / "runs" / "scale").glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        final = rows[-1]
+        waited += final.get("report_wait_s", 0.0)
+        reports += final.get("reports", 0) + 1
+        epochs += len({row["epoch"] for row in rows if "epoch" in row})
     seconds = result.seconds
     before = entered[0] - tick + seconds["start-up"]
     return {
@@ -149,6 +157,9 @@ def flatbasin_search(case: dict[str, Any], trials: int, folder: Path) -> dict[st
         "after": total - before - seconds["trials"],
         "finish": seconds["finish"],
         **timed,
+        "report wait s": waited,
+        "reports": reports,
+        "epochs": epochs,
         "store MB": (folder / "mlflow.db").stat().st_size / 2**20,
     }
 
@@ -345,6 +356,10 @@ def main() -> None:
             beyond = [(r["flatbasin"]["total"] - r["floor"]["total"]) / epochs for r in rounds]
             in_trials = [(r["flatbasin"]["trials"] - r["floor"]["trials"]) / epochs for r in rounds]
             goal = EPOCH_GOAL_S
+            waited = med(rounds, "flatbasin", "report wait s") / med(rounds, "flatbasin", "epochs")
+            print(f"  the trials waited in Tune's report {1000 * waited:.2f} ms per epoch "
+                  f"({med(rounds, 'flatbasin', 'reports'):.0f} reports for "
+                  f"{med(rounds, 'flatbasin', 'epochs'):.0f} epochs)")  # fmt: skip
             print(f"  wall per reported epoch beyond the floor ({epochs} epochs): whole search "
                   f"{1000 * statistics.median(beyond):.1f} ms (goal <= {1000 * goal:.0f} ms: "
                   f"{verdict(statistics.median(beyond), goal)}); trial phase alone "

@@ -171,6 +171,9 @@ class EpochReporter:
         # Epochs not yet reported: metrics, save function, checkpoint (only the newest has one)
         self.held: list[tuple[EpochMetrics, Any, tempfile.TemporaryDirectory | None]] = []
         self.sent_at, self.sent_rung = time.monotonic(), 0
+        # Seconds the trial spent in Tune's report before its final one, and how many it made: the
+        # final result carries both (what the trial waited for the driver, per report)
+        self.waited_s, self.reports = 0.0, 0
 
     def on_epoch(self, metrics: EpochMetrics, save: Any) -> None:
         if self.held and self._due():
@@ -203,10 +206,14 @@ class EpochReporter:
             if earlier:
                 row["epochs"] = [epoch_metrics(m, self.rungs) for m in earlier]
             if final is not None:
+                row |= {"report_wait_s": self.waited_s, "reports": self.reports}
                 self._final_report(row, held[-1][1] if held else None, final.diverged)
             else:
                 checkpoint = tune.Checkpoint.from_directory(folder.name) if folder else None
+                tick = time.perf_counter()
                 self.report(row, checkpoint=checkpoint)
+                self.waited_s += time.perf_counter() - tick
+                self.reports += 1
         finally:
             if folder is not None:
                 folder.cleanup()
