@@ -197,6 +197,7 @@ def test_a_finished_trial_is_a_handful_of_mlflow_calls_and_none_grows_with_the_t
     finally:
         tracking.RUNS_PAGE = pages
     assert recount.calls["search_runs"] == 1 + 3, recount.calls  # its search's run, three pages
+    assert "get_metric_history" not in recount.calls  # whole runs are known by their FINAL tag
     assert not {"create_run", "log_batch", "log_dict", "set_terminated"} & set(recount.calls)
 
 
