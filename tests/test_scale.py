@@ -98,6 +98,19 @@ def test_without_checkpoints_reports_wait_for_the_interval_or_an_asha_milestone(
     assert not any("epochs" in r for r in every.reports)
 
 
+def test_a_trial_that_fails_reports_the_epochs_it_held_first():
+    """A permanent error ends the trial after its epochs so far are sent (ray_entry._run)."""
+    sink = Sink()
+    reporter = EpochReporter([], CheckpointPolicy(1, 3600.0), report=sink, interval_s=3600.0)
+    config = make_config("sgd", {**TINY, "epochs": 3})
+    train(config, data=load_data(config.data_spec, "cpu"), on_epoch=reporter.on_epoch)
+    assert sink.reports == []  # all three held: the next epoch or the end would send them
+    reporter.flush()
+    assert rows(sink) == [1, 2, 3] and len(sink.reports) == 1
+    reporter.flush()  # nothing held: nothing sent
+    assert len(sink.reports) == 1
+
+
 class Counted:
     """The real MlflowClient, its calls counted; `refuse` names a method to fail once on its
     `nth` call (a store that drops out in the middle of a write)."""

@@ -133,9 +133,13 @@ def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
         rungs, policy, interval_s=float(config.get("report_interval_s", 0.0)),
         milestones=[int(m) for m in config.get("report_at", [])],
     )  # fmt: skip
-    result = train(
-        trial, data=data, resume=resume, on_epoch=reporter.on_epoch, start_weights=start_weights
-    )
+    try:
+        result = train(
+            trial, data=data, resume=resume, on_epoch=reporter.on_epoch, start_weights=start_weights
+        )
+    except PERMANENT:
+        reporter.flush()  # the epochs it trained before its error stay on record, then the error
+        raise
     reporter.finish(result)
 
 
@@ -183,6 +187,11 @@ class EpochReporter:
             folder = tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-")
             save(Path(folder.name) / CHECKPOINT_FILE)
         self.held.append((metrics, save, folder))
+
+    def flush(self) -> None:
+        """Send what is held now (a trial ending in an error reports its epochs first)."""
+        if self.held:
+            self._send()
 
     def _due(self) -> bool:
         newest, _, folder = self.held[-1]
