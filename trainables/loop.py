@@ -208,10 +208,9 @@ def train(
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
+    recorded = config.model_dump(mode="json")  # once: each epoch's save function carries it
     if resume is not None:
-        state = load_checkpoint(
-            resume, model, optimizer, averager, curve, order, config=config.model_dump(mode="json")
-        )
+        state = load_checkpoint(resume, model, optimizer, averager, curve, order, config=recorded)
         step, first_epoch, history = state.step, state.epoch, state.history
     elif config.start is not None:  # post-convergence: continue the converged model, not the init
         apply_start(model, config.start, start_weights)
@@ -318,7 +317,7 @@ def train(
             save = functools.partial(
                 save_checkpoint,
                 model=model, optimizer=optimizer, averager=averager, curve=curve, order=order,
-                epoch=epoch + 1, step=step, history=list(history), config=config.model_dump(mode="json"),
+                epoch=epoch + 1, step=step, history=list(history), config=recorded,
             )  # fmt: skip
             on_epoch(metrics, save)
 
