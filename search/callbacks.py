@@ -3,6 +3,7 @@ stopper that ends a search at the first permanent trial error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from ray import tune
 from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.utils.util import SafeFallbackEncoder
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
@@ -61,11 +63,27 @@ def epoch_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 class JsonRows(JsonLoggerCallback):
     """Tune's result.json, one line per epoch however many epochs a report carried: what `flatbasin
-    sync`, a restored search and anyone reading the file expect."""
+    sync`, a restored search and anyone reading the file expect.
+
+    A report's lines go in whole or not at all: on a full disk the file is cut back to where it
+    was, so that no line is left half written for a resumed search to take as the trial's last."""
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        for row in epoch_rows(result):
-            super().log_trial_result(iteration, trial, row)
+        if trial not in self._trial_files:
+            self.log_trial_start(trial)
+        handle = self._trial_files[trial]
+        text = "".join(json.dumps(r, cls=SafeFallbackEncoder) + "\n" for r in epoch_rows(result))
+        handle.flush()  # empty: every line goes through here, straight to the file
+        fd = handle.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]  # appended: the file is open for appending
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
 
 
 class CsvRows(CSVLoggerCallback):
@@ -74,6 +92,30 @@ class CsvRows(CSVLoggerCallback):
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         for row in epoch_rows(result):
             super().log_trial_result(iteration, trial, row)
+
+
+def mend_results(experiment_path: Path) -> None:
+    """Cut a half-written last line off each trial's result.json and progress.csv before a search
+    is resumed: Tune copies its files to the storage now and then, and a copy that a full disk cut
+    short left a line that the resumed search would append after, a broken row in the middle."""
+    for path in [*experiment_path.glob("*/result.json"), *experiment_path.glob("*/progress.csv")]:
+        try:
+            data = path.read_bytes()
+            if not data or data.endswith(b"\n"):
+                continue
+            with path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+        except OSError:
+            continue  # not ours to fail on: Tune reports what it cannot read
+
+
+def append_rows(trial_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows that a trial's result.json lacks though Tune's state holds them (its copy on a full disk
+    was cut short), appended as Tune writes them; left out where the file cannot take them."""
+    if not rows or not (trial_dir / "result.json").is_file():
+        return
+    with contextlib.suppress(OSError), (trial_dir / "result.json").open("a") as handle:
+        handle.write("".join(json.dumps(r, cls=SafeFallbackEncoder) + "\n" for r in rows))
 
 
 def read_results(trial_dir: Path) -> list[dict[str, Any]]:

@@ -886,15 +886,16 @@ class Tracker:
         if final is not None:
             self._finalised.add(run_id)
             self._final_metrics.add(run_id)
-        if record.status != "RUNNING" and self._ended.get(run_id) != record.status:
+        if record.status != "RUNNING":
             status = {"FINISHED": "FINISHED", "FAILED": "FAILED"}.get(record.status, "KILLED")
             if final is None:
                 self._stop_tagged.add(run_id)
             elif run_id in self._stop_tagged:  # interrupted once, finished after --resume
                 self.client.delete_tag(run_id, STOPPED)
                 self._stop_tagged.discard(run_id)
-            self.client.set_terminated(run_id, status)
-            self._ended[run_id] = record.status
+            if self._ended.get(run_id) != record.status:  # a run found ended so needs no call
+                self.client.set_terminated(run_id, status)
+                self._ended[run_id] = record.status
 
     def _log(
         self,

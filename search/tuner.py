@@ -35,7 +35,10 @@ from flatbasin.search.callbacks import (
     MlflowWriter,
     Progress,
     StopOnPermanentError,
+    append_rows,
+    epoch_rows,
     make_live,
+    mend_results,
     read_results,
 )
 from flatbasin.search.cluster import check_cluster
@@ -568,6 +571,7 @@ def _run(
     )
     if options.resume:
         # Tune restores its own pickled run config; its callbacks come back as `writer` and `progress`.
+        mend_results(experiment_path)
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
     else:
         epochs = int(space.settings["epochs"])
@@ -595,7 +599,9 @@ def _run(
                 "checkpoint_every": options.checkpoint_every,
                 "checkpoint_interval_s": options.checkpoint_interval_s,
                 "report_interval_s": REPORT_INTERVAL_S,
-                "report_at": scheduler.milestones() if isinstance(scheduler, PerVariantASHA) else [],
+                "report_at": (
+                    scheduler.milestones() if isinstance(scheduler, PerVariantASHA) else []
+                ),
             },
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrency),
@@ -736,7 +742,12 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
         for row in rows:
             record.add({k: v for k, v in row.items() if k in KEPT})
         if result.metrics.get("final") or result.metrics.get("permanent_error"):
-            record.add({k: v for k, v in result.metrics.items() if k in KEPT})
+            for row in epoch_rows(result.metrics):
+                record.add({k: v for k, v in row.items() if k in KEPT})
+            if result.path:  # Tune's copy of the file missed its last report (a full disk)
+                have = {row.get("epoch") for row in rows}
+                missing = [r for r in epoch_rows(result.metrics) if r.get("epoch") not in have]
+                append_rows(Path(result.path), missing)
         record.status = "FAILED" if result.error else seen.status if seen else "FINISHED"
         if record.status == "RUNNING":  # the experiment ended with this trial unfinished
             record.status = "INTERRUPTED"
