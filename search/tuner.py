@@ -1034,6 +1034,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()
+    mend_results(experiment_path)
     grid = tune.Tuner.restore(str(experiment_path), ray_entry.trainable).get_results()
     writer = MlflowWriter(tracker, console)
     _fill_from_grid(writer, grid)
