@@ -345,3 +345,26 @@ def test_the_learning_check_steps_torchs_adam_without_importing_dynamo():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "False"], done.stdout + done.stderr
+
+
+def test_result_files_cut_short_by_a_full_disk_are_mended(tmp_path):
+    """Tune copies its files to the storage on its own schedule: a copy cut short leaves a half
+    line, which a resumed search would append after. It is cut off, and the rows of the trial's
+    last report that Tune's state holds are written back (search/tuner._fill_from_grid)."""
+    from flatbasin.search.callbacks import append_rows, mend_results, read_results
+
+    trial = tmp_path / "exp" / "sgd_1"
+    trial.mkdir(parents=True)
+    whole = '{"epoch": 1, "score": 0.5}\n{"epoch": 2, "score": 0.6}\n'
+    (trial / "result.json").write_text(whole + '{"epoch": 3, "sco')
+    (trial / "progress.csv").write_text("epoch,score\n1,0.5\n2,0.")
+    kept = tmp_path / "exp" / "sgd_2"
+    kept.mkdir()
+    (kept / "result.json").write_text(whole)
+    mend_results(tmp_path / "exp")
+    assert (trial / "result.json").read_text() == whole == (kept / "result.json").read_text()
+    assert (trial / "progress.csv").read_text() == "epoch,score\n1,0.5\n"
+    append_rows(trial, epoch_rows({"epoch": 4, "final": True, "epochs": [{"epoch": 3}]}))
+    assert [r["epoch"] for r in read_results(trial)] == [1, 2, 3, 4]
+    append_rows(tmp_path / "nowhere", [{"epoch": 1}])  # no file, nothing made
+    assert not (tmp_path / "nowhere").exists()
