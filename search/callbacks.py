@@ -3,6 +3,7 @@ stopper that ends a search at the first permanent trial error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,9 @@ from typing import Any
 
 from ray import tune
 from ray.tune import Callback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.utils.util import SafeFallbackEncoder
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
@@ -25,6 +29,9 @@ from flatbasin.trainables.files import disk_problem, disk_state
 KEPT = {*EPOCH_METRICS, "epoch", "step", "rung_epoch", "diverged", "final", "test_acc", "curve", "extra_curves",
         "trial_config", "data_fingerprint", "plan", "threads", "seconds_total", "permanent_error", "model_built",
         "diversity", "phase", "seconds_to_best", "runtime", "chance", "code", "val_size"}  # fmt: skip
+
+# What Tune adds to every result: each epoch's row of a report carries them (epoch_rows).
+TUNE_FIELDS = (*AUTO_RESULT_KEYS, "trial_id")
 
 # The callbacks of the search running in this process. Tune pickles its callbacks with the experiment
 # state and a restored Tuner unpickles them: through this table a restored search gets this process's
@@ -40,6 +47,75 @@ def make_live(*callbacks: Any) -> None:
 def _revive(cls: type, state: dict[str, Any]) -> Any:
     live = _LIVE.get(cls.__name__)
     return live if live is not None else cls.from_state(state)
+
+
+def epoch_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per epoch of a trial's report, oldest first: the trial sends short epochs several to
+    a report (trainables/ray_entry.EpochReporter), the newest as the result, the earlier ones under
+    `epochs`. Each earlier one gets the report's own fields from Tune (trial id, node, time)."""
+    earlier = result.get("epochs")
+    if not earlier:
+        return [result]
+    tune_fields = {k: result[k] for k in TUNE_FIELDS if k in result}
+    newest = {k: v for k, v in result.items() if k != "epochs"}
+    return [*({**tune_fields, **row, "done": False} for row in earlier), newest]
+
+
+class JsonRows(JsonLoggerCallback):
+    """Tune's result.json, one line per epoch however many epochs a report carried: what `flatbasin
+    sync`, a restored search and anyone reading the file expect.
+
+    A report's lines go in whole or not at all: on a full disk the file is cut back to where it
+    was, so that no line is left half written for a resumed search to take as the trial's last."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        if trial not in self._trial_files:
+            self.log_trial_start(trial)
+        handle = self._trial_files[trial]
+        text = "".join(json.dumps(r, cls=SafeFallbackEncoder) + "\n" for r in epoch_rows(result))
+        handle.flush()  # empty: every line goes through here, straight to the file
+        fd = handle.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]  # appended: the file is open for appending
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+
+
+class CsvRows(CSVLoggerCallback):
+    """Tune's progress.csv, one line per epoch (see JsonRows)."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        for row in epoch_rows(result):
+            super().log_trial_result(iteration, trial, row)
+
+
+def mend_results(experiment_path: Path) -> None:
+    """Cut a half-written last line off each trial's result.json and progress.csv before a search
+    is resumed: Tune copies its files to the storage now and then, and a copy that a full disk cut
+    short left a line that the resumed search would append after, a broken row in the middle."""
+    for path in [*experiment_path.glob("*/result.json"), *experiment_path.glob("*/progress.csv")]:
+        try:
+            data = path.read_bytes()
+            if not data or data.endswith(b"\n"):
+                continue
+            with path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+        except OSError:
+            continue  # not ours to fail on: Tune reports what it cannot read
+
+
+def append_rows(trial_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows that a trial's result.json lacks though Tune's state holds them (its copy on a full disk
+    was cut short), appended as Tune writes them; left out where the file cannot take them."""
+    if not rows or not (trial_dir / "result.json").is_file():
+        return
+    with contextlib.suppress(OSError), (trial_dir / "result.json").open("a") as handle:
+        handle.write("".join(json.dumps(r, cls=SafeFallbackEncoder) + "\n" for r in rows))
 
 
 def read_results(trial_dir: Path) -> list[dict[str, Any]]:
@@ -123,8 +199,8 @@ class MlflowWriter(Callback):
                 for row in read_results(Path(trial.local_path or trial.path or ".")):
                     record.add({k: v for k, v in row.items() if k in KEPT})
                 self.records[trial.trial_id] = record
-            if result is not None:
-                record.add({k: v for k, v in result.items() if k in KEPT})
+            for row in epoch_rows(result) if result is not None else []:
+                record.add({k: v for k, v in row.items() if k in KEPT})
             if status is not None:
                 record.status = status
             self.unwritten.add(trial.trial_id)

@@ -56,6 +56,12 @@ class PerVariantASHA(FIFOScheduler):
             (milestone, dict(recorded)) for milestone, recorded in scheduler._brackets[0]._rungs
         ]
 
+    def milestones(self) -> list[int]:
+        """The rungs' milestones on `time_attr`, the same for every variant: a trial reports at
+        once when it reaches one (it holds short epochs back otherwise)."""
+        bracket = ASHAScheduler(**self._asha)._brackets[0]
+        return sorted(int(milestone) for milestone, _ in bracket._rungs)
+
     def debug_string(self) -> str:
         return "\n".join(f"{v}: {s.debug_string()}" for v, s in sorted(self._by_variant.items()))
 

@@ -30,7 +30,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import flatbasin
 from flatbasin.search.credentials import PASSWORD, USERNAME, redact_uri, scrub, source_of
 from flatbasin.search.errors import UsageError, short
-from flatbasin.search.figures import curve_figure  # also comparison.png, in tuner.py
 from flatbasin.trainables.config import TrialConfig, sampled, trial_config
 from flatbasin.trainables.files import not_a_file
 from flatbasin.trainables.start import write_converged
@@ -93,6 +92,7 @@ ANSWER_TAGS = (BEST_SEARCH_RUN, OLD_BEST_RUN, WINNER, RECOMMENDED, VERDICT, REPR
 # "Detect issues" prompt. Set on the experiments a search makes, and on existing ones without it
 # (a kind a user chose is left alone).
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+RUNS_PAGE = 1000  # runs per search_runs call where a search reads all of its runs
 
 
 class TrackingUnavailable(RuntimeError):
@@ -303,6 +303,11 @@ class TrialRecord:
         """One result per epoch: a result for an epoch already held replaces it (a trial restored from
         a checkpoint reports that epoch again; a finished trial may repeat its final result)."""
         epoch = result.get("epoch")
+        last = self.results[-1].get("epoch") if self.results else -1
+        if epoch is not None and last is not None and epoch > last:
+            # The next epoch, as nearly always: appended, not a pass over every earlier one
+            self.results.append(result)
+            return
         if epoch is not None:
             self.results = [r for r in self.results if r.get("epoch") != epoch]
         self.results.append(result)
@@ -439,6 +444,8 @@ class Tracker:
         self._final_metrics: set[str] = set()  # runs whose final metrics are in, tag not yet
         self._ended: dict[str, str] = {}  # run id -> the record status its run was ended with
         self._stop_tagged: set[str] = set()  # runs tagged STOPPED, which a --resume may finish
+        self._known: dict[str, Run] | None = None  # trial id -> its run, read once (_trial_runs)
+        self._params: dict[str, list[Param]] = {}  # run id -> params not yet sent
 
     def __getstate__(self) -> dict[str, str]:  # Tune pickles its callbacks: keep only the address,
         # without credentials (a restored search gets this process's live tracker back: callbacks.py)
@@ -787,24 +794,53 @@ class Tracker:
         return len(lost)
 
     # ------------------------------------------------------------------ trial level
+    def _trial_runs(self) -> dict[str, Run]:
+        """The runs already under the search's run, by trial id (the newest of each), read once, a
+        page at a time: a search looked each trial up on its own, one query per trial. This tracker
+        is the search's one writer, so the runs it makes itself are all it needs to add."""
+        if self._known is None:
+            parent, known, token = self.parent(), {}, None
+            while True:
+                page = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'",
+                    max_results=RUNS_PAGE,
+                    page_token=token,
+                )  # newest first: MLflow's order
+                for run in page:
+                    if TRIAL_ID in run.data.tags:
+                        known.setdefault(run.data.tags[TRIAL_ID], run)
+                token = page.token
+                if not token:
+                    break
+            self._known = known
+        return self._known
+
     def run_for(self, record: TrialRecord) -> str:
         if record.trial_id in self._runs:
             return self._runs[record.trial_id]
         parent = self.parent()
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID}` = '{_quoted(record.trial_id)}' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            history = self.client.get_metric_history(run_id, "score")
-            self._logged[run_id] = {m.step for m in history}
-            if found[0].data.tags.get(STOPPED):
+        found = self._trial_runs().get(record.trial_id)
+        if found is not None:
+            run_id = found.info.run_id
+            last = found.data.metrics.get("epochs_run")
+            if found.data.tags.get(FINAL) == "true" and last is not None:
+                # Whole: its closing batch went in with or after every epoch up to its last. One
+                # query per trial less for a sync or a resumed search of a thousand trials.
+                # Every epoch up to it, not only those the record holds now: a trial restored from
+                # its checkpoint before the last (after a SIGKILL) reports its last epochs again,
+                # and the mended result file brings the earlier ones later; none goes in twice.
+                self._logged[run_id] = set(range(int(last) + 1))
+            else:
+                history = self.client.get_metric_history(run_id, "score")
+                self._logged[run_id] = {m.step for m in history}
+            if found.data.tags.get(STOPPED):
                 self._stop_tagged.add(run_id)
-            if found[0].data.tags.get(FINAL) == "true":
+            if found.info.status in ("FINISHED", "FAILED"):  # ended as such: not again
+                self._ended[run_id] = found.info.status
+            if found.data.tags.get(FINAL) == "true":
                 self._finalised.add(run_id)
-            elif "final_score" in found[0].data.metrics:
+            elif "final_score" in found.data.metrics:
                 # Its final metrics went in before the server went away, its tag did not: the
                 # rest of the final write is repeated, the metrics are not (they would be twice).
                 self._final_metrics.add(run_id)
@@ -828,9 +864,9 @@ class Tracker:
                       **({BASE_RUN: base_run} if base_run else {})},
             )  # fmt: skip
             run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in sorted(flat.items())]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[start : start + 100])
+            self._trial_runs()[record.trial_id] = run
+            # Sent with the run's first metrics, in one call (write)
+            self._params[run_id] = [Param(k, str(v)) for k, v in sorted(flat.items())]
             self._logged[run_id] = set()
         self._runs[record.trial_id] = run_id
         return run_id
@@ -850,57 +886,104 @@ class Tracker:
         return record.status == "RUNNING" or self._ended.get(run_id) == record.status
 
     def write(self, record: TrialRecord) -> None:
-        """Bring the trial's run up to date with the record; safe to call again and again."""
+        """Bring the trial's run up to date with the record; safe to call again and again.
+
+        A trial's writes are few whatever its length: its run, then one log_batch with its params,
+        its new epochs and, once it ended, its final metrics and tags (more only where MLflow's
+        limits per call say so), its end status. Each write was a transaction (on SQLite a synced
+        commit) on the driver, on the cores the trials train on."""
         run_id = self.run_for(record)
         now = int(time.time() * 1000)
         # Every epoch Tune holds and MLflow does not, whatever order they arrive in: after a restore,
         # an epoch reported just before the driver died arrives after later ones.
-        new = [
-            r
+        variant = sampled(record.config).get("variant", "")
+        epochs = [
+            (int(r["epoch"]), _epoch_metrics(r, variant, now))
             for r in record.results
             if r.get("epoch") is not None and int(r["epoch"]) not in self._logged[run_id]
         ]
-        metrics = [
-            Metric(key, float(r[key]), now, int(r["epoch"]))
-            for r in new
-            for key in EPOCH_METRICS
-            if r.get(key) is not None
-        ]
-        variant = sampled(record.config).get("variant", "")
-        metrics += [
-            Metric(name, flag, now, int(r["epoch"]))
-            for r in new
-            for name, flag in phase_flags(variant, r.get("phase")).items()
-        ]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        self._logged[run_id].update(int(r["epoch"]) for r in new)
         if record.error is not None:  # failed for good, however often the record is written again
-            if run_id not in self._finalised:
-                self.client.log_batch(run_id, tags=[RunTag(ERROR, record.error[:5000])])
-                self._finalised.add(run_id)
+            tags = [] if run_id in self._finalised else [RunTag(ERROR, record.error[:5000])]
+            self._log(run_id, epochs, tags=tags)
+            self._finalised.add(run_id)
             self.client.set_terminated(run_id, "FAILED")
             self._ended[run_id] = record.status
             return
         final = record.final
+        closing: list[Metric] = []
+        tags: list[RunTag] = []
         if final is not None and run_id not in self._finalised:
-            self._write_final(run_id, record, final, now)
+            closing, tags = self._final_parts(run_id, record, final, now)
+        if record.status != "RUNNING" and final is None:
+            tags.append(RunTag(STOPPED, STOP_REASONS.get(record.status, "failed")))
+        self._log(run_id, epochs, closing, tags)
+        if final is not None:
             self._finalised.add(run_id)
+            self._final_metrics.add(run_id)
         if record.status != "RUNNING":
             status = {"FINISHED": "FINISHED", "FAILED": "FAILED"}.get(record.status, "KILLED")
-            tags = [] if final else [RunTag(STOPPED, STOP_REASONS.get(record.status, "failed"))]
-            if tags:
-                self.client.log_batch(run_id, tags=tags)
+            if final is None:
                 self._stop_tagged.add(run_id)
             elif run_id in self._stop_tagged:  # interrupted once, finished after --resume
                 self.client.delete_tag(run_id, STOPPED)
                 self._stop_tagged.discard(run_id)
-            self.client.set_terminated(run_id, status)
-            self._ended[run_id] = record.status
+            if self._ended.get(run_id) != record.status:  # a run found ended so needs no call
+                self.client.set_terminated(run_id, status)
+                self._ended[run_id] = record.status
 
-    def _write_final(
-        self, run_id: str, record: TrialRecord, final: dict[str, Any], now: int
+    def _log(
+        self,
+        run_id: str,
+        epochs: list[tuple[int, list[Metric]]],
+        closing: list[Metric] | None = None,
+        tags: list[RunTag] | None = None,
     ) -> None:
+        """The run's unsent params, the epochs' metrics, then the closing metrics and tags, in as
+        few log_batch calls as MLflow's limits allow (one for a short trial). What each call wrote
+        is remembered as it goes: after a failure midway, a retry writes nothing twice."""
+        from mlflow.utils.validation import (
+            MAX_ENTITIES_PER_BATCH,
+            MAX_METRICS_PER_BATCH,
+            MAX_PARAMS_TAGS_PER_BATCH,
+        )
+
+        params, closing, tags = self._params.get(run_id, []), closing or [], tags or []
+        metrics = [m for _, ms in epochs for m in ms] + closing
+        if (
+            len(params) <= MAX_PARAMS_TAGS_PER_BATCH
+            and len(tags) <= MAX_PARAMS_TAGS_PER_BATCH
+            and len(metrics) <= MAX_METRICS_PER_BATCH
+            and len(params) + len(tags) + len(metrics) <= MAX_ENTITIES_PER_BATCH
+        ):
+            if params or tags or metrics:
+                self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+            self._params.pop(run_id, None)
+            self._logged[run_id].update(epoch for epoch, _ in epochs)
+            return
+        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+        self._params.pop(run_id, None)
+        chunk: list[Metric] = []
+        sent: list[int] = []  # the epochs in `chunk`: whole epochs per call
+        for epoch, ms in [*epochs, (-1, [])]:  # the sentinel sends the rest
+            if chunk and (epoch < 0 or len(chunk) + len(ms) > MAX_METRICS_PER_BATCH):
+                self.client.log_batch(run_id, metrics=chunk)
+                self._logged[run_id].update(sent)
+                chunk, sent = [], []
+            chunk += ms
+            sent.append(epoch)
+        for start in range(0, len(closing), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=closing[start : start + MAX_METRICS_PER_BATCH])
+        if closing:
+            self._final_metrics.add(run_id)  # in: a retry of the tags must not send them again
+        for start in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):  # FINAL is the last tag
+            self.client.log_batch(run_id, tags=tags[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def _final_parts(
+        self, run_id: str, record: TrialRecord, final: dict[str, Any], now: int
+    ) -> tuple[list[Metric], list[RunTag]]:
+        """The trial's final artifacts, written now (trial_config.json, the user's code), and its
+        final metrics and tags for the closing batch, FINAL last: the tag says all of it is in."""
         metrics = (
             [Metric("test_acc", float(final["test_acc"]), now, 0)]
             if final.get("test_acc") is not None
@@ -935,21 +1018,30 @@ class Tracker:
         code = final.get("code") or {}
         if code:  # the user's modules as the worker imported them: reproduce compares with these
             tags.append(RunTag(CODE_SHA256, text_digest(code)))
-        self.client.log_batch(
-            run_id, metrics=[] if run_id in self._final_metrics else metrics, tags=tags
-        )
-        self._final_metrics.add(run_id)
         self.client.log_dict(run_id, trial_record(record, final), "trial_config.json")
         for name, text in code.items():
             self.client.log_text(run_id, text, f"{CODE_ARTIFACTS}/{name}")
-        if final["curve"]:
-            variant = final["trial_config"]["variant"]
-            figure = curve_figure({variant: final}, trial_id=record.trial_id)
-            self.client.log_figure(run_id, figure, "curve.png")
-        self.client.set_tag(run_id, FINAL, "true")
+        # curve.png is drawn for each variant's best trial at the end (tuner._finish_parent): a
+        # figure cost the driver 70 ms of CPU per trial, more than the rest of its writes.
+        tags.append(RunTag(FINAL, "true"))
+        return [] if run_id in self._final_metrics else metrics, tags
 
     def run_id(self, trial_id: str) -> str | None:
         return self._runs.get(trial_id)
+
+
+def _epoch_metrics(result: dict[str, Any], variant: str, now: int) -> list[Metric]:
+    """One epoch's metrics, step = epoch; the phase as a metric only where the variant has epochs
+    without data (phase_flags: prior_guided's `focus`)."""
+    epoch = int(result["epoch"])
+    metrics = [
+        Metric(k, float(result[k]), now, epoch) for k in EPOCH_METRICS if result.get(k) is not None
+    ]
+    metrics += [
+        Metric(name, flag, now, epoch)
+        for name, flag in phase_flags(variant, result.get("phase")).items()
+    ]
+    return metrics
 
 
 def diversity_metrics(points: list[dict[str, Any]], now: int) -> list[Metric]:

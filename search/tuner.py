@@ -29,15 +29,21 @@ from rich.console import Console
 from flatbasin.search import confirm, post_convergence, preflight, saved_state, signals
 from flatbasin.search.callbacks import (
     KEPT,
+    CsvRows,
+    JsonRows,
     MlflowWriter,
     Progress,
     StopOnPermanentError,
+    append_rows,
+    epoch_rows,
     make_live,
+    mend_results,
     read_results,
 )
 from flatbasin.search.cluster import check_cluster
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, stderr
+from flatbasin.search.figures import curve_figure
 from flatbasin.search.quiet import RAY_LOGGING_LEVEL, quiet_libraries, quiet_ray
 from flatbasin.search.schedulers import PerVariantASHA
 from flatbasin.search.tracking import (
@@ -51,7 +57,6 @@ from flatbasin.search.tracking import (
     Tracker,
     TrackingUnavailable,
     TrialRecord,
-    curve_figure,
 )
 from flatbasin.spaces import Space
 from flatbasin.spaces.loader import NAME
@@ -59,6 +64,18 @@ from flatbasin.trainables.config import sampled
 from flatbasin.trainables.files import disk_problem, disk_state
 
 MODEL_LOGGED = "flatbasin.model_logged"
+# Checkpoints kept per trial. Tune snapshots its whole state (every trial's, the searcher's: a cost
+# that grows with the trials) whenever a trial has checkpointed this many times since the last
+# snapshot, so that the state never names a checkpoint already deleted. At 1 that was at every
+# checkpoint, each trial's final one included: 1,000 short trials made 1,000 snapshots of up to
+# 1,000 trials. At 2 a trial's state lags at most one checkpoint behind, which is still on disk: a
+# driver killed outright resumes each trial from its latest or the one before (a trial that had
+# just finished may train its last checkpoint's epochs again); other snapshots come every 10 s or
+# more (Tune's auto period, which keeps them under 5% of the time).
+KEEP_CHECKPOINTS = 2
+# A trial reports its epochs at most once a second, several to a report when they are shorter
+# (trainables/ray_entry.EpochReporter): each report held the trial for a round trip to the driver.
+REPORT_INTERVAL_S = 1.0
 
 
 class SearchOptions(BaseModel):
@@ -154,7 +171,7 @@ def _init_ray(address: str | None, code_dir: str | None = None) -> None:
     if ray.is_initialized():
         return
     quiet_ray()  # Ray's notice that it turned token authentication on (search/quiet.py)
-    # Each trial checkpoint forces a snapshot of Tune's state (see run_search); that is intended.
+    # Tune snapshots its state at every other checkpoint of a trial (KEEP_CHECKPOINTS); that is intended.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Our own progress line replaces Tune's tables; its JSON and CSV result files stay (see run_search).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -555,7 +572,6 @@ def _run(
 ) -> Outcome:
     import optuna
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -571,16 +587,15 @@ def _run(
         storage_path=str(storage),
         # result.json and progress.csv are what `flatbasin sync` and a restored search read back;
         # TensorBoard files are left out (curves are lists, which TensorBoard cannot take).
-        callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
+        callbacks=[writer, progress, JsonRows(), CsvRows()],
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        # One checkpoint per trial, and every new one forces a snapshot of Tune's own state: a driver
-        # killed at any moment resumes with each trial at its latest checkpoint, a finished trial at its end.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         stop=stopper,
         verbose=0,
     )
     if options.resume:
         # Tune restores its own pickled run config; its callbacks come back as `writer` and `progress`.
+        mend_results(experiment_path)
         tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
     else:
         epochs = int(space.settings["epochs"])
@@ -607,6 +622,10 @@ def _run(
             param_space={
                 "checkpoint_every": options.checkpoint_every,
                 "checkpoint_interval_s": options.checkpoint_interval_s,
+                "report_interval_s": REPORT_INTERVAL_S,
+                "report_at": (
+                    scheduler.milestones() if isinstance(scheduler, PerVariantASHA) else []
+                ),
             },
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrency),
@@ -647,7 +666,7 @@ def _run(
             style="yellow",
         )
     if written:
-        _finish_parent(tracker, parent, best, grid, confirmed)
+        _finish_parent(tracker, parent, best, grid, confirmed, _count_variants(writer))
         tracker.end_parent(state)
     seconds = {
         "start-up": fit_started - started,
@@ -747,7 +766,12 @@ def _fill_from_grid(writer: MlflowWriter, grid: Any, stopped_by: str | None = No
         for row in rows:
             record.add({k: v for k, v in row.items() if k in KEPT})
         if result.metrics.get("final") or result.metrics.get("permanent_error"):
-            record.add({k: v for k, v in result.metrics.items() if k in KEPT})
+            for row in epoch_rows(result.metrics):
+                record.add({k: v for k, v in row.items() if k in KEPT})
+            if result.path:  # Tune's copy of the file missed its last report (a full disk)
+                have = {row.get("epoch") for row in rows}
+                missing = [r for r in epoch_rows(result.metrics) if r.get("epoch") not in have]
+                append_rows(Path(result.path), missing)
         record.status = "FAILED" if result.error else seen.status if seen else "FINISHED"
         if record.status == "RUNNING":  # the experiment ended with this trial unfinished
             record.status = "INTERRUPTED"
@@ -867,13 +891,6 @@ def _count_variants(writer: MlflowWriter) -> dict[str, int]:
     return counts
 
 
-def _trials_per_variant(tracker: Tracker) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for variant in tracker.trial_variants():
-        counts[variant] = counts.get(variant, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def _confirm(
     tracker: Tracker,
     console: Console,
@@ -888,7 +905,6 @@ def _confirm(
     flatbasin.role=confirm and never touch the search's own runs. `trainable` is the search's own:
     confirmations of a post-convergence search continue the same converged model."""
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     path = confirm_path(experiment_path)
     configs = confirm.plan(best, seeds)
@@ -913,6 +929,7 @@ def _confirm(
             param_space={
                 "checkpoint_every": options.checkpoint_every,
                 "checkpoint_interval_s": options.checkpoint_interval_s,
+                "report_interval_s": REPORT_INTERVAL_S,
                 "confirm": tune.grid_search(configs),
             },
             tune_config=tune.TuneConfig(
@@ -924,9 +941,9 @@ def _confirm(
             run_config=tune.RunConfig(
                 name=path.name,
                 storage_path=str(path.parent),
-                callbacks=[writer, progress, JsonLoggerCallback(), CSVLoggerCallback()],
+                callbacks=[writer, progress, JsonRows(), CsvRows()],
                 failure_config=tune.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 stop=stopper,
                 verbose=0,
             ),
@@ -983,6 +1000,7 @@ def _finish_parent(
     best: list[dict[str, Any]],
     grid: Any,
     confirmed: list[dict[str, Any]] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> None:
     """Summary, comparison figure and the deployed model of each variant's best trial."""
     import mlflow
@@ -997,7 +1015,8 @@ def _finish_parent(
     for row in best:
         row["run_id"] = tracker.run_id(row["trial_id"])
     summary = [{k: v for k, v in row.items() if k not in ("final", "config")} for row in best]
-    counts = _trials_per_variant(tracker)
+    # From the writer's records: reading every trial's run back from MLflow took seconds at 1,000
+    counts = dict(sorted((counts or {}).items()))
     confirmed = confirmed or []
     tracker.client.log_dict(
         parent,
@@ -1030,12 +1049,17 @@ def _finish_parent(
     # Pickle format on purpose: the ensembles' forward is not traceable to pt2 without example inputs.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     for row in best:
-        ckpt = checkpoints.get(row["trial_id"])
-        if ckpt is None or row["run_id"] is None:
+        if row["run_id"] is None:
             continue
         run = tracker.client.get_run(row["run_id"])
         if run.data.tags.get(MODEL_LOGGED) == "true":
             continue  # a restored search or a second sync: the model is there already
+        if row["final"]["curve"]:  # drawn for the best trials only: 70 ms of CPU a figure
+            figure = curve_figure({row["variant"]: row["final"]}, trial_id=row["trial_id"])
+            tracker.client.log_figure(row["run_id"], figure, "curve.png")
+        ckpt = checkpoints.get(row["trial_id"])
+        if ckpt is None:
+            continue
         config = TrialConfig.model_validate(row["final"]["trial_config"])
         with ckpt.as_directory() as folder:
             model = load_deployed(
@@ -1071,6 +1095,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     tracker = Tracker(tracking_uri, experiment_path.name, search_key=str(experiment_path))
     tracker.check()
     parent = tracker.parent()
+    mend_results(experiment_path)
     grid = tune.Tuner.restore(str(experiment_path), ray_entry.trainable).get_results()
     writer = MlflowWriter(tracker, console)
     _fill_from_grid(writer, grid)
@@ -1082,7 +1107,7 @@ def sync(experiment_path: Path, tracking_uri: str, console: Console) -> Outcome:
     )  # fmt: skip
     if writer.drain():
         tracker.settle_lost(_tune_trial_ids(grid))
-        _finish_parent(tracker, parent, best, grid)
+        _finish_parent(tracker, parent, best, grid, counts=_count_variants(writer))
         tracker.end_parent(outcome.state)
     return dataclasses.replace(
         outcome, unwritten=len(writer.unwritten), trials_per_variant=_count_variants(writer),

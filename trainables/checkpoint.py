@@ -116,14 +116,7 @@ def load_checkpoint(
 ) -> Resumed:
     from flatbasin.trainables.loop import EpochMetrics
 
-    state = read_checkpoint(path, next(model.parameters()).device)
-    differing = _differences(state["config"], config)
-    if differing:
-        raise CheckpointError(
-            f"checkpoint {path} was written by another trial configuration; it differs in "
-            + ", ".join(differing)
-            + ". Resume with the settings that wrote it, or start without --resume"
-        )
+    state = _read_matching(path, model, config)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -137,6 +130,31 @@ def load_checkpoint(
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     history = [EpochMetrics(**m) for m in state["history"]]
     return Resumed(epoch=state["epoch"], step=state["step"], history=history)
+
+
+def load_deployable(path: Path, model: nn.Module, averager: Averager, *, config: dict[str, Any]) -> None:
+    """The weights and the averager's state of a checkpoint: all that the model a trial deploys
+    needs (no optimiser, whose first making imports torch._dynamo: 1.3 s of CPU in a driver)."""
+    state = _read_matching(path, model, config)
+    try:
+        model.load_state_dict(state["model"])
+        averager.load_state_dict(state["averager"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this trial: {_first_line(err)}") from err
+
+
+def _read_matching(path: Path, model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's state, on the model's device; CheckpointError when another configuration
+    wrote it."""
+    state = read_checkpoint(path, next(model.parameters()).device)
+    differing = _differences(state["config"], config)
+    if differing:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another trial configuration; it differs in "
+            + ", ".join(differing)
+            + ". Resume with the settings that wrote it, or start without --resume"
+        )
+    return state
 
 
 def _first_line(err: BaseException) -> str:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from flatbasin.trainables.accel import resolve_device
 from flatbasin.trainables.averagers import Averager
-from flatbasin.trainables.checkpoint import load_checkpoint, save_checkpoint
+from flatbasin.trainables.checkpoint import load_checkpoint, load_deployable, save_checkpoint
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.curve import Curve, CurvePoint, DiversityPoint, accuracy
 from flatbasin.trainables.data import Data, load_data
@@ -168,9 +168,13 @@ def load_deployed(config: TrialConfig, checkpoint: Path, data: Data | None = Non
     """The model a checkpointed trial would ship (average, ensemble or plain weights), in eval mode."""
     device = resolve_device(config.device)
     data = data if data is not None else load_data(config.data_spec, str(device))
-    parts = assemble(config, data, device)
-    load_checkpoint(checkpoint, *parts, config=config.model_dump(mode="json"))
-    return with_tta(parts.averager.deployed(parts.model), config.tta).eval()
+    torch.manual_seed(config.seed)  # as assemble builds it; the checkpoint overwrites the weights
+    model = build(config, data).to(device)
+    averager = config.build_variant().averager(
+        model, data.steps_per_epoch(config.batch_size), lambda: data.inputs("train")
+    )
+    load_deployable(checkpoint, model, averager, config=config.model_dump(mode="json"))
+    return with_tta(averager.deployed(model), config.tta).eval()
 
 
 @names_out_of_memory("training")
@@ -204,10 +208,9 @@ def train(
     lr_at = variant.schedule(steps_per_epoch)
     history: list[EpochMetrics] = []
     step, first_epoch = 0, 0
+    recorded = config.model_dump(mode="json")  # once: each epoch's save function carries it
     if resume is not None:
-        state = load_checkpoint(
-            resume, model, optimizer, averager, curve, order, config=config.model_dump(mode="json")
-        )
+        state = load_checkpoint(resume, model, optimizer, averager, curve, order, config=recorded)
         step, first_epoch, history = state.step, state.epoch, state.history
     elif config.start is not None:  # post-convergence: continue the converged model, not the init
         apply_start(model, config.start, start_weights)
@@ -314,7 +317,7 @@ def train(
             save = functools.partial(
                 save_checkpoint,
                 model=model, optimizer=optimizer, averager=averager, curve=curve, order=order,
-                epoch=epoch + 1, step=step, history=list(history), config=config.model_dump(mode="json"),
+                epoch=epoch + 1, step=step, history=list(history), config=recorded,
             )  # fmt: skip
             on_epoch(metrics, save)
 

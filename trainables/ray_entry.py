@@ -1,9 +1,9 @@
 """The Ray Tune adapter: the only file under trainables/ that imports Ray.
 
 Turns the sampled Tune config into a TrialConfig, runs the one loop, reports every epoch through
-`tune.report` (with a checkpoint every `checkpoint_every` epochs, at most one per
-`checkpoint_interval_s`, and always at the end) and resumes from `tune.get_checkpoint()` when Tune
-restarts the trial on another worker.
+`tune.report`, several short ones to a report (EpochReporter), with a checkpoint every
+`checkpoint_every` epochs, at most one per `checkpoint_interval_s`, and always at the end, and
+resumes from `tune.get_checkpoint()` when Tune restarts the trial on another worker.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def epoch_metrics(m: EpochMetrics, rung_epochs: list[int]) -> dict[str, Any]:
     metrics = {k: v for k, v in vars(m).items()}
-    # ASHA compares trials only at cycle boundaries: mid-cycle accuracy says nothing.
-    metrics["rung_epoch"] = (
-        max((b for b in rung_epochs if b <= m.epoch), default=0) if rung_epochs else m.epoch
-    )
+    metrics["rung_epoch"] = rung_epoch(m.epoch, rung_epochs)
     metrics["diverged"] = False
     metrics["node_id"] = _node_id()  # where the epoch ran: a trial moved after a node loss shows it
     return metrics
+
+
+def rung_epoch(epoch: int, rung_epochs: list[int]) -> int:
+    """ASHA compares trials only at cycle boundaries: mid-cycle accuracy says nothing."""
+    return max((b for b in rung_epochs if b <= epoch), default=0) if rung_epochs else epoch
 
 
 def _node_id() -> str:
@@ -127,26 +129,120 @@ def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
         resume_dir = Path(tempfile.mkdtemp(prefix="flatbasin-resume-"))
         resume = Path(restored.to_directory(str(resume_dir))) / CHECKPOINT_FILE
 
-    pending: list[tuple[EpochMetrics, Any]] = []
+    reporter = EpochReporter(
+        rungs, policy, interval_s=float(config.get("report_interval_s", 0.0)),
+        milestones=[int(m) for m in config.get("report_at", [])],
+    )  # fmt: skip
+    try:
+        result = train(
+            trial, data=data, resume=resume, on_epoch=reporter.on_epoch, start_weights=start_weights
+        )
+    except PERMANENT:
+        reporter.flush()  # the epochs it trained before its error stay on record, then the error
+        raise
+    reporter.finish(result, {"val_size": data.size("val")})  # a score's resolution, for confirmation
 
-    def on_epoch(metrics: EpochMetrics, save: Any) -> None:
-        # Report one epoch late, so that the last epoch goes out with the final results in one report.
-        if pending:
-            _report(*pending.pop(), rungs, policy)
-        pending.append((metrics, save))
 
-    result = train(trial, data=data, resume=resume, on_epoch=on_epoch, start_weights=start_weights)
-    if pending and pending[-1][0].epoch != result.history[-1].epoch:  # diverged: no callback for it
-        _report(*pending.pop(), rungs, policy)
-    save = pending[-1][1] if pending else None
-    with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
-        checkpoint = None
-        if save is not None and not result.diverged:
-            save(Path(tmp) / CHECKPOINT_FILE)
-            checkpoint = tune.Checkpoint.from_directory(tmp)
-        # The validation split's size: the resolution of a score, for the confirmation's test
-        final = {**final_metrics(result, rungs), "val_size": data.size("val")}
-        tune.report(final, checkpoint=checkpoint)
+class EpochReporter:
+    """A trial's epochs to Tune, several to a report when epochs are short.
+
+    Tune's `report` holds the trial until the driver has taken the result and asked for the next:
+    a round trip through Ray and the driver's loop, milliseconds on a busy driver, at every report.
+    With epochs of a few tens of milliseconds (a small model on a GPU) that was the trial's main
+    cost. So epochs are held and sent together, the newest as the result itself and the earlier
+    ones under `epochs` (the driver's loggers and MLflow writer give each its own row, once): at
+    most one report per `interval_s`, and always at once when the held epochs end with a checkpoint
+    or reach one of ASHA's `milestones` (its rungs, on `rung_epoch`), so Tune decides and saves at
+    the same epochs as before. Each epoch waits for the next before it goes, so that the last goes
+    out with the final results (which epoch is the last, early stopping decides).
+
+    A due checkpoint is saved at its own epoch and goes out with it. Saved when the report went out,
+    after the loop had trained the next epoch, it held the next epoch's weights under this epoch's
+    number, and a trial resumed from it trained that epoch again from the wrong start. `report` is
+    Tune's (tests pass their own)."""
+
+    def __init__(
+        self,
+        rungs: list[int],
+        policy: CheckpointPolicy,
+        report: Any = None,
+        interval_s: float = 0.0,
+        milestones: list[int] | None = None,
+    ):
+        self.rungs, self.policy = rungs, policy
+        self.report = report or tune.report
+        self.interval_s, self.milestones = interval_s, sorted(milestones or [])
+        # Epochs not yet reported: metrics, save function, checkpoint (only the newest has one)
+        self.held: list[tuple[EpochMetrics, Any, tempfile.TemporaryDirectory | None]] = []
+        self.sent_at, self.sent_rung = time.monotonic(), 0
+        # Seconds the trial spent in Tune's report before its final one, and how many it made: the
+        # final result carries both (what the trial waited for the driver, per report)
+        self.waited_s, self.reports = 0.0, 0
+
+    def on_epoch(self, metrics: EpochMetrics, save: Any) -> None:
+        if self.held and self._due():
+            self._send()
+        folder = None
+        if self.policy.due(metrics.epoch):
+            folder = tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-")
+            save(Path(folder.name) / CHECKPOINT_FILE)
+        self.held.append((metrics, save, folder))
+
+    def flush(self) -> None:
+        """Send what is held now (a trial ending in an error reports its epochs first)."""
+        if self.held:
+            self._send()
+
+    def _due(self) -> bool:
+        newest, _, folder = self.held[-1]
+        if folder is not None or self.interval_s <= 0:
+            return True
+        rung = rung_epoch(newest.epoch, self.rungs)
+        if any(self.sent_rung < m <= rung for m in self.milestones):
+            return True
+        return time.monotonic() - self.sent_at >= self.interval_s
+
+    def _send(self, final: TrialResult | None = None, extra: dict[str, Any] | None = None) -> None:
+        """The held epochs in one report; with `final`, its results (and `extra`) stand for the
+        newest."""
+        held, self.held = self.held, []
+        folder = held[-1][2] if held else None
+        try:
+            if final is not None:
+                row = final_metrics(final, self.rungs)
+                earlier = [m for m, _, _ in held if m.epoch < final.history[-1].epoch]
+            else:
+                row, earlier = epoch_metrics(held[-1][0], self.rungs), [m for m, _, _ in held[:-1]]
+            if earlier:
+                row["epochs"] = [epoch_metrics(m, self.rungs) for m in earlier]
+            if final is not None:
+                row |= {"report_wait_s": self.waited_s, "reports": self.reports, **(extra or {})}
+                self._final_report(row, held[-1][1] if held else None, final.diverged)
+            else:
+                checkpoint = tune.Checkpoint.from_directory(folder.name) if folder else None
+                tick = time.perf_counter()
+                self.report(row, checkpoint=checkpoint)
+                self.waited_s += time.perf_counter() - tick
+                self.reports += 1
+        finally:
+            if folder is not None:
+                folder.cleanup()
+        self.sent_at, self.sent_rung = time.monotonic(), int(row["rung_epoch"])
+
+    def _final_report(self, row: dict[str, Any], save: Any, diverged: bool) -> None:
+        # Saved now, after the loop's end (the final evaluation may update the averages' state)
+        with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
+            checkpoint = None
+            if save is not None and not diverged:
+                save(Path(tmp) / CHECKPOINT_FILE)
+                checkpoint = tune.Checkpoint.from_directory(tmp)
+            self.report(row, checkpoint=checkpoint)
+
+    def finish(self, result: TrialResult, extra: dict[str, Any] | None = None) -> None:
+        """The final report: the final results (and `extra`), with the epochs still held."""
+        if self.held and self.held[-1][0].epoch != result.history[-1].epoch:
+            self._send()  # diverged: no callback for the last epoch, so nothing to save either
+        self._send(final=result, extra=extra)
 
 
 class CheckpointPolicy:
@@ -162,15 +258,6 @@ class CheckpointPolicy:
             return False
         self.last = time.monotonic()
         return True
-
-
-def _report(metrics: EpochMetrics, save: Any, rungs: list[int], policy: CheckpointPolicy) -> None:
-    if not policy.due(metrics.epoch):
-        tune.report(epoch_metrics(metrics, rungs))
-        return
-    with tempfile.TemporaryDirectory(prefix="flatbasin-ckpt-") as tmp:
-        save(Path(tmp) / CHECKPOINT_FILE)
-        tune.report(epoch_metrics(metrics, rungs), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def train_base(
