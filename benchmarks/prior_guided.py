@@ -35,7 +35,8 @@ import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import load_data
-from flatbasin.trainables.focus import DEFAULT_RIDGE, fit_focus_library
+from flatbasin.trainables.focus import DEFAULT_RIDGE
+from flatbasin.trainables.focus_harvest import fit_focus_library
 from flatbasin.trainables.history import best_epoch
 from flatbasin.trainables.loop import train
 

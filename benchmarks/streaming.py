@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from flatbasin.trainables import user_data
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import Data, DataSpec, load_data, load_raw
+from flatbasin.trainables.data import Data, load_data, load_raw
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.models import build_model
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.models import SmallCNN
 

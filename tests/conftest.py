@@ -23,7 +23,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from flatbasin.trainables.data import Data, DataSpec, load_data, load_raw
+from flatbasin.trainables.data import Data, load_data, load_raw
+from flatbasin.trainables.data_spec import DataSpec
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
 
 # Minutes per search on a loaded 2-core machine; the shared search may run in the first test's setup.
 pytestmark = [
