@@ -527,7 +527,9 @@ class StreamedData:
             passes = _Passes()
             loader = DataLoader(
                 _Seeded(dataset),
-                batch_sampler=passes,
+                # (seed, indices) batches, which _Seeded.__getitems__ reads: torch passes whatever
+                # the batch sampler yields, though its annotation says lists of indices.
+                batch_sampler=passes,  # type: ignore[arg-type]
                 collate_fn=_collate,
                 num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",
