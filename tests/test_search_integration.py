@@ -120,6 +120,7 @@ def write_space(tmp: Path, name: str, samples: int) -> Path:
 
 def trial_runs(client: MlflowClient, experiment: str):
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("flatbasin.role") == "search"]
     trials = [r for r in runs if r.data.tags.get("flatbasin.role") == "trial"]
