@@ -23,7 +23,7 @@ from flatbasin.trainables.curve import accuracy
 from flatbasin.trainables.data import load_data
 from flatbasin.trainables.loop import load_deployed, predict, train
 
-VARIANTS = {"sgd": {}, "snapshot": {}}
+VARIANTS: dict[str, dict[str, object]] = {"sgd": {}, "snapshot": {}}
 
 
 def one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:

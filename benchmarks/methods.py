@@ -28,7 +28,8 @@ import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.curve import accuracy
-from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import load_deployed, predict, train
 from flatbasin.trainables.variants import REGISTRY
 

@@ -35,7 +35,8 @@ import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import load_data
-from flatbasin.trainables.focus import DEFAULT_RIDGE, fit_focus_library
+from flatbasin.trainables.focus import DEFAULT_RIDGE
+from flatbasin.trainables.focus_harvest import fit_focus_library
 from flatbasin.trainables.history import best_epoch
 from flatbasin.trainables.loop import train
 
@@ -208,10 +209,11 @@ def diagnose(library_path: Path, seeds: int, at_epochs: tuple[int, ...] = (5, 15
                 probe(data.x_train), data.y_train
             ).backward()  # full batch, BN in train mode
             params = dict(probe.named_parameters())
+            grads = {k: p.grad for k, p in params.items() if p.grad is not None}
             cosines = [
                 F.cosine_similarity(
                     library.gradient(key, params[key].detach()).flatten(),
-                    params[key].grad.flatten(),
+                    grads[key].flatten(),
                     dim=0,
                 ).item()
                 for key in library.slopes

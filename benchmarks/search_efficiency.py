@@ -42,6 +42,7 @@ def study(sampler: str, seed: int, trials: int, epochs: int) -> list[float]:
     # TPE starts with random trials drawn by a RandomSampler of its own seed: with the same seed as
     # the random search they would be the same trials, and TPE would match random's best for free
     # whenever random found it early. Another seed stream keeps the two searches independent.
+    chosen_sampler: optuna.samplers.BaseSampler
     if sampler == "tpe":
         chosen_sampler = optuna.samplers.TPESampler(seed=10_000 + seed)
     else:

@@ -58,7 +58,8 @@ def serial(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from flatbasin.trainables.config import make_config
-    from flatbasin.trainables.data import DataSpec, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataSpec
     from flatbasin.trainables.loop import train
 
     torch.set_num_threads(1)  # one CPU per trial, as in the searches
@@ -75,7 +76,8 @@ def train_seeds(seeds: list[int], epochs: int) -> None:
     import torch
 
     from flatbasin.trainables.config import make_config
-    from flatbasin.trainables.data import DataSpec, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataSpec
     from flatbasin.trainables.loop import train
 
     torch.set_num_threads(1)

@@ -16,10 +16,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.models import SmallCNN
 
@@ -37,7 +39,7 @@ def bare(data: Data, epochs: int, swa_start: int | None, seed: int = 0) -> float
         perm = torch.randperm(len(data.x_train), generator=g)
         for k in range(spe):
             step = epoch * spe + k
-            if swa is None:
+            if swa_start is None:
                 lr = 0.05 * (1 + math.cos(math.pi * step / total)) / 2
             else:
                 t = step / (swa_start * spe)
@@ -49,8 +51,8 @@ def bare(data: Data, epochs: int, swa_start: int | None, seed: int = 0) -> float
             opt.zero_grad()
             loss.backward()
             opt.step()
-        deployed = model
-        if swa is not None and epoch + 1 > swa_start:
+        deployed: nn.Module = model
+        if swa is not None and swa_start is not None and epoch + 1 > swa_start:
             swa.update_parameters(model)
             update_bn([data.x_train[i : i + 1024] for i in range(0, len(data.x_train), 1024)], swa)
             deployed = swa

@@ -723,7 +723,7 @@ def run_train(
         if path is not None:
             writable_file(option, path)  # found now, not after the training
 
-    from flatbasin.trainables.data import DataError
+    from flatbasin.trainables.data_spec import DataError
     from flatbasin.trainables.loop import train as run_trial
 
     legend = (

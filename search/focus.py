@@ -29,8 +29,9 @@ def make_library(
     harvesting run starts, a run that cannot work (its data, model, a divergence) after it."""
     from flatbasin.search.preflight import writable_file
     from flatbasin.trainables.config import code_in, make_config
-    from flatbasin.trainables.data import DataError
-    from flatbasin.trainables.focus import LibraryError, fit_focus_library
+    from flatbasin.trainables.data_spec import DataError
+    from flatbasin.trainables.focus import LibraryError
+    from flatbasin.trainables.focus_harvest import fit_focus_library
 
     if out.is_dir():
         raise UsageError(

@@ -123,7 +123,8 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
     the loss never fell enough to suggest anything (nothing is written then)."""
     import torch
 
-    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataError
     from flatbasin.trainables.loop import assemble, resolve_device
     from flatbasin.trainables.lr_range import forever, geometric_lrs, range_test, suggest
     from flatbasin.trainables.memory import named_out_of_memory

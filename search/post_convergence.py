@@ -236,7 +236,8 @@ def check_fits(
     A model trained on another split has seen validation examples the trials are scored on; one of
     another architecture cannot be continued at all.
     """
-    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataError
     from flatbasin.trainables.sanity import TrialError, build
 
     seen: set[tuple[object, ...]] = set()
@@ -291,7 +292,8 @@ def _earlier_source(tracker: Tracker) -> tuple[str | None, str | None] | None:
 
 def _check_base(base: TrialConfig, space: Space) -> None:
     """The base phase can run on the space's data and model (before Ray, like every trial)."""
-    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataError
     from flatbasin.trainables.sanity import TrialError, check_trial
 
     try:

@@ -272,8 +272,8 @@ def check_gpu_packing(space: Space, gpus_per_trial: float, concurrency: int, gpu
 
     from flatbasin.trainables.accel import EVAL_BATCH_CUDA, autocast_dtype
     from flatbasin.trainables.data import load_data
-    from flatbasin.trainables.footprint import footprint, probe, size
-    from flatbasin.trainables.memory import memory_advice
+    from flatbasin.trainables.footprint import footprint, probe
+    from flatbasin.trainables.memory import memory_advice, size
 
     sharing = trials_per_gpu(gpus_per_trial, concurrency)
     cuda = torch.device("cuda")
@@ -398,8 +398,9 @@ def check_trials(space: Space, *, local: bool, notes: list[str] | None = None) -
     to the nodes: the trial checks it where it runs and reports a permanent error, not retried.
     `notes` collects what the data does to the numbers (data_notes), once per data set.
     """
-    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data import load_data
     from flatbasin.trainables.data_notes import data_notes
+    from flatbasin.trainables.data_spec import DataError
     from flatbasin.trainables.memory import OutOfMemory, named_out_of_memory
     from flatbasin.trainables.sanity import TrialError, check_learns, check_trial
     from flatbasin.trainables.variants import REGISTRY

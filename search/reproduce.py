@@ -42,10 +42,11 @@ from flatbasin.search.tracking import (
 )
 from flatbasin.trainables import usercode
 from flatbasin.trainables.checkpoint import CheckpointError
-from flatbasin.trainables.config import TrialConfig
-from flatbasin.trainables.loop import EpochMetrics, train
+from flatbasin.trainables.config import TrialConfig, user_modules
+from flatbasin.trainables.loop import train
+from flatbasin.trainables.records import EpochMetrics
 from flatbasin.trainables.start import Weights, read_converged
-from flatbasin.trainables.usercode import code_files, user_modules
+from flatbasin.trainables.usercode import code_files
 from flatbasin.trainables.variants import phase_flags
 
 

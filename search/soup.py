@@ -340,7 +340,8 @@ def build(plan: Plan, device: str = "auto", console: Console | None = None) -> S
     import torch
 
     from flatbasin.trainables.accel import resolve_device
-    from flatbasin.trainables.data import DataError, load_data
+    from flatbasin.trainables.data import load_data
+    from flatbasin.trainables.data_spec import DataError
 
     console = console or Console(quiet=True)
     started = time.perf_counter()

@@ -277,7 +277,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
                 continue
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if isinstance(key, list | dict):
                 raise _DuplicateKey(f"a key must be a plain value, got {short(key)}", line)
@@ -406,11 +406,13 @@ def make_space(raw: Any, path: Path | None, start_from: str | None = None) -> Sp
         )
         raise SpaceError(f"{label}: {problems}") from err
 
-    fixed = dict(spec.fixed)
-    if isinstance(fixed.get("data_dir"), str) and fixed["data_dir"]:
+    fixed_settings = dict(spec.fixed)
+    if isinstance(fixed_settings.get("data_dir"), str) and fixed_settings["data_dir"]:
         # Trials run in Tune's trial folders, not here: a relative path means this directory.
-        fixed["data_dir"] = str(Path(fixed["data_dir"]).expanduser().resolve())
-    settings = {"epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed}
+        fixed_settings["data_dir"] = str(Path(fixed_settings["data_dir"]).expanduser().resolve())
+    settings = {
+        "epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed_settings
+    }
     if spec.data_args:
         for key, value in spec.data_args.items():
             if _parse_dist(f"{label}: data_args.{key}", value) is not None:

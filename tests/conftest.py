@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from flatbasin.trainables.data import Data, DataSpec, load_data, load_raw
+from flatbasin.trainables.data import Data, load_data, load_raw
+from flatbasin.trainables.data_spec import DataSpec
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +304,7 @@ def _watch_sigterm() -> None:
         return
     previous = signal.getsignal(signal.SIGTERM)
 
-    def on_sigterm(signum: int, frame: object) -> None:
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         _kill_leftover_groups()
         if callable(previous):
             previous(signum, frame)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -948,7 +949,7 @@ def lr_find_check(tmp_path: Path, **fixed: float) -> Callable[[float], object]:
     from flatbasin.trainables.config import make_config
 
     def check(v: float) -> None:
-        values = {"start": 1e-6, "end": 10.0, "steps": 200, **fixed}
+        values: dict[str, Any] = {"start": 1e-6, "end": 10.0, "steps": 200, **fixed}
         values[next(k for k in ("start", "end", "steps") if k not in fixed)] = v
         options = LrFindOptions(**values, plot=tmp_path / "f.png", write=None)
         try:

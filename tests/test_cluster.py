@@ -293,6 +293,7 @@ def tune_rows(experiment: Path) -> dict[str, list[dict]]:
 
 def trial_runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
     return [
         r
         for r in client.search_runs([exp.experiment_id])

@@ -26,7 +26,8 @@ from flatbasin.search.confirm import (
     verdict,
 )
 from flatbasin.trainables import user_data
-from flatbasin.trainables.data import DataSpec, load_data, load_raw
+from flatbasin.trainables.data import load_data, load_raw
+from flatbasin.trainables.data_spec import DataSpec
 
 VAL = 1000  # validation examples in the synthetic confirmations below
 

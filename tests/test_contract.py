@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import DataSpec, load_data
-from flatbasin.trainables.focus import fit_focus_library
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
+from flatbasin.trainables.focus_harvest import fit_focus_library
 from flatbasin.trainables.loop import DIVERGED_SCORE, assemble, train
 from flatbasin.trainables.variants import REGISTRY
 

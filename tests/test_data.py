@@ -13,15 +13,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from flatbasin.trainables.data import (
-    MNIST1D_SEED,
-    DataError,
-    DataSpec,
-    channel_statistics,
-    flip_and_crop,
-    load_data,
-    random_shift,
-)
+from flatbasin.trainables.augment import flip_and_crop, random_shift
+from flatbasin.trainables.data import channel_statistics, load_data
+from flatbasin.trainables.data_spec import MNIST1D_SEED, DataError, DataSpec
 from flatbasin.trainables.models import CNN1d, build_model
 
 

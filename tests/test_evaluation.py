@@ -20,15 +20,16 @@ from flatbasin.trainables import sanity
 from flatbasin.trainables.checkpoint import load_checkpoint
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.curve import Curve, accuracy, diversity
-from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import (
-    EpochMetrics,
     assemble,
     fit_accuracy,
     load_deployed,
     predict,
     train,
 )
+from flatbasin.trainables.records import EpochMetrics
 from flatbasin.trainables.tta import IMAGE_SHIFTS, SIGNAL_SHIFTS, TestTimeAugmented, softmax, views
 
 

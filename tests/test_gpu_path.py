@@ -24,7 +24,8 @@ from flatbasin.trainables import accel
 from flatbasin.trainables.averagers import EMA
 from flatbasin.trainables.checkpoint import _differences
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.footprint import estimate, footprint, probe
 from flatbasin.trainables.loop import load_deployed, train
 from flatbasin.trainables.models import AirbenchNet, build_model

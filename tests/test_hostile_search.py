@@ -82,6 +82,7 @@ def the_resume_command(text: str) -> list[str]:
 
 def assert_none_running(client: MlflowClient, name: str) -> None:
     exp = client.get_experiment_by_name(name)
+    assert exp is not None, f"no experiment {name}"
     running = [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
     assert not running, [(r.data.tags.get("flatbasin.role"), r.info.run_id) for r in running]
 

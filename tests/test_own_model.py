@@ -37,6 +37,7 @@ def user_folder(tmp_path: Path, space: str) -> Path:
 
 def trials(client: MlflowClient, name: str) -> list:
     experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no experiment {name}"
     runs = client.search_runs([experiment.experiment_id])
     return [r for r in runs if r.data.tags.get("flatbasin.role") == "trial"]
 

@@ -20,15 +20,16 @@ from flatbasin.search.errors import UsageError
 from flatbasin.search.preflight import check_trials
 from flatbasin.spaces import load_space
 from flatbasin.trainables.config import make_config
-from flatbasin.trainables.data import Data, DataSpec, load_data
+from flatbasin.trainables.data import Data, load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.focus import (
     FORMAT,
     FocusLibrary,
     Harvest,
     LibraryError,
-    fit_focus_library,
     ridge_fit,
 )
+from flatbasin.trainables.focus_harvest import fit_focus_library
 from flatbasin.trainables.history import patience_exhausted, seconds_to_best
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.sanity import TrialError

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flatbasin.trainables.config import trial_config
-from flatbasin.trainables.loop import EpochMetrics
 from flatbasin.trainables.ray_entry import CheckpointPolicy, epoch_metrics
+from flatbasin.trainables.records import EpochMetrics
 
 
 def metrics(epoch: int) -> EpochMetrics:

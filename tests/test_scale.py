@@ -116,7 +116,8 @@ class Counted:
     `nth` call (a store that drops out in the middle of a write)."""
 
     def __init__(self, client: MlflowClient, refuse: str = "", nth: int = 0) -> None:
-        self.client, self.calls = client, collections.Counter()
+        self.client = client
+        self.calls: collections.Counter[str] = collections.Counter()
         self.refuse, self.nth = refuse, nth
 
     def __getattr__(self, name: str) -> Any:

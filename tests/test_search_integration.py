@@ -20,7 +20,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
 
 # Minutes per search on a loaded 2-core machine; the shared search may run in the first test's setup.
 pytestmark = [
@@ -119,6 +120,7 @@ def write_space(tmp: Path, name: str, samples: int) -> Path:
 
 def trial_runs(client: MlflowClient, experiment: str):
     exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("flatbasin.role") == "search"]
     trials = [r for r in runs if r.data.tags.get("flatbasin.role") == "trial"]

@@ -33,7 +33,8 @@ from flatbasin.search.tracking import BASE_RUN, FROM_SHA, Tracker, TrialRecord
 from flatbasin.trainables import soups
 from flatbasin.trainables.config import make_config, trial_config
 from flatbasin.trainables.curve import accuracy
-from flatbasin.trainables.data import DataSpec, load_data
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import load_deployed, predict, train
 from flatbasin.trainables.start import StartPoint, read_converged
 

@@ -26,7 +26,8 @@ from flatbasin.search.lrfind import LrFindOptions, run_lr_find
 from flatbasin.trainables import user_data
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.curve import accuracy
-from flatbasin.trainables.data import Data, DataSpec, load_data, load_raw
+from flatbasin.trainables.data import Data, load_data, load_raw
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.loop import assemble, load_deployed, predict, train
 from flatbasin.trainables.sanity import TrialError, check_learns, check_model, check_trial
 from flatbasin.trainables.variants import REGISTRY

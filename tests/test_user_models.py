@@ -11,7 +11,7 @@ import torch
 
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import load_data
-from flatbasin.trainables.focus import fit_focus_library
+from flatbasin.trainables.focus_harvest import fit_focus_library
 from flatbasin.trainables.footprint import estimate
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.models import build_model

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from flatbasin.trainables.files import write_whole
+from flatbasin.trainables.records import EpochMetrics
 
 if TYPE_CHECKING:
     from flatbasin.trainables.averagers import Averager
     from flatbasin.trainables.curve import Curve
-    from flatbasin.trainables.loop import EpochMetrics
 
 
 FORMAT = 1
@@ -114,8 +114,6 @@ def load_checkpoint(
     *,
     config: dict[str, Any],
 ) -> Resumed:
-    from flatbasin.trainables.loop import EpochMetrics
-
     state = _read_matching(path, model, config)
     try:
         model.load_state_dict(state["model"])

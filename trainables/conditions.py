@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 
 class Condition(Protocol):
-    on: tuple[str, ...]  # the settings it reads
+    @property
+    def on(self) -> tuple[str, ...]: ...  # the settings it reads
 
     def holds(self, values: Mapping[str, Any]) -> bool: ...
 

@@ -13,10 +13,11 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from flatbasin.trainables.accel import Precision, Toggle
 from flatbasin.trainables.conditions import Condition, OneOf, inactive
-from flatbasin.trainables.data import DataSpec
+from flatbasin.trainables.data_spec import DataSpec
 from flatbasin.trainables.models import Init, check_model_name, model_kind
 from flatbasin.trainables.start import StartPoint
 from flatbasin.trainables.tta import TTA
+from flatbasin.trainables.usercode import PASSED, parse_ref
 from flatbasin.trainables.variants import REGISTRY, Variant, VariantParams
 
 OptimizerName = Literal["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad"]
@@ -198,10 +199,19 @@ def make_config(
 
 def names_user_code(model: object, dataset: object) -> bool:
     """Whether a model or a data set setting names the user's own `module:callable`."""
-    from flatbasin.trainables.usercode import parse_ref
-
     user_model = isinstance(model, str) and model_kind(model) == "user"
     return user_model or (isinstance(dataset, str) and parse_ref(dataset) is not None)
+
+
+def user_modules(model: str, dataset: str) -> list[str]:
+    """The user's modules a trial imports: those its `model` and `dataset` name as module:callable
+    (a zoo's model and the built-in names are not the user's)."""
+    names = []
+    for text, is_user in ((model, model_kind(model) == "user"), (dataset, True)):
+        ref = parse_ref(text) if is_user else None
+        if ref is not None and ref.module != PASSED and ref.module not in names:
+            names.append(ref.module)
+    return names
 
 
 def code_in(settings: dict[str, Any], folder: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Images are (N, C, H, W), 1-D signals (MNIST-1D) are (N, C, L). Small sets fit in
 are index slices of one tensor: no DataLoader workers, no per-batch host-to-device copies (the airbench
 way). Loading happens once per worker process. Augmentation works on whole batches on the device; its
 random draws come from the trial's CPU generator (checkpointed with the trial) and travel to the
-device without waiting for it (`_to`).
+device without waiting for it (augment.to_device).
 """
 
 from __future__ import annotations
@@ -18,150 +18,22 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from flatbasin.trainables import usercode
-from flatbasin.trainables.strict import NoBoolNumbers
-
-DatasetName = Literal[
-    "mnist1d", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "image_folder",
-    "synthetic",
-]  # fmt: skip
-BUILT_IN_NAMES: tuple[str, ...] = get_args(DatasetName)
-MNIST1D_SEED = 42  # the mnist1d package's own seed: the published draw
-MNIST1D_SIGNALS = 5_000  # the mnist1d package's own count: 4,000 train / 1,000 test
-BUILT_IN = ("mnist1d", "digits", "synthetic")  # made or shipped locally: no data_dir, no download
-GENERATED = ("mnist1d", "synthetic")  # drawn from data_seed
-SYNTHETIC_IMAGES = 60_000  # CIFAR-10's count; with test_frac 1/6, its 50,000 / 10,000 split
-LOADER_WORKERS = 2  # DataLoader worker processes for streamed (user Dataset) data
-
-
-class DataError(ValueError):
-    """The data cannot be loaded as configured (missing directory, corrupt file, wrong layout)."""
-
-
-class DataSpec(NoBoolNumbers):
-    """Which data, where it lives and how it is split. Hashable: it keys the per-process cache."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # A built-in set, or the user's `module:callable` (called with **data_args; see user_data.py)
-    dataset: str = "digits"
-    data_args: dict[str, Any] = Field(default_factory=dict)  # the user's data callable only
-    loader_workers: int = Field(LOADER_WORKERS, ge=0, le=64)  # streamed data only
-    # The user's folder, where `module:callable` is looked for first (set by the driver, not by hand)
-    code_dir: str | None = None
-    # Callables handed in from Python (`callable:NAME`), by name: set by the driver, not by hand.
-    # A data set's own entry keys the per-process cache: the same name may hold another function.
-    passed: dict[str, usercode.PassedCode] = Field(default_factory=dict)
-    data_dir: Path | None = None  # root for torchvision sets and image folders
-    download: bool = False  # torchvision sets only, and only when asked
-    image_size: int = Field(32, ge=8, le=512)  # image folders are resized to this square (and
-    # synthetic images made at it)
-    synthetic_images: int = Field(SYNTHETIC_IMAGES, ge=20, le=1_000_000)  # synthetic only: how many
-    val_frac: float = Field(0.1, gt=0, lt=0.5)  # carved from the training data
-    test_frac: float = Field(0.2, gt=0, lt=0.5)  # only for sets without their own test split
-    split_seed: int = Field(0, ge=0, le=2**32 - 1)  # the same in every trial: the same split
-    # The validation split alone (None: split_seed + 1, as before it existed). The test split never
-    # depends on it: a confirmation draws fresh validation examples and is tested on the same ones.
-    val_seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    # mnist1d only: how many signals are drawn (the package's 5,000 by default); 80% of them are the
-    # training data (validation is carved from it), the rest the test split
-    mnist1d_signals: int = Field(MNIST1D_SIGNALS, ge=100, le=1_000_000)
-    data_seed: int = Field(MNIST1D_SEED, ge=0, le=2**32 - 1)  # mnist1d, synthetic: which draw
-
-    def __hash__(self) -> int:  # data_args is a dict: hash what the spec says, in JSON
-        return hash(self.model_dump_json())
-
-    @property
-    def val_split_seed(self) -> int:
-        """The seed that draws the validation split from the training data."""
-        return self.split_seed + 1 if self.val_seed is None else self.val_seed
-
-    @property
-    def user(self) -> bool:
-        """The data comes from the user's own `module:callable`."""
-        return self.dataset not in BUILT_IN_NAMES
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_form(cls, name: str) -> str:
-        if name in BUILT_IN_NAMES or usercode.parse_ref(name):
-            return name
-        raise ValueError(
-            f"unknown data set {name!r}; give a built-in one ({', '.join(BUILT_IN_NAMES)}) or "
-            "your own as module:callable (mydata:load)"
-        )
-
-    @field_validator("data_args")
-    @classmethod
-    def _args_for_user_data(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        dataset = info.data.get("dataset")
-        if args and dataset is not None and dataset in BUILT_IN_NAMES:
-            raise ValueError(
-                f"data_args ({', '.join(sorted(args))}) apply to your own data set "
-                f"(dataset: module:callable); '{dataset}' is built in"
-            )
-        return args
-
-    @field_validator("data_seed")
-    @classmethod
-    def _only_for_generated_data(cls, seed: int, info: ValidationInfo) -> int:
-        dataset = info.data.get("dataset")
-        if seed != MNIST1D_SEED and dataset is not None and dataset not in GENERATED:
-            raise ValueError(
-                f"applies only to generated data ({', '.join(GENERATED)}); '{dataset}' is fixed "
-                f"data, so leave data_seed at {MNIST1D_SEED}"
-            )
-        return seed
-
-    @field_validator("synthetic_images")
-    @classmethod
-    def _only_for_synthetic(cls, count: int, info: ValidationInfo) -> int:
-        dataset = info.data.get("dataset")
-        if count != SYNTHETIC_IMAGES and dataset is not None and dataset != "synthetic":
-            raise ValueError(
-                f"applies only to the synthetic data set; '{dataset}' has the images it has, "
-                f"so leave synthetic_images out"
-            )
-        return count
-
-    @field_validator("mnist1d_signals")
-    @classmethod
-    def _only_for_mnist1d(cls, count: int, info: ValidationInfo) -> int:
-        dataset = info.data.get("dataset")
-        if count != MNIST1D_SIGNALS and dataset is not None and dataset != "mnist1d":
-            raise ValueError(
-                f"applies only to the mnist1d data set; '{dataset}' has the examples it has, "
-                "so leave mnist1d_signals out"
-            )
-        return count
-
-    @field_validator("data_dir", "download")
-    @classmethod
-    def _only_for_files(cls, value: object, info: ValidationInfo) -> object:
-        dataset = info.data.get("dataset")
-        if value and dataset in BUILT_IN:
-            raise ValueError(
-                f"'{dataset}' is built in (nothing to read or fetch), so {info.field_name} does "
-                "not apply; leave it out, or set dataset to image_folder or a torchvision set"
-            )
-        if value is True and dataset == "image_folder":
-            raise ValueError("an image folder is local files; there is nothing to download")
-        return value
-
-
-Split = Literal["train", "val", "test", "fit"]
-
-
-def split_labels(y_train: Tensor, y_val: Tensor, y_test: Tensor, split: Split) -> Tensor:
-    """A split's labels; "fit" is the first len(val) training labels (see Data.inputs)."""
-    return {"train": y_train, "val": y_val, "test": y_test, "fit": y_train[: len(y_val)]}[split]
+from flatbasin.trainables.augment import flip_and_crop, random_shift, to_device
+from flatbasin.trainables.data_spec import (
+    DataError,
+    DataSpec,
+    Raw,
+    Split,
+    check_splits,
+    split_indices,
+    split_labels,
+)
 
 
 @dataclass(frozen=True)
@@ -189,7 +61,7 @@ class Data:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled epoch; the last partial batch is dropped (batch norm needs whole batches)."""
         n = len(self.x_train)
-        order = _to(torch.randperm(n, generator=generator), self.x_train.device)
+        order = to_device(torch.randperm(n, generator=generator), self.x_train.device)
         for k in range(self.steps_per_epoch(batch_size)):
             idx = order[k * batch_size : (k + 1) * batch_size]
             x = self.x_train[idx]
@@ -232,43 +104,8 @@ class Data:
 _TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
-def _to(t: Tensor, device: torch.device) -> Tensor:
-    """A freshly drawn CPU tensor onto the device without waiting for the device: a blocking copy
-    to a GPU first waits for all queued work, which would make every training step wait. Safe for
-    pageable memory: CUDA stages the bytes before the call returns. A no-op on the CPU."""
-    return t.to(device, non_blocking=True)
-
-
-def flip_and_crop(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
-    """Random horizontal flip and random translation by up to `pad` pixels (reflect padding)."""
-    n, _, h, w = x.shape
-    flip = _to(torch.rand(n, generator=generator), x.device) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = _to(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
-    dx = _to(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
-
-
-def random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 3) -> Tensor:
-    """Roll each 1-D signal by a random -max_shift..max_shift samples. Circular, as MNIST-1D's own
-    generator translates its digits; no flip, since a reversed signal is a different digit."""
-    n, _, length = x.shape
-    shift = _to(torch.randint(-max_shift, max_shift + 1, (n,), generator=generator), x.device)
-    index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length
-    return x.gather(2, index[:, None, :].expand_as(x))
-
-
 # ---------------------------------------------------------------------------------------------------
-# Raw loaders: each returns (train examples NCHW or NCL, uint8 or float; train labels; test examples;
-# test labels), test arrays None when the set has no official test split.
-Raw = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
-
-
+# Raw loaders: each returns a data_spec.Raw (train examples, train labels, test examples, test labels).
 def mnist1d_args(spec: DataSpec) -> dict[str, object]:
     """The mnist1d package's standard generation arguments (5,000 signals of length 40, 4,000 train /
     1,000 test) with the spec's seed and count. Part of the fingerprint: another draw is another
@@ -451,25 +288,6 @@ def _fingerprint(recipe: bytes, *arrays: np.ndarray | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    cut = round(n * frac)
-    return order[cut:], order[:cut]
-
-
-def _check_splits(spec: DataSpec, sizes: dict[str, int]) -> None:
-    """Every split holds examples: an empty validation split cannot score a trial, an empty test
-    split cannot report one, and a small data set cut by val_frac and test_frac can leave either."""
-    empty = [name for name, n in sizes.items() if n == 0]
-    if empty:
-        counts = ", ".join(f"{n} {name}" for name, n in sizes.items())
-        raise DataError(
-            f"data set '{spec.dataset}' splits into {counts} example(s): the {' and '.join(empty)} "
-            f"split{'s are' if len(empty) > 1 else ' is'} empty (val_frac {spec.val_frac:g}, "
-            f"test_frac {spec.test_frac:g}); add examples or raise the fractions"
-        )
-
-
 def load_raw(spec: DataSpec) -> Raw:
     return _LOADERS[spec.dataset](spec)
 
@@ -531,10 +349,10 @@ def _in_memory(
         raise DataError(f"data set '{spec.dataset}' is empty")
     fingerprint = _fingerprint(recipe, x, y, x_test, y_test)
     if x_test is None or y_test is None:
-        keep, test = _split(len(x), spec.test_frac, spec.split_seed)
+        keep, test = split_indices(len(x), spec.test_frac, spec.split_seed)
         x, y, x_test, y_test = x[keep], y[keep], x[test], y[test]
-    train, val = _split(len(x), spec.val_frac, spec.val_split_seed)
-    _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(x_test)})
+    train, val = split_indices(len(x), spec.val_frac, spec.val_split_seed)
+    check_splits(spec, {"training": len(train), "validation": len(val), "test": len(x_test)})
 
     def tensor(a: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).float()

@@ -3,7 +3,8 @@ validation split so small that one example moves the score by more than a point.
 
 from __future__ import annotations
 
-from flatbasin.trainables.data import Data, DataSpec
+from flatbasin.trainables.data import Data
+from flatbasin.trainables.data_spec import DataSpec
 
 # Below this many validation examples one of them is worth more than a point of accuracy.
 POINT = 100

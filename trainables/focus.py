@@ -1,6 +1,6 @@
 """The focus library of prior-guided training (seed 004, the paper's 对焦库): for each conv layer and
 each kind of parameter (weight, bias), a regression that predicts the gradient from the parameters,
-fitted on a harvesting run of plain SGD on a similar data set.
+fitted on a harvesting run of plain SGD on a similar data set (focus_harvest.py runs it).
 
 The regression is element-wise ridge, g ≈ a⊙w + c: each parameter element has its own slope and
 intercept, fitted over the harvest's iterations. The paper's regression (its eq. 4-5) maps a layer's
@@ -29,17 +29,12 @@ from __future__ import annotations
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from flatbasin.trainables.files import write_whole
-
-if TYPE_CHECKING:
-    from flatbasin.trainables.config import TrialConfig
-    from flatbasin.trainables.data import Data
-    from flatbasin.trainables.loop import TrialResult
 
 FORMAT = "flatbasin.focus_library"
 VERSION = 1
@@ -285,66 +280,3 @@ class FocusLibrary:
 
 def _shown(shape: list[int] | None) -> str:
     return "none" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
-
-
-def fit_focus_library(
-    config: TrialConfig,
-    *,
-    data: Data | None = None,
-    regression: Regression = "elementwise",
-    ridge: float = DEFAULT_RIDGE,
-) -> tuple[FocusLibrary, TrialResult]:
-    """Train `config` (plain SGD on the source data) through the one loop, recording every conv
-    weight, bias and gradient at every iteration, and fit the library; the trial's result comes back
-    too (its accuracy says how good the prior is)."""
-    import flatbasin
-    from flatbasin.trainables.data import load_data
-    from flatbasin.trainables.loop import resolve_device, train
-    from flatbasin.trainables.models import resolve_name
-
-    if config.variant != "sgd":
-        raise LibraryError(
-            f"a focus library is harvested from plain SGD (variant sgd), not {config.variant!r}"
-        )
-    if ridge < 0:
-        raise LibraryError(f"ridge must be 0 or more (got {ridge})")
-    if config.threads is not None:
-        # Before loading, as train() does: the normalisation statistics are float32 reductions whose
-        # rounding depends on the thread count, and the harvest must see train()'s own data.
-        torch.set_num_threads(config.threads)
-    if data is None:
-        data = load_data(config.data_spec, str(resolve_device(config.device)))
-    harvests: list[Harvest] = []
-
-    def record(model: nn.Module) -> None:
-        if not harvests:
-            harvests.append(Harvest(model))
-            if not harvests[0].parameters:
-                raise LibraryError(
-                    f"model '{resolve_name(config.model, data.shape)}' has no conv layer: a focus "
-                    "library regresses conv layers' gradients"
-                )
-        harvests[0].record()
-
-    result = train(config, data=data, on_backward=record)
-    if result.diverged:
-        raise LibraryError(
-            f"the harvesting run diverged at epoch {result.history[-1].epoch} (the loss is not "
-            "finite), so its gradients say nothing; lower lr"
-        )
-    spec = config.data_spec
-    meta = {
-        "source": {
-            "dataset": spec.dataset,
-            "data_seed": spec.data_seed,
-            "fingerprint": data.fingerprint,
-            "data_spec": spec.model_dump(mode="json"),
-        },
-        "model": result.model,
-        "harvest_config": config.model_dump(mode="json"),
-        "epochs": len(result.history),
-        "source_val_acc": result.score,
-        "source_test_acc": result.test_acc,
-        "flatbasin_version": flatbasin.__version__,
-    }
-    return harvests[0].fit(regression, ridge, meta), result

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from flatbasin.trainables.config import TrialConfig
 from flatbasin.trainables.data import Data
+from flatbasin.trainables.memory import size
 from flatbasin.trainables.optim import build_optimizer
 from flatbasin.trainables.sanity import build
 
@@ -57,13 +58,6 @@ class Footprint:
         return ", ".join(
             f"{f.name.replace('_', ' ')} {size(getattr(self, f.name))}" for f in fields(self)
         )
-
-
-def size(nbytes: float) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes:.0f} B"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,12 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # torchvision's IMG_EXTENSIONS
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -94,8 +98,7 @@ def decode(path: Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decodes now: a truncated file fails here, not later
-                img = _to_8bit(img)
-                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                rgb = _to_8bit(img).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
                 return np.asarray(rgb).transpose(2, 0, 1)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ValueError(f"too large to decode safely ({err})") from err
@@ -104,7 +107,7 @@ def decode(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"not a readable image ({detail})") from err
 
 
-def _to_8bit(img):  # type: ignore[no-untyped-def]
+def _to_8bit(img: Image.Image) -> Image.Image:
     from PIL import Image
 
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):

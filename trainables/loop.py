@@ -30,32 +30,10 @@ from flatbasin.trainables.history import seconds_to_best
 from flatbasin.trainables.memory import names_out_of_memory
 from flatbasin.trainables.models import resolve_name
 from flatbasin.trainables.optim import build_optimizer
+from flatbasin.trainables.records import DATA_PHASE, EpochMetrics
 from flatbasin.trainables.sanity import build, check_data, check_model, runtime
 from flatbasin.trainables.start import apply_start
 from flatbasin.trainables.tta import TTA, softmax, with_tta
-from flatbasin.trainables.variants.base import DATA_PHASE
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int  # 1-based: metrics after this many epochs
-    step: int  # optimizer steps so far (an epoch without data takes none)
-    train_loss: float | None  # None in an epoch without a pass over the data
-    train_acc: float | None
-    val_loss: float  # of the live weights
-    val_acc: float
-    lr: float  # of the last step of the epoch
-    score: float  # validation accuracy of the model the variant would deploy now
-    members: int  # models averaged or ensembled so far
-    lr_low: float | None = None  # the lowest and highest lr of the epoch's steps: with cycles
-    lr_high: float | None = None  # shorter than an epoch the last step's lr alone says little
-    # Accuracy on as many training examples as the validation split has, scored like val_acc (eval
-    # mode, no augmentation, same TTA), minus val_acc. None in histories written before it existed.
-    gen_gap: float | None = None
-    phase: str = DATA_PHASE  # or the variant's own epoch without data (prior_guided: "focus")
-    # Wall-clock seconds of training since the trial started, carried over a resume. Left out of
-    # equality: a resumed trial is the same trial, bit for bit, whatever the clock said.
-    elapsed_s: float = field(default=0.0, compare=False)
 
 
 @dataclass

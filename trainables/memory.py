@@ -92,6 +92,14 @@ def names_out_of_memory(
     return wrap
 
 
+def size(nbytes: float) -> str:
+    """An amount of memory for a message: '2.0 GiB', '43.1 MiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def out_of_memory_message(err: BaseException, config: TrialConfig, doing: str) -> str:
     import torch
 
@@ -100,8 +108,6 @@ def out_of_memory_message(err: BaseException, config: TrialConfig, doing: str) -
     asked = _ASKED.search(text)
     amount = None
     if asked:  # "2147483648 bytes" (torch, CPU), "2.00 GiB" (torch, CUDA), "732. GiB" (numpy)
-        from flatbasin.trainables.footprint import size
-
         unit = asked.group(2)
         scale = 1 if unit.lower() == "bytes" else _SCALE[unit[0].upper() if len(unit) > 1 else ""]
         amount = size(float(asked.group(1)) * scale)

@@ -305,7 +305,7 @@ def _check_layout(name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def _check_fits(name: ModelName, shape: tuple[int, ...]) -> None:
+def _check_fits(name: str, shape: tuple[int, ...]) -> None:
     _check_layout(name, shape)
     signal = len(shape) == 2
     if name == "cnn1d" and not signal:
@@ -337,6 +337,7 @@ def build_model(
     """`shape` is one example's: (channels, height, width) for images, (channels, length) for signals.
     A zoo's or the user's model gets `model_args` as keyword arguments (the user's is found in
     `code_dir` first); ours take `dropout`."""
+    model: nn.Module
     kind = model_kind(name)
     if kind != "built_in":
         model = _zoo_model(name, shape, num_classes, dict(model_args or {})) if kind == "zoo" else (
@@ -347,7 +348,6 @@ def build_model(
     name = resolve_name(name, shape)
     _check_fits(name, shape)
     channels = shape[0]
-    model: nn.Module
     if name == "cnn1d":
         model = CNN1d(channels, shape[1], num_classes, dropout)
     elif name == "small_cnn":
@@ -433,15 +433,23 @@ def _zoo_model(
     return model
 
 
+def _pair(sizes: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (height, width) setting, which torch types as any length."""
+    height, width = sizes
+    return height, width
+
+
 def _first_conv_takes(model: nn.Module, channels: int) -> None:
     """torchvision's builders make 3-channel stems: give the first convolution `channels` inputs
     (same kernel, stride and padding; freshly initialised)."""
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                padding = child.padding if isinstance(child.padding, str) else _pair(child.padding)
                 setattr(parent, child_name, nn.Conv2d(
-                    channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, child.groups, child.bias is not None, child.padding_mode,
+                    channels, child.out_channels, _pair(child.kernel_size), _pair(child.stride),
+                    padding, _pair(child.dilation), child.groups, child.bias is not None,
+                    child.padding_mode,
                 ))  # fmt: skip
                 return
 

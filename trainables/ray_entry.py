@@ -18,10 +18,12 @@ from ray import tune
 
 from flatbasin.trainables import usercode
 from flatbasin.trainables.checkpoint import CheckpointError
-from flatbasin.trainables.config import TrialConfig, trial_config
-from flatbasin.trainables.data import DataError, load_data
+from flatbasin.trainables.config import TrialConfig, trial_config, user_modules
+from flatbasin.trainables.data import load_data
+from flatbasin.trainables.data_spec import DataError
 from flatbasin.trainables.files import disk_problem
-from flatbasin.trainables.loop import EpochMetrics, TrialResult, resolve_device, train
+from flatbasin.trainables.loop import TrialResult, resolve_device, train
+from flatbasin.trainables.records import EpochMetrics
 from flatbasin.trainables.sanity import TrialError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -68,7 +70,7 @@ def final_metrics(result: TrialResult, rung_epochs: list[int]) -> dict[str, Any]
         "chance": result.chance,  # the score of always answering the most common class
         # The user's own modules as this worker imported them: recorded with the trial's run
         "code": usercode.recorded_code(
-            usercode.user_modules(result.config.model, result.config.dataset),
+            user_modules(result.config.model, result.config.dataset),
             result.config.code_dir,
         ),
     }

@@ -195,7 +195,7 @@ class _Adam:
 
         live = [i for i, p in enumerate(self.params) if p.grad is not None]
         adam(
-            [self.params[i] for i in live], [self.params[i].grad for i in live],
+            [self.params[i] for i in live], [p.grad for p in self.params if p.grad is not None],
             [self.exp_avgs[i] for i in live], [self.exp_avg_sqs[i] for i in live], [],
             [self.steps[i] for i in live], amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr,
             weight_decay=0.0, eps=1e-8, maximize=False,

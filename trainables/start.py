@@ -95,7 +95,7 @@ def write_converged(checkpoint: Path, target: Path) -> None:
 
 def data_differences(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """'key (trained on X, now Y)' for each data setting that differs (defaults filled in)."""
-    from flatbasin.trainables.data import DataSpec
+    from flatbasin.trainables.data_spec import DataSpec
 
     def spec(config: Mapping[str, Any]) -> dict[str, Any]:
         given = {k: config[k] for k in DATA_KEYS if k in config}

@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +24,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from flatbasin.trainables import usercode
-
-if TYPE_CHECKING:
-    from flatbasin.trainables.data import DataSpec, Raw, Split
+from flatbasin.trainables.augment import flip_and_crop, random_shift
+from flatbasin.trainables.data_spec import (
+    DataError,
+    DataSpec,
+    Raw,
+    Split,
+    check_splits,
+    split_indices,
+    split_labels,
+)
 
 SAMPLED_ITEMS = 64  # items of a Dataset checked (and hashed into its fingerprint), evenly spaced
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -34,8 +41,6 @@ ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 def call(spec: DataSpec) -> tuple[Any, str]:
     """The user's callable's return value, and the SHA-256 of the source it came from."""
-    from flatbasin.trainables.data import DataError
-
     ref = usercode.parse_ref(spec.dataset)
     assert ref is not None  # DataSpec let only built-in names and module:callable through
     what = f"dataset {spec.dataset}"
@@ -67,8 +72,6 @@ def is_datasets(result: Any) -> bool:
 
 def arrays(spec: DataSpec, result: Any) -> Raw:
     """Four checked numpy arrays from the user's four array-likes."""
-    from flatbasin.trainables.data import DataError
-
     what = f"dataset {spec.dataset}"
     if not isinstance(result, tuple | list) or len(result) not in (2, 4):
         raise DataError(
@@ -116,8 +119,6 @@ def _kind(value: Any) -> str:
 
 
 def _numpy(what: str, name: str, value: Any) -> np.ndarray:
-    from flatbasin.trainables.data import DataError
-
     if isinstance(value, Tensor):
         return value.detach().cpu().numpy()
     try:
@@ -135,8 +136,6 @@ def _numpy(what: str, name: str, value: Any) -> np.ndarray:
 
 
 def _check_inputs(what: str, name: str, x: np.ndarray) -> None:
-    from flatbasin.trainables.data import DataError
-
     if x.dtype == np.bool_:
         raise DataError(f"{what}: {name} is boolean; give numbers (0/1 as floats or uint8)")
     if np.issubdtype(x.dtype, np.floating):
@@ -150,8 +149,6 @@ def _check_inputs(what: str, name: str, x: np.ndarray) -> None:
 
 
 def _check_labels(what: str, name: str, y: np.ndarray) -> None:
-    from flatbasin.trainables.data import DataError
-
     if y.ndim != 1:
         raise DataError(
             f"{what}: {name} has shape {y.shape}; give one integer class index per example, "
@@ -170,8 +167,6 @@ def _check_labels(what: str, name: str, y: np.ndarray) -> None:
 
 def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
     """The class count K (largest label + 1); every class must have training examples."""
-    from flatbasin.trainables.data import DataError
-
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     classes = int(max(y_train.max(), y_test.max())) + 1
     seen = np.unique(y_train)
@@ -192,8 +187,6 @@ def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
 
 
 def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
-    from flatbasin.trainables.data import DataError
-
     try:  # under a fixed seed: a random transform in the Dataset hashes alike in every process
         item = _Seeded(dataset).__getitems__((EVAL_SEED, [index]))[0]
     except Exception as err:
@@ -229,8 +222,6 @@ def _sample_positions(n: int) -> list[int]:
 
 def _check_sample(what: str, dataset: Dataset, n: int, digest: Any) -> tuple[int, ...]:
     """A deterministic sample of items has one shape, finite inputs and integer labels; hashed."""
-    from flatbasin.trainables.data import DataError
-
     shape: tuple[int, ...] | None = None
     for index in _sample_positions(n):
         x, y = _item(what, dataset, index)
@@ -253,8 +244,6 @@ def _check_sample(what: str, dataset: Dataset, n: int, digest: Any) -> tuple[int
 def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
     """Every label: from `targets` (torchvision's convention) when the Dataset has it, else by one
     pass over the items through a DataLoader, which also finds items of another shape."""
-    from flatbasin.trainables.data import DataError
-
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         try:
@@ -284,8 +273,6 @@ def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
 def _find_bad_item(what: str, dataset: Dataset, n: int) -> None:
     """DataError naming the first item that cannot be read, or whose input has another shape than
     the first's; nothing when every item is fine."""
-    from flatbasin.trainables.data import DataError
-
     shape = None
     for index in range(n):
         x, _ = _item(what, dataset, index)
@@ -301,8 +288,6 @@ def _find_bad_item(what: str, dataset: Dataset, n: int) -> None:
 def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> StreamedData:
     """Checked, split and fingerprinted Datasets; the validation split is carved from the training
     set by val_seed (or split_seed), as for the built-in sets."""
-    from flatbasin.trainables.data import DataError, _check_splits, _split
-
     train_set, test_set = result
     what = f"dataset {spec.dataset}"
     digest = hashlib.sha256(recipe(spec, source))
@@ -329,8 +314,8 @@ def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> Streamed
         _check_labels(what, f"the {name} labels", y)
     classes = _check_classes(what, y_all, y_test)
     digest.update(y_all.tobytes() + y_test.tobytes() + f"{sizes}".encode())
-    train, val = _split(len(y_all), spec.val_frac, spec.val_split_seed)
-    _check_splits(spec, {"training": len(train), "validation": len(val), "test": len(y_test)})
+    train, val = split_indices(len(y_all), spec.val_frac, spec.val_split_seed)
+    check_splits(spec, {"training": len(train), "validation": len(val), "test": len(y_test)})
     return StreamedData(
         name=spec.dataset,
         fingerprint=digest.hexdigest()[:16],
@@ -460,8 +445,6 @@ class StreamedData:
         """One shuffled epoch in the order the trial's generator draws (as for data in memory), and
         the seed the Dataset's own random transforms read this epoch under, from the same generator;
         the last partial batch is dropped."""
-        from flatbasin.trainables.data import flip_and_crop, random_shift
-
         order = self.train_index[torch.randperm(len(self.train_index), generator=generator)]
         seed = int(torch.randint(0, 2**62, (), generator=generator))
         steps = self.steps_per_epoch(batch_size)
@@ -496,8 +479,6 @@ class StreamedData:
             yield torch.cat(pending)
 
     def labels(self, split: Split) -> Tensor:
-        from flatbasin.trainables.data import split_labels
-
         return split_labels(self.y_train, self.y_val, self.y_test, split)
 
     def size(self, split: Split) -> int:
@@ -546,7 +527,9 @@ class StreamedData:
             passes = _Passes()
             loader = DataLoader(
                 _Seeded(dataset),
-                batch_sampler=passes,
+                # (seed, indices) batches, which _Seeded.__getitems__ reads: torch passes whatever
+                # the batch sampler yields, though its annotation says lists of indices.
+                batch_sampler=passes,  # type: ignore[arg-type]
                 collate_fn=_collate,
                 num_workers=self.workers,
                 pin_memory=self.device.type == "cuda",

@@ -246,19 +246,6 @@ def file_sha256(path: Path) -> str:
 MAX_RECORDED_BYTES = 1 << 20  # a trial records its user modules up to this size in all
 
 
-def user_modules(model: str, dataset: str) -> list[str]:
-    """The user's modules a trial imports: those its `model` and `dataset` name as module:callable
-    (a zoo's model and the built-in names are not the user's)."""
-    from flatbasin.trainables.models import model_kind
-
-    names = []
-    for text, is_user in ((model, model_kind(model) == "user"), (dataset, True)):
-        ref = parse_ref(text) if is_user else None
-        if ref is not None and ref.module != PASSED and ref.module not in names:
-            names.append(ref.module)
-    return names
-
-
 def _files_now(module: str, folder: str | Path | None) -> tuple[Path, list[Path]]:
     """(the folder that holds it, its files): what `module` would be imported from now, without
     importing it, from `folder` first."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import ConfigDict, Field, field_validator
 from torch import Tensor, nn
@@ -19,12 +19,8 @@ from torch import Tensor, nn
 from flatbasin.trainables import schedules
 from flatbasin.trainables.averagers import Averager, BatchSource
 from flatbasin.trainables.conditions import Condition, OneOf
+from flatbasin.trainables.records import DATA_PHASE, EpochMetrics
 from flatbasin.trainables.strict import NoBoolNumbers
-
-if TYPE_CHECKING:
-    from flatbasin.trainables.loop import EpochMetrics
-
-DATA_PHASE = "data"  # an epoch of ordinary steps over the training data
 
 
 class VariantParams(NoBoolNumbers):

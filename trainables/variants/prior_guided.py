@@ -17,16 +17,12 @@ from torch import nn
 from flatbasin.trainables.averagers import Averager, BatchSource, Live
 from flatbasin.trainables.focus import KINDS, FocusLibrary
 from flatbasin.trainables.history import patience_exhausted
+from flatbasin.trainables.records import DATA_PHASE
 from flatbasin.trainables.schedules import Schedule
-from flatbasin.trainables.variants.base import (
-    DATA_PHASE,
-    BaseScheduleParams,
-    Variant,
-    base_schedule,
-)
+from flatbasin.trainables.variants.base import BaseScheduleParams, Variant, base_schedule
 
 if TYPE_CHECKING:
-    from flatbasin.trainables.loop import EpochMetrics
+    from flatbasin.trainables.records import EpochMetrics
 
 FOCUS_PHASE = "focus"
 # Accuracies are multiples of 1/(validation examples): a gain of exactly the threshold (4/400 against

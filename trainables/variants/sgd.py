@@ -18,7 +18,7 @@ from flatbasin.trainables.schedules import Schedule
 from flatbasin.trainables.variants.base import BaseScheduleParams, Variant, base_schedule
 
 if TYPE_CHECKING:
-    from flatbasin.trainables.loop import EpochMetrics
+    from flatbasin.trainables.records import EpochMetrics
 
 
 class SGDParams(BaseScheduleParams):
