@@ -90,8 +90,9 @@ def asha(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from rich.console import Console
 
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.search.tracking import Tracker
-    from flatbasin.search.tuner import SearchOptions, run_search
     from flatbasin.spaces import load_space
 
     space = load_space(SPACE).with_settings(dataset="mnist1d", epochs=args.epochs)

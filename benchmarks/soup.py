@@ -66,7 +66,8 @@ variants:
 
 
 def search(text: str, folder: Path, seed: int, concurrency: int) -> Any:
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.spaces import load_space
 
     path = folder / f"{text.split()[1]}.yaml"
@@ -187,10 +188,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    from flatbasin.search.tuner import _init_ray
+    from flatbasin.search.ray_start import init_ray
 
     started = time.perf_counter()
-    _init_ray(None)
+    init_ray(None)
     rows = []
     here = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="flatbasin-soup-") as tmp:

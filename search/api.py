@@ -37,7 +37,7 @@ from flatbasin.search.errors import SearchFailed, Unwritten, UsageError, describ
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flatbasin.search.tuner import Outcome, SearchOptions
+    from flatbasin.search.options import Outcome, SearchOptions
     from flatbasin.spaces import Space
     from flatbasin.trainables.config import TrialConfig
     from flatbasin.trainables.loop import TrialResult
@@ -116,7 +116,7 @@ class SearchResult:
     @property
     def best_trial(self) -> BestTrial | None:
         """The trial to reproduce: the recommended variant's best trial, else the best score."""
-        from flatbasin.search import output
+        import flatbasin.search.output as output
 
         rows = [{"variant": b.variant, "trial": b} for b in self.best]
         row = output.to_reproduce(rows, self.recommended)
@@ -129,7 +129,8 @@ class SearchResult:
 
 
 def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchResult:
-    from flatbasin.search import confirm, output
+    import flatbasin.search.confirm as confirm
+    import flatbasin.search.output as output
 
     best = tuple(
         BestTrial(
@@ -338,22 +339,17 @@ def search(
     `state == "failed"` and `errors`. Progress and the summary go to `console` (a rich Console;
     Console(quiet=True) for none).
     """
-    from flatbasin.search import output
+    import flatbasin.search.output as output
     from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
-    from flatbasin.search import signals
+    import flatbasin.search.signals as signals
     from flatbasin.search.post_convergence import BaseFailed
-    from flatbasin.search.recovery import disk_failed, store_failed
-    from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import (
-        DiskFailure,
-        experiment_folder,
-        resumable,
-        resume_command,
-        run_search,
-    )
+    from flatbasin.search.recovery import DiskFailure, disk_failed, store_failed
+    from flatbasin.search.resume import experiment_folder, resumable, resume_command
+    from flatbasin.search.running import run_search
+    from flatbasin.search.store import TrackingRefused, TrackingUnavailable
 
     console = console or output.CONSOLE
     given = {
@@ -448,6 +444,23 @@ def search(
     )
 
 
+def search_failure(result: SearchResult) -> str:
+    """Why a search that returned failed, as one paragraph (the CLI exits with status 1); "" when
+    it did not: no trial finished within --time-budget, or trials failed."""
+    if result.out_of_time and not result.errors and not result.best:
+        return (
+            f"{result.out_of_time}: no trial finished, so nothing was compared; give a longer "
+            f"budget, or continue (with another budget window) with: {result.resume}"
+        )
+    if result.errors:
+        more = f" ({len(result.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
+        return (
+            f"the search failed: {len(result.errors)} trial(s) failed; first, {result.errors[0]}"
+            + (more if len(result.errors) > 1 else "")
+        )
+    return ""
+
+
 def _soup_wanted(soup: bool | None, start_from: str | None) -> bool:
     """--soup: on by default with --from; asked for a search from scratch, refused (before Ray)."""
     if soup is None:
@@ -464,7 +477,7 @@ def _soup_after(parent_run_id: str, tracking_uri: str, console: Console) -> Any:
     the search's own results are safe in MLflow whatever happens here."""
     import shlex
 
-    from flatbasin.search import soup
+    import flatbasin.search.soup as soup
     from flatbasin.search.credentials import redact_uri, scrub
 
     try:
@@ -493,8 +506,8 @@ def soup(
     search's name or its run id; `only`: "all", "soups" or "ensemble"; `device`: "auto", "cpu" or
     "cuda". Bad input (no such search, no finished trial, a store that is down, soups of a search
     from scratch) raises UsageError before any model is loaded."""
-    from flatbasin.search import output
-    from flatbasin.search import soup as soups
+    import flatbasin.search.output as output
+    import flatbasin.search.soup as soups
 
     if only not in ("all", "soups", "ensemble"):
         raise UsageError(f"--only {only}: expected all, soups or ensemble")
@@ -581,7 +594,7 @@ def _search_options(given: dict[str, Any], passed: dict[str, bytes]) -> SearchOp
     """SearchOptions from what was given (None: the default), with the command line's message."""
     from pydantic import ValidationError
 
-    from flatbasin.search.tuner import SearchOptions
+    from flatbasin.search.options import SearchOptions
 
     renamed = {"time_budget": "time_budget_s", "checkpoint_interval": "checkpoint_interval_s"}
     values = {renamed.get(k, k): v for k, v in given.items() if v is not None}
@@ -609,7 +622,7 @@ def tracking_uri_or_default(value: str | None) -> str:
     a malformed one is refused (UsageError) before anything starts, and a server's credentials
     move into the environment (search/credentials.py): nothing after this point holds them."""
     from flatbasin.search.credentials import adopt
-    from flatbasin.search.tracking import chosen_uri
+    from flatbasin.search.tracking_uri import chosen_uri
 
     return adopt(chosen_uri(value), "--tracking-uri" if value else "$MLFLOW_TRACKING_URI")
 
@@ -680,7 +693,7 @@ def run_train(
 ) -> TrialResult:
     """`train` with its settings as one mapping (as `flatbasin train` parses its --set), and the
     command line's --json file checked before the trial starts."""
-    from flatbasin.search import output
+    import flatbasin.search.output as output
     from flatbasin.search.preflight import writable_file
 
     console = console or output.CONSOLE

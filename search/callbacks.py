@@ -21,7 +21,9 @@ from ray.tune.utils.util import SafeFallbackEncoder
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
-from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord, sqlite_file
+from flatbasin.search.tags import EPOCH_METRICS
+from flatbasin.search.tracking import Tracker, TrialRecord
+from flatbasin.search.tracking_uri import sqlite_file
 from flatbasin.trainables.config import sampled
 from flatbasin.trainables.files import disk_problem, disk_state
 

@@ -15,7 +15,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from flatbasin.search import confirm
+import flatbasin.search.confirm as confirm
 from flatbasin.search.errors import plain_console, stderr
 
 CONSOLE = plain_console()
@@ -168,8 +168,8 @@ def print_summary(
     outcome: Any, tracking_uri: str, console: Console = CONSOLE, soups: Any = None
 ) -> None:
     from flatbasin.search.credentials import redact_uri
-    from flatbasin.search.tracking import browse_hint
-    from flatbasin.search.tuner import learned_nothing
+    from flatbasin.search.tracking_uri import browse_hint
+    from flatbasin.search.tune_results import learned_nothing
 
     tracking_uri = redact_uri(tracking_uri)  # every command printed here: without credentials
 
@@ -279,7 +279,7 @@ def print_search_end(outcome: Any, console: Console = CONSOLE) -> None:
     """What a search that did not run to its end says after its summary (an interruption, a time
     budget that ran out with trials to compare); failures are the caller's to report."""
     if outcome.interrupted:
-        from flatbasin.search import signals
+        import flatbasin.search.signals as signals
 
         console.print(
             f"The search was interrupted ({signals.name()}); finished trials are kept. "

@@ -40,7 +40,9 @@ from rich.table import Table
 
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
-from flatbasin.search.tracking import (
+from flatbasin.search.search_run import base_tags, quoted
+from flatbasin.search.store import TrackingUnavailable, read_store
+from flatbasin.search.tags import (
     BASE_RUN,
     CHECKPOINT_ARTIFACT,
     FINAL,
@@ -51,10 +53,6 @@ from flatbasin.search.tracking import (
     TRIAL_ID,
     VARIANT,
     WINNER,
-    TrackingUnavailable,
-    _quoted,
-    base_tags,
-    read_store,
 )
 from flatbasin.trainables.start import DATA_KEYS
 
@@ -174,7 +172,7 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
-    from flatbasin.search.report import find_search
+    from flatbasin.search.search_lookup import find_search
 
     kinds = {"all": ("uniform", "greedy", "ensemble"), "soups": ("uniform", "greedy"),
              "ensemble": ("ensemble",)}[only]  # fmt: skip
@@ -266,7 +264,7 @@ def _by_folder(client: MlflowClient, search: str, uri: str) -> Run:
     experiment = client.get_experiment_by_name(folder.name)
     found = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{_quoted(str(folder))}'",
+        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{quoted(str(folder))}'",
         max_results=1,
     ) if experiment is not None else []  # fmt: skip
     if not found:
@@ -311,7 +309,7 @@ def _children(client: MlflowClient, parent: Run) -> list[Run]:
 
 def _checkpoint(folder: Path, run: Run) -> Path | None:
     """The trial's last checkpoint in Tune's storage: its folder is VARIANT_TRIALID (tuner.trial_name),
-    under the search's folder, or the confirmation runs' folder beside it (tuner.confirm_path)."""
+    under the search's folder, or the confirmation runs' folder beside it (resume.confirm_path)."""
     where = folder if run.data.tags.get(ROLE) == "trial" else folder.with_name(f"{folder.name}.confirm")
     trial = where / f"{run.data.tags.get(VARIANT, '?')}_{_trial_id(run)}"
     found = sorted(trial.glob("checkpoint_*/checkpoint.pt"))
@@ -376,7 +374,7 @@ def build(plan: Plan, device: str = "auto", console: Console | None = None) -> S
 def _config(client: MlflowClient, candidate: Candidate, device: str) -> Any:
     """The trial's config as its checkpoint holds it (what trained those weights), on `device`;
     its own Python callables (a model or data set handed to flatbasin.search) registered."""
-    from flatbasin.search.reproduce import load_passed
+    from flatbasin.search.run_record import load_passed
     from flatbasin.trainables.checkpoint import CheckpointError, read_checkpoint
     from flatbasin.trainables.config import TrialConfig
 
@@ -811,7 +809,7 @@ def _member(
 ) -> Loaded:
     """A recorded member: from Tune's storage when its weights there are the recorded ones, else
     retrained from its run."""
-    from flatbasin.search.reproduce import converged_weights, fetch_record, load_passed
+    from flatbasin.search.run_record import converged_weights, fetch_record, load_passed
     from flatbasin.trainables.config import TrialConfig
     from flatbasin.trainables.loop import train
 

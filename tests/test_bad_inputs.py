@@ -667,8 +667,8 @@ def test_resume_with_an_edited_space_is_refused(tmp_path):
     """Tune resumes the space it pickled: an edited file would be ignored silently, so it is refused,
     naming what changed; comments and layout are no change."""
     from flatbasin.search.errors import UsageError
+    from flatbasin.search.resume import check_same_space
     from flatbasin.search.tracking import Tracker
-    from flatbasin.search.tuner import check_same_space
     from flatbasin.spaces import load_space
 
     path = tmp_path / "edited.yaml"
@@ -929,7 +929,7 @@ def stated_options(command: tuple[str, ...]) -> dict[str, Stated]:
 
 
 def search_field(field: str) -> Callable[[float], object]:
-    from flatbasin.search.tuner import SearchOptions
+    from flatbasin.search.options import SearchOptions
 
     return lambda v: SearchOptions(tracking_uri="sqlite:///x.db", storage=Path("runs"), **{field: v})
 

@@ -10,7 +10,9 @@ import pytest
 
 from flatbasin.search import credentials
 from flatbasin.search.credentials import adopt, redact_uri, scrub, user_info
-from flatbasin.search.tracking import Tracker, browse_hint, refusal_message
+from flatbasin.search.store import refusal_message
+from flatbasin.search.tracking import Tracker
+from flatbasin.search.tracking_uri import browse_hint
 
 VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_TOKEN", credentials.USERNAME_FROM, credentials.PASSWORD_FROM)  # fmt: skip

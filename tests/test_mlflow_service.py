@@ -28,7 +28,8 @@ import pytest
 from conftest import free_port
 from mlflow import MlflowClient
 
-from flatbasin.search.tracking import Tracker, TrackingRefused
+from flatbasin.search.store import TrackingRefused
+from flatbasin.search.tracking import Tracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("mlflow_service")]
 

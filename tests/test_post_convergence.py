@@ -384,7 +384,8 @@ def test_resume_with_another_source_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_resume_command_names_the_source(tmp_path, monkeypatch):
-    from flatbasin.search.tuner import SearchOptions, resume_command
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.resume import resume_command
 
     monkeypatch.chdir(tmp_path)
     space_file = tmp_path / "pc.yaml"

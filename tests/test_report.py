@@ -19,13 +19,10 @@ from typer.testing import CliRunner
 from flatbasin.search import figures
 from flatbasin.search.cli import app
 from flatbasin.search.errors import UsageError
-from flatbasin.search.report import (
-    MIN_IMPORTANCE_TRIALS,
-    find_search,
-    read_report,
-    write_files,
-    write_report,
-)
+from flatbasin.search.report import write_files, write_report
+from flatbasin.search.report_read import read_report
+from flatbasin.search.report_stats import MIN_IMPORTANCE_TRIALS
+from flatbasin.search.search_lookup import find_search
 
 VAL = 144  # examples in the digits validation split
 
@@ -440,7 +437,8 @@ def test_unknown_search_exits_2_without_traceback(searched):
 def test_importances_count_trials_whose_idle_parameters_were_not_sampled():
     # swa_lr_max is sampled in cyclic mode only (trainables/conditions.py): a constant-mode trial
     # lacks it and still counts; a trial lacking a parameter that would have acted does not.
-    from flatbasin.search.report import Trial, importances
+    from flatbasin.search.report_data import Trial
+    from flatbasin.search.report_stats import importances
     from flatbasin.spaces.loader import space_from_dict
 
     space = space_from_dict({"name": "c", "epochs": 4, "variants": {"swa": {

@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from flatbasin.search import soup
 from flatbasin.search.cli import app
 from flatbasin.search.errors import plain_console
-from flatbasin.search.tracking import BASE_RUN, FROM_SHA, Tracker, TrialRecord
+from flatbasin.search.tags import BASE_RUN, FROM_SHA
+from flatbasin.search.tracking import Tracker, TrialRecord
 from flatbasin.trainables import soups
 from flatbasin.trainables.config import make_config, trial_config
 from flatbasin.trainables.curve import accuracy
@@ -355,7 +356,8 @@ def test_a_search_is_found_by_name_run_id_or_tune_folder(recorded):
 
 
 def test_the_resume_command_keeps_soup_as_given(tmp_path):
-    from flatbasin.search.tuner import SearchOptions, resume_command
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.resume import resume_command
     from flatbasin.spaces import load_space
 
     space = load_space("swa")

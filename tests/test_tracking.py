@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from flatbasin.search.callbacks import MlflowWriter
-from flatbasin.search.tracking import Tracker, TrialRecord, seed_sqlite
+from flatbasin.search.sqlite_store import seed_sqlite
+from flatbasin.search.tracking import Tracker, TrialRecord
 
 
 def _schema(path: Path) -> tuple[set[str], list[tuple[str, ...]]]:
