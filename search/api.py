@@ -543,9 +543,9 @@ def _search_space(
         folder = code_folder(path)
         taken: dict[str, Any] = {}
         handed = {
-            key: found
+            key: named
             for option, key, value in (("model", "model", model), ("data", "dataset", data))
-            if (found := _named(option, value, folder, taken, ship=True)) is not None
+            if (named := _named(option, value, folder, taken, ship=True)) is not None
         }
         if handed and isinstance(raw, dict):
             _check_not_set_below(raw, handed, str(path) if path is not None else DICT)

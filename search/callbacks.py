@@ -46,7 +46,9 @@ def make_live(*callbacks: Any) -> None:
     _LIVE.update({type(c).__name__: c for c in callbacks})
 
 
-def _revive(cls: type, state: dict[str, Any]) -> Any:
+def _revive(
+    cls: type[MlflowWriter] | type[Progress] | type[StopOnPermanentError], state: dict[str, Any]
+) -> Any:
     live = _LIVE.get(cls.__name__)
     return live if live is not None else cls.from_state(state)
 

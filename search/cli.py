@@ -29,10 +29,10 @@ try:  # typer >= 0.22 carries its own copy of click
     from typer._click.core import ParameterSource
     from typer._click.exceptions import NoArgsIsHelpError
     from typer._click.exceptions import UsageError as ClickUsageError
-except ImportError:  # pragma: no cover
-    from click.core import ParameterSource
-    from click.exceptions import NoArgsIsHelpError
-    from click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover  # older typer: click's own classes, the same API
+    from click.core import ParameterSource  # type: ignore[assignment]
+    from click.exceptions import NoArgsIsHelpError  # type: ignore[assignment]
+    from click.exceptions import UsageError as ClickUsageError  # type: ignore[assignment]
 
 
 class Commands(typer.core.TyperGroup):

@@ -210,7 +210,7 @@ def comparison_figure(
     if confirmed:
         values += [m + sign * sd for m, sd, _ in confirmed.values() for sign in (-1, 1)]
         low, high = accuracy_limits(values, val_size)
-    max_count = max(p["count"] for points in curves.values() for p in points)
+    max_count = int(max(p["count"] for points in curves.values() for p in points))
     if max_count <= 1:
         return _final_models_figure(fig, curves, val_size, title, low, high, confirmed)
 

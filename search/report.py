@@ -75,10 +75,10 @@ def check_report_folder(folder: Path, writable: bool = True, what: str = "--out"
     if writable:
         check_folder(folder, f"{what} {folder}", "give a folder for the report")
     for name in REPORT_FILES:
-        kind = not_a_file(folder / name)
-        if kind is not None:
+        node = not_a_file(folder / name)
+        if node is not None:
             raise UsageError(
-                f"{what} {folder}: {name} there is {kind}, not a regular file; remove it or give "
+                f"{what} {folder}: {name} there is {node}, not a regular file; remove it or give "
                 "another folder"
             )
 

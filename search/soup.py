@@ -752,6 +752,7 @@ def reproduce_result(
     tta = record.get("tta", "none")
     torch.set_num_threads(int(record.get("threads", torch.get_num_threads())))  # as it was made
     with torch.no_grad():
+        model: torch.nn.Module
         if kind == "ensemble":
             model = soups.WeightedEnsemble(
                 [item.deployed for item in loaded], [m["weight"] for m in record["members"]]

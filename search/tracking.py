@@ -93,7 +93,8 @@ class Tracker(SearchRun):
         page at a time: a search looked each trial up on its own, one query per trial. This tracker
         is the search's one writer, so the runs it makes itself are all it needs to add."""
         if self._known is None:
-            parent, known, token = self.parent(), {}, None
+            parent, token = self.parent(), None
+            known: dict[str, Run] = {}
             while True:
                 page = self.client.search_runs(
                     [self.experiment_id],
@@ -197,7 +198,9 @@ class Tracker(SearchRun):
             if r.get("epoch") is not None and int(r["epoch"]) not in self._logged[run_id]
         ]
         if record.error is not None:  # failed for good, however often the record is written again
-            tags = [] if run_id in self._finalised else [RunTag(ERROR, record.error[:5000])]
+            tags: list[RunTag] = (
+                [] if run_id in self._finalised else [RunTag(ERROR, record.error[:5000])]
+            )
             self._log(run_id, epochs, tags=tags)
             self._finalised.add(run_id)
             self.client.set_terminated(run_id, "FAILED")
@@ -205,7 +208,7 @@ class Tracker(SearchRun):
             return
         final = record.final
         closing: list[Metric] = []
-        tags: list[RunTag] = []
+        tags = []
         if final is not None and run_id not in self._finalised:
             closing, tags = self._final_parts(run_id, record, final, now)
         if record.status != "RUNNING" and final is None:
