@@ -116,10 +116,10 @@ class SearchResult:
     @property
     def best_trial(self) -> BestTrial | None:
         """The trial to reproduce: the recommended variant's best trial, else the best score."""
-        import flatbasin.search.output as output
+        from flatbasin.search.confirm import to_reproduce
 
         rows = [{"variant": b.variant, "trial": b} for b in self.best]
-        row = output.to_reproduce(rows, self.recommended)
+        row = to_reproduce(rows, self.recommended)
         return row["trial"] if row else None
 
     @property
@@ -130,7 +130,6 @@ class SearchResult:
 
 def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchResult:
     import flatbasin.search.confirm as confirm
-    import flatbasin.search.output as output
 
     best = tuple(
         BestTrial(
@@ -154,14 +153,14 @@ def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchR
     )  # fmt: skip
     return SearchResult(
         name=outcome.name, state=outcome.state, best=best, confirmed=confirmed,
-        winner=output.winner(outcome.confirmed),
-        within_noise=tuple(output.within_noise(outcome.confirmed)) if outcome.confirmed else (),
+        winner=confirm.winner(outcome.confirmed),
+        within_noise=tuple(confirm.within_noise(outcome.confirmed)) if outcome.confirmed else (),
         parent_run_id=outcome.parent_run_id, tracking_uri=tracking_uri, report=report,
         experiment_path=outcome.experiment_path, interrupted=outcome.interrupted,
         out_of_time=outcome.out_of_time, errors=tuple(outcome.errors),
         untried=tuple(outcome.untried), resume=outcome.resume_command, seconds=dict(outcome.seconds),
         verdict=confirm.verdict(outcome.confirmed).text if outcome.confirmed else "",
-        recommended=output.recommended(outcome.confirmed),
+        recommended=confirm.recommended(outcome.confirmed),
     )  # fmt: skip
 
 

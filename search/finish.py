@@ -11,8 +11,8 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 
 import flatbasin.search.confirm as confirm
+from flatbasin.search.confirm import recommended, to_reproduce
 from flatbasin.search.figures import curve_figure
-from flatbasin.search.output import recommended, to_reproduce
 from flatbasin.search.tags import (
     ANSWER_TAGS,
     BEST_SEARCH_RUN,
@@ -28,7 +28,7 @@ MODEL_LOGGED = "flatbasin.model_logged"
 
 
 def best_run_tags(best: list[dict[str, Any]], confirmed: list[dict[str, Any]]) -> dict[str, str]:
-    """The search run's tags naming its answers, each with one meaning (tracking.py): the best
+    """The search run's tags naming its answers, each with one meaning (tags.py): the best
     search trial, the confirmed winner (only when it is better than the rest beyond noise), the
     recommended variant and the verdict in words, and the run the printed `Reproduce:` names."""
     tags = {}

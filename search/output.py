@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 import flatbasin.search.confirm as confirm
+from flatbasin.search.confirm import recommended, to_reproduce, winner
 from flatbasin.search.errors import plain_console, stderr
 
 CONSOLE = plain_console()
@@ -96,29 +97,6 @@ def print_trial_end(result: Any, console: Console = CONSOLE) -> None:
 
 
 # ----------------------------------------------------------------------------- a search's summary
-
-
-def winner(confirmed: list[dict[str, Any]]) -> str | None:
-    """The winner after confirmation: better than every other variant beyond noise; None without a
-    confirmation, or when the leading variants tie (confirm.verdict)."""
-    return confirm.verdict(confirmed).winner if confirmed else None
-
-
-def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
-    """Variants the confirmation cannot tell from the leader (the best mean validation accuracy)."""
-    return list(confirm.verdict(confirmed).leading[1:]) if confirmed else []
-
-
-def to_reproduce(best: list[dict[str, Any]], recommended: str | None) -> dict[str, Any] | None:
-    """The trial to reproduce: the recommended variant's best trial (the confirmed winner, or the
-    cheapest of the variants that tie), else the best search score."""
-    rows = [r for r in best if r["variant"] == recommended] or best
-    return rows[0] if rows else None
-
-
-def recommended(confirmed: list[dict[str, Any]]) -> str | None:
-    """The variant to use: the confirmed winner, or the cheapest of the variants that tie."""
-    return confirm.verdict(confirmed).recommended if confirmed else None
 
 
 def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:

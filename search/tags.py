@@ -1,5 +1,5 @@
 """The names flatbasin gives MLflow: run tags, per-epoch metrics and artifacts, one meaning each
-(what tracking.py writes and report.py, soup.py and reproduce.py read back)."""
+(what tracking.py and search_run.py write, and report_read.py, soup.py and reproduce.py read back)."""
 
 from __future__ import annotations
 
