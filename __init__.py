@@ -24,7 +24,15 @@ except PackageNotFoundError:  # running from a checkout that was never installed
 
 # Reached through the package, imported on first use (search/api.py); `search` is the callable
 # subpackage flatbasin.search itself.
-_API = ("train", "soup", "SearchResult", "BestTrial", "ConfirmedVariant", "UsageError", "SearchFailed")
+_API = (
+    "train",
+    "soup",
+    "SearchResult",
+    "BestTrial",
+    "ConfirmedVariant",
+    "UsageError",
+    "SearchFailed",
+)
 __all__ = ["search", *_API]
 
 

@@ -36,7 +36,11 @@ def one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "last.pt"
         last = config.epochs
-        result = train(config, data=data, on_epoch=lambda m, save: save(checkpoint) if m.epoch == last else None)
+        result = train(
+            config,
+            data=data,
+            on_epoch=lambda m, save: save(checkpoint) if m.epoch == last else None,
+        )
         deployed = load_deployed(config, checkpoint, data)
     with_tta = accuracy(predict(deployed, data.inputs("test"), "flip_shift"), data.y_test)
     row = {"variant": variant, "seed": seed, "test": result.test_acc, "test_tta": with_tta,
@@ -65,7 +69,9 @@ def main() -> None:
     # (a reduction over other threads rounds differently, and training amplifies the difference).
     torch.set_num_threads(1)
     rows = [one(v, s, args) for v in VARIANTS for s in range(args.seeds)]
-    print(f"{args.dataset}, {args.epochs} epochs, augment {args.augment}, seeds 0..{args.seeds - 1}\n")
+    print(
+        f"{args.dataset}, {args.epochs} epochs, augment {args.augment}, seeds 0..{args.seeds - 1}\n"
+    )
     print("| variant | test acc | with TTA | TTA gain (points) | last-epoch gap |")
     print("|---|---|---|---|---|")
     for variant in VARIANTS:

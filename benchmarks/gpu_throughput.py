@@ -171,7 +171,8 @@ def search_throughput(args: argparse.Namespace, device: torch.device) -> None:
     """N trials at 1/N of a GPU each (on the CPU: N trials at once), through `flatbasin search`."""
     import ray
 
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.spaces import load_space
 
     steps = train_examples(args.images, args.test_frac) // args.batch_size

@@ -44,7 +44,9 @@ def one(variant: str, settings: dict[str, Any]) -> dict[str, Any]:
     config = make_config(variant, {**DATA, **settings})
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "last.pt"
-        result = train(config, on_epoch=lambda m, save: save(checkpoint) if m.epoch == config.epochs else None)
+        result = train(
+            config, on_epoch=lambda m, save: save(checkpoint) if m.epoch == config.epochs else None
+        )
         probs = None
         if not result.diverged:
             data = load_data(config.data_spec, "cpu")
@@ -95,9 +97,16 @@ def _defaults_table(args: argparse.Namespace) -> tuple[str, float, float]:
     y_test = load_data(DataSpec(dataset="mnist1d"), "cpu").y_test
     ensembles = []
     for s in range(args.seeds):
-        group = [m["probs"] for m in members[s * args.members : (s + 1) * args.members] if m["probs"] is not None]
+        group = [
+            m["probs"]
+            for m in members[s * args.members : (s + 1) * args.members]
+            if m["probs"] is not None
+        ]
         ensembles.append(accuracy(torch.stack(group).mean(0), y_test))
-    per = {v: [r["test_acc"] for r in singles if r["variant"] == v and r["test_acc"] is not None] for v in VARIANTS}
+    per = {
+        v: [r["test_acc"] for r in singles if r["variant"] == v and r["test_acc"] is not None]
+        for v in VARIANTS
+    }
     sgd, ens = statistics.mean(per["sgd"]), statistics.mean(ensembles)
 
     lines = [
@@ -130,9 +139,15 @@ def search_table(name: str, uri: str, ens: float) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         raise SystemExit(f"no search named {name!r} in {uri}")
-    parents = client.search_runs([experiment.experiment_id], "tags.`flatbasin.role` = 'search'", max_results=1)
+    parents = client.search_runs(
+        [experiment.experiment_id], "tags.`flatbasin.role` = 'search'", max_results=1
+    )
     with tempfile.TemporaryDirectory() as folder:
-        summary = json.loads(Path(client.download_artifacts(parents[0].info.run_id, "summary.json", folder)).read_text())
+        summary = json.loads(
+            Path(
+                client.download_artifacts(parents[0].info.run_id, "summary.json", folder)
+            ).read_text()
+        )
     rows = summary.get("confirmed") or []
     if not rows:
         raise SystemExit(f"search {name!r} has no confirmation (run it with --confirm-seeds N)")

@@ -86,7 +86,8 @@ def epochs_trained(uri: str, name: str) -> dict[str, int]:
 
 
 def run_side(label: str, text: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.spaces import load_space
 
     path = folder / f"{label.replace(':', '').replace(' ', '-')}.yaml"
@@ -120,9 +121,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    from flatbasin.search.tuner import _init_ray
+    from flatbasin.search.ray_start import init_ray
 
-    _init_ray(None)  # one local Ray for both sides, started before either is timed
+    init_ray(None)  # one local Ray for both sides, started before either is timed
     rows = []
     here = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="flatbasin-pc-") as tmp:

@@ -119,16 +119,16 @@ def flatbasin_search(case: dict[str, Any], trials: int, folder: Path) -> dict[st
 
         return timed_call
 
-    from flatbasin.search import tuner
+    from flatbasin.search import running
 
     entered: list[float] = []
-    run_search = tuner.run_search
+    run_search = running.run_search
 
     def entering(*args: Any, **kwargs: Any) -> Any:
         entered.append(time.perf_counter())  # api.search imports and checks before this
         return run_search(*args, **kwargs)
 
-    tuner.run_search = entering
+    running.run_search = entering
     output.print_summary = timing("summary", output.print_summary)
     output.write_search_report = timing("report", output.write_search_report)
     api._stop_ray = timing("ray shutdown", api._stop_ray)
@@ -177,7 +177,7 @@ def one(way: str, case_name: str, trials: int, folder: Path) -> None:
 
     if way == "flatbasin":  # what `flatbasin search` imports before it starts anything
         import flatbasin.search.api
-        import flatbasin.search.tuner  # noqa: F401
+        import flatbasin.search.running  # noqa: F401
 
     rss_before = _status_mb("VmRSS")
     run = {"floor": ray_floor, "flatbasin": flatbasin_search}[way]

@@ -38,7 +38,9 @@ def study(sampler: str, seed: int, trials: int, epochs: int) -> list[float]:
     from flatbasin.trainables.loop import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space(SPACE).with_settings(dataset="mnist1d", epochs=epochs, threads=1, device="cpu")
+    space = load_space(SPACE).with_settings(
+        dataset="mnist1d", epochs=epochs, threads=1, device="cpu"
+    )
     # TPE starts with random trials drawn by a RandomSampler of its own seed: with the same seed as
     # the random search they would be the same trials, and TPE would match random's best for free
     # whenever random found it early. Another seed stream keeps the two searches independent.
@@ -91,8 +93,9 @@ def asha(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from rich.console import Console
 
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.search.tracking import Tracker
-    from flatbasin.search.tuner import SearchOptions, run_search
     from flatbasin.spaces import load_space
 
     space = load_space(SPACE).with_settings(dataset="mnist1d", epochs=args.epochs)
@@ -112,7 +115,9 @@ def asha(args: argparse.Namespace) -> None:
             runs = tracker.client.search_runs(
                 [tracker.experiment_id], "tags.`flatbasin.role` = 'trial'", max_results=10_000
             )
-            epochs = sum(len(tracker.client.get_metric_history(r.info.run_id, "score")) for r in runs)
+            epochs = sum(
+                len(tracker.client.get_metric_history(r.info.run_id, "score")) for r in runs
+            )
             best = outcome.confirmed[0] if outcome.confirmed else None
             rows.append((scheduler, epochs, wall, best))
     print(f"| scheduler | epochs trained by {args.trials} trials | wall s (with confirmation) | "

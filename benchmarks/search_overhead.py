@@ -153,7 +153,8 @@ def flatbasin_search(args: argparse.Namespace) -> dict[str, float]:
     from rich.console import Console
 
     from flatbasin.search.cluster import local_ray_on_loopback
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.spaces import load_space
 
     local_ray_on_loopback()

@@ -66,7 +66,8 @@ variants:
 
 
 def search(text: str, folder: Path, seed: int, concurrency: int) -> Any:
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
     from flatbasin.spaces import load_space
 
     path = folder / f"{text.split()[1]}.yaml"
@@ -116,7 +117,11 @@ def five_ensemble(uri: str, name: str) -> tuple[float, float, int]:
         ]
     labels = data.labels("test")
     single = statistics.fmean(accuracy(p, labels) for p in probs)
-    return single, accuracy(torch.stack(probs).mean(0), labels), sum(c.epochs_run or 0 for c in members)
+    return (
+        single,
+        accuracy(torch.stack(probs).mean(0), labels),
+        sum(c.epochs_run or 0 for c in members),
+    )
 
 
 def storage(folder: Path) -> dict[str, float]:
@@ -135,7 +140,9 @@ def one_seed(seed: int, args: argparse.Namespace, folder: Path) -> dict[str, Any
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     tick = time.perf_counter()
     name = f"soup-bench-{seed}"
-    text = SPACE.format(seed=seed, samples=args.samples, tail=args.tail_epochs, base=args.base_epochs)
+    text = SPACE.format(
+        seed=seed, samples=args.samples, tail=args.tail_epochs, base=args.base_epochs
+    )
     outcome = search(text, folder, seed, args.concurrency)
     searched = time.perf_counter()
     report = soup.make(name, uri, "all", "cpu", Console(quiet=True))
@@ -187,10 +194,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
 
-    from flatbasin.search.tuner import _init_ray
+    from flatbasin.search.ray_start import init_ray
 
     started = time.perf_counter()
-    _init_ray(None)
+    init_ray(None)
     rows = []
     here = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="flatbasin-soup-") as tmp:

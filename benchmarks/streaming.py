@@ -160,14 +160,20 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]),
     )  # fmt: skip
-    parser.add_argument("--images", type=int, default=1000, help="images in all (1/4 are the test set)")
+    parser.add_argument(
+        "--images", type=int, default=1000, help="images in all (1/4 are the test set)"
+    )
     parser.add_argument("--image-size", type=int, default=32, help="height and width in pixels")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each trial")
     parser.add_argument("--rounds", type=int, default=4, help="times each way runs")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of every loader")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the training process"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--decode", action="store_true", help="add the PNG-decoding Dataset's two ways")
+    parser.add_argument(
+        "--decode", action="store_true", help="add the PNG-decoding Dataset's two ways"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -37,7 +37,7 @@ from flatbasin.search.errors import SearchFailed, Unwritten, UsageError, describ
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flatbasin.search.tuner import Outcome, SearchOptions
+    from flatbasin.search.options import Outcome, SearchOptions
     from flatbasin.spaces import Space
     from flatbasin.trainables.config import TrialConfig
     from flatbasin.trainables.loop import TrialResult
@@ -108,18 +108,22 @@ class SearchResult:
     errors: tuple[str, ...] = ()  # one line per failed trial, first first
     untried: tuple[str, ...] = ()  # variants of the space that got no trial
     resume: str = ""  # what continues the search (a command, or a flatbasin.search call)
-    seconds: dict[str, float] = field(default_factory=dict)  # start-up, trials, confirmation, finish
+    seconds: dict[str, float] = field(
+        default_factory=dict
+    )  # start-up, trials, confirmation, finish
     verdict: str = ""  # the confirmation's conclusion in words (confirm.verdict)
     recommended: str | None = None  # the winner, else the cheapest of the variants that tie
-    soups: tuple[Any, ...] = ()  # soup.SoupResult: uniform and greedy soups, greedy ensemble (--soup)
+    soups: tuple[
+        Any, ...
+    ] = ()  # soup.SoupResult: uniform and greedy soups, greedy ensemble (--soup)
 
     @property
     def best_trial(self) -> BestTrial | None:
         """The trial to reproduce: the recommended variant's best trial, else the best score."""
-        from flatbasin.search import output
+        from flatbasin.search.confirm import to_reproduce
 
         rows = [{"variant": b.variant, "trial": b} for b in self.best]
-        row = output.to_reproduce(rows, self.recommended)
+        row = to_reproduce(rows, self.recommended)
         return row["trial"] if row else None
 
     @property
@@ -129,7 +133,7 @@ class SearchResult:
 
 
 def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchResult:
-    from flatbasin.search import confirm, output
+    import flatbasin.search.confirm as confirm
 
     best = tuple(
         BestTrial(
@@ -153,14 +157,14 @@ def _result(outcome: Outcome, tracking_uri: str, report: Path | None) -> SearchR
     )  # fmt: skip
     return SearchResult(
         name=outcome.name, state=outcome.state, best=best, confirmed=confirmed,
-        winner=output.winner(outcome.confirmed),
-        within_noise=tuple(output.within_noise(outcome.confirmed)) if outcome.confirmed else (),
+        winner=confirm.winner(outcome.confirmed),
+        within_noise=tuple(confirm.within_noise(outcome.confirmed)) if outcome.confirmed else (),
         parent_run_id=outcome.parent_run_id, tracking_uri=tracking_uri, report=report,
         experiment_path=outcome.experiment_path, interrupted=outcome.interrupted,
         out_of_time=outcome.out_of_time, errors=tuple(outcome.errors),
         untried=tuple(outcome.untried), resume=outcome.resume_command, seconds=dict(outcome.seconds),
         verdict=confirm.verdict(outcome.confirmed).text if outcome.confirmed else "",
-        recommended=output.recommended(outcome.confirmed),
+        recommended=confirm.recommended(outcome.confirmed),
     )  # fmt: skip
 
 
@@ -205,10 +209,16 @@ def _by_name(fn: Any, folder: Path) -> str | None:
         target = getattr(target, part, None)
     top = sys.modules.get(module_name.split(".")[0])
     origin = getattr(top, "__file__", None)
-    if target is not fn or origin is None or usercode.parse_ref(f"{module_name}:{qualname}") is None:
+    if (
+        target is not fn
+        or origin is None
+        or usercode.parse_ref(f"{module_name}:{qualname}") is None
+    ):
         return None
     found = usercode.find_in(folder, module_name.split(".")[0])
-    if (found is not None and found.resolve() == Path(origin).resolve()) or _installed(Path(origin)):
+    if (found is not None and found.resolve() == Path(origin).resolve()) or _installed(
+        Path(origin)
+    ):
         return f"{module_name}:{qualname}"
     return None
 
@@ -338,22 +348,17 @@ def search(
     `state == "failed"` and `errors`. Progress and the summary go to `console` (a rich Console;
     Console(quiet=True) for none).
     """
-    from flatbasin.search import output
+    import flatbasin.search.output as output
     from flatbasin.search.cluster import ClusterError, local_ray_on_loopback
 
     if address is None and not os.environ.get("RAY_ADDRESS"):
         local_ray_on_loopback()  # before anything imports Ray
-    from flatbasin.search import signals
+    import flatbasin.search.signals as signals
     from flatbasin.search.post_convergence import BaseFailed
-    from flatbasin.search.recovery import disk_failed, store_failed
-    from flatbasin.search.tracking import TrackingRefused, TrackingUnavailable
-    from flatbasin.search.tuner import (
-        DiskFailure,
-        experiment_folder,
-        resumable,
-        resume_command,
-        run_search,
-    )
+    from flatbasin.search.recovery import DiskFailure, disk_failed, store_failed
+    from flatbasin.search.resume import experiment_folder, resumable, resume_command
+    from flatbasin.search.running import run_search
+    from flatbasin.search.store import TrackingRefused, TrackingUnavailable
 
     console = console or output.CONSOLE
     given = {
@@ -448,6 +453,23 @@ def search(
     )
 
 
+def search_failure(result: SearchResult) -> str:
+    """Why a search that returned failed, as one paragraph (the CLI exits with status 1); "" when
+    it did not: no trial finished within --time-budget, or trials failed."""
+    if result.out_of_time and not result.errors and not result.best:
+        return (
+            f"{result.out_of_time}: no trial finished, so nothing was compared; give a longer "
+            f"budget, or continue (with another budget window) with: {result.resume}"
+        )
+    if result.errors:
+        more = f" ({len(result.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
+        return (
+            f"the search failed: {len(result.errors)} trial(s) failed; first, {result.errors[0]}"
+            + (more if len(result.errors) > 1 else "")
+        )
+    return ""
+
+
 def _soup_wanted(soup: bool | None, start_from: str | None) -> bool:
     """--soup: on by default with --from; asked for a search from scratch, refused (before Ray)."""
     if soup is None:
@@ -464,7 +486,7 @@ def _soup_after(parent_run_id: str, tracking_uri: str, console: Console) -> Any:
     the search's own results are safe in MLflow whatever happens here."""
     import shlex
 
-    from flatbasin.search import soup
+    import flatbasin.search.soup as soup
     from flatbasin.search.credentials import redact_uri, scrub
 
     try:
@@ -493,8 +515,8 @@ def soup(
     search's name or its run id; `only`: "all", "soups" or "ensemble"; `device`: "auto", "cpu" or
     "cuda". Bad input (no such search, no finished trial, a store that is down, soups of a search
     from scratch) raises UsageError before any model is loaded."""
-    from flatbasin.search import output
-    from flatbasin.search import soup as soups
+    import flatbasin.search.output as output
+    import flatbasin.search.soup as soups
 
     if only not in ("all", "soups", "ensemble"):
         raise UsageError(f"--only {only}: expected all, soups or ensemble")
@@ -530,9 +552,9 @@ def _search_space(
         folder = code_folder(path)
         taken: dict[str, Any] = {}
         handed = {
-            key: found
+            key: named
             for option, key, value in (("model", "model", model), ("data", "dataset", data))
-            if (found := _named(option, value, folder, taken, ship=True)) is not None
+            if (named := _named(option, value, folder, taken, ship=True)) is not None
         }
         if handed and isinstance(raw, dict):
             _check_not_set_below(raw, handed, str(path) if path is not None else DICT)
@@ -571,7 +593,10 @@ def _check_not_set_below(raw: dict[str, Any], handed: Mapping[str, _Handed], whe
 
 def option_names(text: str) -> str:
     """SearchOptions' field names as the options a user typed (--time_budget_s -> --time-budget)."""
-    renamed = {"--time_budget_s": "--time-budget", "--checkpoint_interval_s": "--checkpoint-interval"}
+    renamed = {
+        "--time_budget_s": "--time-budget",
+        "--checkpoint_interval_s": "--checkpoint-interval",
+    }
     for key, option in renamed.items():
         text = text.replace(key, option)
     return re.sub(r"--([a-z]+(?:_[a-z]+)+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
@@ -581,7 +606,7 @@ def _search_options(given: dict[str, Any], passed: dict[str, bytes]) -> SearchOp
     """SearchOptions from what was given (None: the default), with the command line's message."""
     from pydantic import ValidationError
 
-    from flatbasin.search.tuner import SearchOptions
+    from flatbasin.search.options import SearchOptions
 
     renamed = {"time_budget": "time_budget_s", "checkpoint_interval": "checkpoint_interval_s"}
     values = {renamed.get(k, k): v for k, v in given.items() if v is not None}
@@ -609,7 +634,7 @@ def tracking_uri_or_default(value: str | None) -> str:
     a malformed one is refused (UsageError) before anything starts, and a server's credentials
     move into the environment (search/credentials.py): nothing after this point holds them."""
     from flatbasin.search.credentials import adopt
-    from flatbasin.search.tracking import chosen_uri
+    from flatbasin.search.tracking_uri import chosen_uri
 
     return adopt(chosen_uri(value), "--tracking-uri" if value else "$MLFLOW_TRACKING_URI")
 
@@ -680,7 +705,7 @@ def run_train(
 ) -> TrialResult:
     """`train` with its settings as one mapping (as `flatbasin train` parses its --set), and the
     command line's --json file checked before the trial starts."""
-    from flatbasin.search import output
+    import flatbasin.search.output as output
     from flatbasin.search.preflight import writable_file
 
     console = console or output.CONSOLE
@@ -769,7 +794,9 @@ def run_train(
     output.print_trial_end(result, console)
     unwritten = [] if checkpoint is None else saved.problems(checkpoint)
     if json_out is not None:
-        unwritten += write_output("--json", json_out, json.dumps(result.to_json(), indent=2).encode())
+        unwritten += write_output(
+            "--json", json_out, json.dumps(result.to_json(), indent=2).encode()
+        )
     if unwritten:  # everything writable is written; the rest named in one paragraph
         raise Unwritten(
             f"the training ran to its end (its results are above), but {'; '.join(unwritten)}"

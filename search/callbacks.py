@@ -21,7 +21,9 @@ from ray.tune.utils.util import SafeFallbackEncoder
 from rich.console import Console
 
 from flatbasin.search.errors import plain_console
-from flatbasin.search.tracking import EPOCH_METRICS, Tracker, TrialRecord, sqlite_file
+from flatbasin.search.tags import EPOCH_METRICS
+from flatbasin.search.tracking import Tracker, TrialRecord
+from flatbasin.search.tracking_uri import sqlite_file
 from flatbasin.trainables.config import sampled
 from flatbasin.trainables.files import disk_problem, disk_state
 
@@ -44,7 +46,9 @@ def make_live(*callbacks: Any) -> None:
     _LIVE.update({type(c).__name__: c for c in callbacks})
 
 
-def _revive(cls: type, state: dict[str, Any]) -> Any:
+def _revive(
+    cls: type[MlflowWriter] | type[Progress] | type[StopOnPermanentError], state: dict[str, Any]
+) -> Any:
     live = _LIVE.get(cls.__name__)
     return live if live is not None else cls.from_state(state)
 
@@ -285,7 +289,10 @@ def store_failure(uri: str, err: BaseException) -> tuple[str, str]:
     path = sqlite_file(uri)
     if path is not None:
         if "no such table" in str(err) or not path.is_file() or path.stat().st_size == 0:
-            return f"MLflow's store {path} was deleted while the search ran ({said[:200]})", "deleted"
+            return (
+                f"MLflow's store {path} was deleted while the search ran ({said[:200]})",
+                "deleted",
+            )
         problem = disk_state(path) or disk_problem(err)
         if problem is not None:
             kind = "read-only" if "read-only" in problem else "full"

@@ -22,17 +22,17 @@ from flatbasin.search.errors import (
     short,
     stderr,
 )
-from flatbasin.search.output import CONSOLE, print_epoch, print_summary  # noqa: F401 (print_epoch: tests)
+from flatbasin.search.output import CONSOLE
 from flatbasin.trainables.memory import OutOfMemory
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.core import ParameterSource
     from typer._click.exceptions import NoArgsIsHelpError
     from typer._click.exceptions import UsageError as ClickUsageError
-except ImportError:  # pragma: no cover
-    from click.core import ParameterSource
-    from click.exceptions import NoArgsIsHelpError
-    from click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover  # older typer: click's own classes, the same API
+    from click.core import ParameterSource  # type: ignore[assignment]
+    from click.exceptions import NoArgsIsHelpError  # type: ignore[assignment]
+    from click.exceptions import UsageError as ClickUsageError  # type: ignore[assignment]
 
 
 class Commands(typer.core.TyperGroup):
@@ -310,7 +310,8 @@ def search(
         float,
         typer.Option(
             help="whole CPUs (torch threads), or 1/N of one for N trials per core (0.5, 0.25)",
-            min=0.0001, max=10_000,
+            min=0.0001,
+            max=10_000,
         ),
     ] = 1.0,
     gpus_per_trial: Annotated[
@@ -327,9 +328,7 @@ def search(
     max_failures: Annotated[
         int, typer.Option(help="retries of a trial whose worker or node died", min=0, max=100)
     ] = 2,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="epochs between checkpoints", **EPOCHS)
-    ] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="epochs between checkpoints", **EPOCHS)] = 1,
     checkpoint_interval: Annotated[
         float,
         typer.Option(
@@ -340,7 +339,8 @@ def search(
         int | None,
         typer.Option(
             help="retrain each variant's best with N fresh seeds (default: the space's)",
-            min=0, max=100,
+            min=0,
+            max=100,
         ),
     ] = None,
     start_from: Annotated[
@@ -364,14 +364,16 @@ def search(
     ] = None,
 ) -> None:
     """Run a hyperparameter search with Ray Tune and Optuna, recording every trial in MLflow."""
-    from flatbasin.search import api, signals
+    import flatbasin.search.api as api
+    import flatbasin.search.signals as signals
 
     # What was typed, as flatbasin.search's options; the rest keep its defaults (the same as these),
     # so that a --resume can tell an option given again from one left out.
     given = {
         key: value
         for key, value in ctx.params.items()
-        if key != "space_file" and ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
+        if key != "space_file"
+        and ctx.get_parameter_source(key) not in (None, ParameterSource.DEFAULT)
     }
     try:
         result = api.search(space_file, console=console, **given)
@@ -383,19 +385,9 @@ def search(
         _leave(signals.exit_status())
     if result.interrupted:
         raise typer.Exit(signals.exit_status())
-    if result.out_of_time and not result.errors and not result.best:
-        fail(
-            f"{result.out_of_time}: no trial finished, so nothing was compared; give a longer "
-            f"budget, or continue (with another budget window) with: {result.resume}",
-            code=EXIT_FAILED,
-        )
-    if result.errors:
-        more = f" ({len(result.errors) - 1} more in MLflow's flatbasin.error tags and Tune's error.txt files)"
-        fail(
-            f"the search failed: {len(result.errors)} trial(s) failed; first, {result.errors[0]}"
-            + (more if len(result.errors) > 1 else ""),
-            code=EXIT_FAILED,
-        )
+    failure = api.search_failure(result)
+    if failure:
+        fail(failure, code=EXIT_FAILED)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -410,8 +402,12 @@ def submit(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the job id and return")] = False,
 ) -> None:
     """Submit a search to a Ray cluster (Jobs API); every other option is passed to `flatbasin search`."""
+    from flatbasin.search.submit import (
+        check_dashboard,
+        check_no_credentials,
+        check_search,
+    )
     from flatbasin.search.submit import submit as run_submit
-    from flatbasin.spaces import SpaceError, load_space
 
     try:
         if space_file.startswith("-"):  # an option where SPACE goes: unknown to submit and search
@@ -421,12 +417,7 @@ def submit(
         search_command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
         parsed = typer.Context(search_command, info_name="flatbasin search")
         search_command.parse_args(parsed, [space_file, *ctx.args])  # the same options, checked here
-        if parsed.params.get("tracking_uri"):  # its form; only the cluster can tell if it answers
-            tracking_uri_or_default(parsed.params["tracking_uri"])
-        # A bad space fails here, not on the cluster (as a tail's with --from).
-        load_space(space_file, start_from=parsed.params.get("start_from"))
-    except SpaceError as err:
-        fail(str(err))
+        check_search(space_file, parsed.params.get("tracking_uri"), parsed.params.get("start_from"))
     except ClickUsageError as err:
         fail(
             f"{err.format_message()} (flatbasin submit passes its other options to flatbasin "
@@ -443,63 +434,21 @@ def submit(
     raise typer.Exit(code)
 
 
-def check_no_credentials(args: list[str]) -> None:
-    """A job's command line is kept by Ray and shown on its dashboard and by `ray job list` to
-    everyone who reaches the cluster (and a job's runtime environment with it): credentials in
-    --tracking-uri are refused, never sent. The driver runs on the head node, whose environment
-    holds them."""
-    from flatbasin.search.credentials import redact_uri, tracking_uri_args, user_info, value_at
-
-    for i in tracking_uri_args(args):
-        uri = value_at(args, i)
-        if user_info(uri) != (None, None):
-            raise UsageError(
-                f"--tracking-uri {redact_uri(uri)}: the URI carries credentials (user-info), and "
-                "a job's command line is shown on the cluster's dashboard and by `ray job list`, so "
-                "they are not sent; give the cluster's nodes MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD in their environment (docs/cluster.md) and pass the URI "
-                "without them"
-            )
-
-
-def check_dashboard(address: str) -> None:
-    """The Jobs API lives at the dashboard's http(s)://HOST:PORT; anything else is refused by name
-    (Ray would read a bare HOST:PORT as a GCS address and try to join the cluster from here)."""
-    from urllib.parse import urlsplit
-
-    from flatbasin.search.credentials import redact_uri
-
-    parts = urlsplit(address)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise UsageError(
-            f"--address {redact_uri(address)}: expected the cluster's dashboard as http://HOST:PORT "
-            "(Ray's default port is 8265), e.g. http://127.0.0.1:8265"
-        )
-
-
 @app.command()
 def sync(
     experiment: Annotated[Path, typer.Argument(help="a search's Tune folder, e.g. runs/compare")],
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Write a search's trials into MLflow from Tune's result files; runs already there are not duplicated."""
-    from flatbasin.search.recovery import store_failed
-    from flatbasin.search.tracking import TrackingUnavailable
-    from flatbasin.search.tuner import sync as run_sync
+    from flatbasin.search.sync import sync_to_mlflow
 
     _quiet_mlflow_retries()
     try:
-        uri = tracking_uri_or_default(tracking_uri)
-        outcome = run_sync(experiment, uri, console)
-    except (TrackingUnavailable, UsageError) as err:
+        sync_to_mlflow(experiment, tracking_uri_or_default(tracking_uri), console)
+    except UsageError as err:
         fail(str(err))
-    print_summary(outcome, uri)
-    if outcome.store[0]:
-        fail(store_failed(outcome, uri), code=EXIT_FAILED)
+    except SearchFailed as err:
+        fail(str(err), code=EXIT_FAILED)
 
 
 @app.command()
@@ -575,7 +524,7 @@ def soup_command(
 ) -> None:
     """Weight soups and the greedy ensemble of a search's trials, each chosen on validation and
     recorded as an MLflow run under the search's (see docs/soups.md)."""
-    from flatbasin.search import api
+    import flatbasin.search.api as api
 
     try:
         api.soup(search_name, tracking_uri=tracking_uri, only=only, device=device, console=console)
@@ -634,7 +583,9 @@ def data_check(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="an image folder: DIR/CLASS/IMAGE")],
     image_size: Annotated[
         int,
-        typer.Option(help="the size images are decoded to, as a trial's image_size", min=8, max=512),
+        typer.Option(
+            help="the size images are decoded to, as a trial's image_size", min=8, max=512
+        ),
     ] = 32,
 ) -> None:
     """Decode every image of an image folder; list unreadable files and empty classes (exit 2 if any)."""
@@ -665,7 +616,7 @@ def _leave(code: int) -> NoReturn:
 
 
 def main() -> None:
-    from flatbasin.search import signals
+    import flatbasin.search.signals as signals
     from flatbasin.search.credentials import hide_from_command_line
     from flatbasin.search.quiet import quiet_libraries
 

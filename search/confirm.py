@@ -285,3 +285,26 @@ def _models(n: int) -> str:
 def _join(names: Iterable[str]) -> str:
     names = list(names)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def winner(confirmed: list[dict[str, Any]]) -> str | None:
+    """The winner after confirmation: better than every other variant beyond noise; None without a
+    confirmation, or when the leading variants tie (confirm.verdict)."""
+    return verdict(confirmed).winner if confirmed else None
+
+
+def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
+    """Variants the confirmation cannot tell from the leader (the best mean validation accuracy)."""
+    return list(verdict(confirmed).leading[1:]) if confirmed else []
+
+
+def to_reproduce(best: list[dict[str, Any]], recommended: str | None) -> dict[str, Any] | None:
+    """The trial to reproduce: the recommended variant's best trial (the confirmed winner, or the
+    cheapest of the variants that tie), else the best search score."""
+    rows = [r for r in best if r["variant"] == recommended] or best
+    return rows[0] if rows else None
+
+
+def recommended(confirmed: list[dict[str, Any]]) -> str | None:
+    """The variant to use: the confirmed winner, or the cheapest of the variants that tie."""
+    return verdict(confirmed).recommended if confirmed else None

@@ -95,12 +95,12 @@ def adopt(uri: str, source: str) -> str:
     if urlsplit(uri).scheme.lower() not in SERVER_SCHEMES:
         return uri
     where = f"the user-info of {source}"
-    for name, marker, value in (
+    for name, marker, given in (
         (USERNAME, USERNAME_FROM, user),
         (PASSWORD, PASSWORD_FROM, password),
     ):
-        if value is not None:
-            os.environ[name] = value
+        if given is not None:
+            os.environ[name] = given
             os.environ[marker] = where
     clean = redact_uri(uri)
     if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # inherited by every process started later

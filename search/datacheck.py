@@ -58,7 +58,9 @@ def check_folder(root: Path, image_size: int, console: Console) -> int:
         )
     total = len(problems) + len(found.empty_classes) + few
     if total:
-        console.print(f"{total} problem(s); training on this folder is refused until they are fixed")
+        console.print(
+            f"{total} problem(s); training on this folder is refused until they are fixed"
+        )
     else:
         console.print("every image decodes; the folder is ready to train on")
     return total

@@ -210,11 +210,13 @@ def comparison_figure(
     if confirmed:
         values += [m + sign * sd for m, sd, _ in confirmed.values() for sign in (-1, 1)]
         low, high = accuracy_limits(values, val_size)
-    max_count = max(p["count"] for points in curves.values() for p in points)
+    max_count = int(max(p["count"] for points in curves.values() for p in points))
     if max_count <= 1:
         return _final_models_figure(fig, curves, val_size, title, low, high, confirmed)
 
-    if confirmed:  # room for the panel of confirmation runs, its names and the legend's second lines
+    if (
+        confirmed
+    ):  # room for the panel of confirmation runs, its names and the legend's second lines
         fig.set_size_inches(11.6, 4.9)
     ax = fig.add_axes((0.07, 0.2, 0.46, 0.58) if confirmed else (0.09, 0.13, 0.57, 0.68))
     multi = [label for label, points in curves.items() if len(points) > 1]

@@ -166,7 +166,11 @@ def run_lr_find(config: TrialConfig, options: LrFindOptions, console: Console) -
     # Every output that can be written is; those that cannot are named together at the end.
     unwritten = []
     try:
-        write_whole(options.plot, lambda handle: figure.savefig(handle, format="png"), f"--plot {options.plot}")
+        write_whole(
+            options.plot,
+            lambda handle: figure.savefig(handle, format="png"),
+            f"--plot {options.plot}",
+        )
         console.print(f"figure: {options.plot}")
     except OSError as err:
         unwritten.append(f"--plot {options.plot} could not be written ({err.strerror or err})")

@@ -15,14 +15,19 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from flatbasin.search import confirm
+import flatbasin.search.confirm as confirm
+from flatbasin.search.confirm import recommended, to_reproduce, winner
 from flatbasin.search.errors import plain_console, stderr
 
 CONSOLE = plain_console()
 
 
 def print_epoch(m: Any, epochs: int, console: Console = CONSOLE) -> None:
-    lr = f"{m.lr:.5f}" if m.lr_low is None or m.lr_low == m.lr_high else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
+    lr = (
+        f"{m.lr:.5f}"
+        if m.lr_low is None or m.lr_low == m.lr_high
+        else f"{m.lr_low:.5f}-{m.lr_high:.5f}"
+    )
     gap = "" if m.gen_gap is None else f"  gap {m.gen_gap:+.4f}"
     # An epoch without a pass over the data (prior_guided's focus epochs) has no training loss.
     trained = (
@@ -98,29 +103,6 @@ def print_trial_end(result: Any, console: Console = CONSOLE) -> None:
 # ----------------------------------------------------------------------------- a search's summary
 
 
-def winner(confirmed: list[dict[str, Any]]) -> str | None:
-    """The winner after confirmation: better than every other variant beyond noise; None without a
-    confirmation, or when the leading variants tie (confirm.verdict)."""
-    return confirm.verdict(confirmed).winner if confirmed else None
-
-
-def within_noise(confirmed: list[dict[str, Any]]) -> list[str]:
-    """Variants the confirmation cannot tell from the leader (the best mean validation accuracy)."""
-    return list(confirm.verdict(confirmed).leading[1:]) if confirmed else []
-
-
-def to_reproduce(best: list[dict[str, Any]], recommended: str | None) -> dict[str, Any] | None:
-    """The trial to reproduce: the recommended variant's best trial (the confirmed winner, or the
-    cheapest of the variants that tie), else the best search score."""
-    rows = [r for r in best if r["variant"] == recommended] or best
-    return rows[0] if rows else None
-
-
-def recommended(confirmed: list[dict[str, Any]]) -> str | None:
-    """The variant to use: the confirmed winner, or the cheapest of the variants that tie."""
-    return confirm.verdict(confirmed).recommended if confirmed else None
-
-
 def reproduced(variant: str, confirmed: list[dict[str, Any]]) -> str:
     """What the trial `Reproduce:` names is (the search run's tag flatbasin.reproduce_run)."""
     if not confirmed:
@@ -146,7 +128,9 @@ def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> N
         table.add_column(column, no_wrap=True)
     table.add_column("verdict")
     for row in rows:
-        verdict = row["verdict"] + (f" (p {row['p_vs_best']:.3f})" if row["p_vs_best"] is not None else "")
+        verdict = row["verdict"] + (
+            f" (p {row['p_vs_best']:.3f})" if row["p_vs_best"] is not None else ""
+        )
         verdict += f", {row['diverged']} diverged" if row["diverged"] else ""
         lead = (
             f"{100 * row['diff_mean']:+.2f} ({100 * row['diff_low']:+.2f}, {100 * row['diff_high']:+.2f})"
@@ -168,8 +152,8 @@ def print_summary(
     outcome: Any, tracking_uri: str, console: Console = CONSOLE, soups: Any = None
 ) -> None:
     from flatbasin.search.credentials import redact_uri
-    from flatbasin.search.tracking import browse_hint
-    from flatbasin.search.tuner import learned_nothing
+    from flatbasin.search.tracking_uri import browse_hint
+    from flatbasin.search.tune_results import learned_nothing
 
     tracking_uri = redact_uri(tracking_uri)  # every command printed here: without credentials
 
@@ -279,7 +263,7 @@ def print_search_end(outcome: Any, console: Console = CONSOLE) -> None:
     """What a search that did not run to its end says after its summary (an interruption, a time
     budget that ran out with trials to compare); failures are the caller's to report."""
     if outcome.interrupted:
-        from flatbasin.search import signals
+        import flatbasin.search.signals as signals
 
         console.print(
             f"The search was interrupted ({signals.name()}); finished trials are kept. "

@@ -26,16 +26,10 @@ from rich.console import Console
 
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import UsageError, describe
-from flatbasin.search.tracking import (
-    BASE_RUN,
-    CHECKPOINT_ARTIFACT,
-    FROM_SHA,
-    ROLE,
-    Tracker,
-    TrackingUnavailable,
-    read_store,
-    sqlite_file,
-)
+from flatbasin.search.store import TrackingUnavailable, read_store
+from flatbasin.search.tags import BASE_RUN, CHECKPOINT_ARTIFACT, FROM_SHA, ROLE
+from flatbasin.search.tracking import Tracker
+from flatbasin.search.tracking_uri import sqlite_file
 from flatbasin.spaces import Space, SpaceError
 from flatbasin.spaces.loader import BASE, CHECKING, RUN_ID
 from flatbasin.trainables.checkpoint import CheckpointError
@@ -50,7 +44,7 @@ from flatbasin.trainables.start import (
 )
 
 if TYPE_CHECKING:
-    from flatbasin.search.tuner import SearchOptions
+    from flatbasin.search.options import SearchOptions
 
 
 class BaseFailed(RuntimeError):
@@ -345,7 +339,7 @@ def _from_file(text: str, where: str) -> Converged:
 
 
 def _joined() -> bool:
-    """Whether this driver joined a cluster rather than starting a Ray of its own (tuner._init_ray
+    """Whether this driver joined a cluster rather than starting a Ray of its own (ray_start.init_ray
     sets $RAY_ADDRESS exactly then: from --address, or as Ray sets it inside a job)."""
     import os
 

@@ -327,22 +327,24 @@ def ray_target(address: str | None) -> RayTarget:
     """--address wins; else $RAY_ADDRESS, as Ray users expect; else a new local Ray, never a cluster
     that Ray's current-cluster file happens to name. A cluster address must answer within seconds."""
     if address:
-        target = RayTarget(address, "--address")
+        given, source = address, "--address"
     elif os.environ.get("RAY_ADDRESS"):
-        target = RayTarget(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS")
+        given, source = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
     else:
         return RayTarget(None, "local")
-    if target.address == "local":
-        return RayTarget(None, target.source)
-    bootstrap = target.address
+    if given == "local":
+        return RayTarget(None, source)
+    target = RayTarget(given, source)
+    bootstrap = given
     if bootstrap == "auto":
         # As Ray reads it: $RAY_ADDRESS (set inside a Ray job), else the last `ray start` here.
-        bootstrap = os.environ.get("RAY_ADDRESS") or _current_cluster()
-        if bootstrap is None:
+        current = os.environ.get("RAY_ADDRESS") or _current_cluster()
+        if current is None:
             raise UsageError(
                 f"{target.source} auto: no Ray cluster was started on this machine (no current-cluster "
                 "file); start one with `ray start --head`, or leave out the address for a local search"
             )
+        bootstrap = current
     if bootstrap.startswith(("http://", "https://")):
         raise UsageError(
             f"{target.source} {target.address}: that is a dashboard (Jobs API) address, which "

@@ -4,10 +4,12 @@ recovers it (a resume, after putting back Tune's state if a full disk cut it sho
 from __future__ import annotations
 
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from flatbasin.search import saved_state
+import flatbasin.search.saved_state as saved_state
+from flatbasin.trainables.files import disk_state
 
 
 def store_failed(outcome: Any, tracking_uri: str) -> str:
@@ -43,8 +45,7 @@ def disk_failed(disk: str, resume: str, experiment_path: Path) -> str:
         )
     elif state.kind == "damaged":
         then = (
-            f"then see what --resume says of Tune's state ({state.file} {state.problem}): "
-            f"{resume}"
+            f"then see what --resume says of Tune's state ({state.file} {state.problem}): {resume}"
         )
     else:
         then = "then run the same command again (Tune had saved nothing to resume)"
@@ -52,3 +53,22 @@ def disk_failed(disk: str, resume: str, experiment_path: Path) -> str:
         f"the search stopped: {disk}. Every unfinished trial keeps its last checkpoint, and the "
         f"search's run says failed. Free space there (or make it writable again), {then}"
     )
+
+
+class DiskFailure(Exception):
+    """The driver's own write (Tune's state or result files, the search's records) found its disk
+    full or read-only; the message names the disk and the error."""
+
+
+def disk_paragraph(problem: str, error: str | None, experiment_path: Path) -> str:
+    """What filled up (or went read-only), named by its path: Tune's storage or the temporary folder
+    the trials write their checkpoints through, as they are now; else the error as it came."""
+    where = f"a disk the trials write to is {problem}"
+    for what, path in (
+        ("Tune's storage", experiment_path.parent),
+        ("the temporary folder", Path(tempfile.gettempdir())),
+    ):
+        if (now := disk_state(path)) is not None:
+            where = f"{what} {path} is {now}"
+            break
+    return f"{where}: {error}" if error else where

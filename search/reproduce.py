@@ -12,8 +12,6 @@ numbers match exactly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import tempfile
 from dataclasses import asdict
@@ -29,40 +27,15 @@ from rich.table import Table
 from rich.text import Text
 
 from flatbasin.search.errors import UsageError
-from flatbasin.search.tracking import (
-    BASE_RUN,
-    CHECKPOINT_ARTIFACT,
-    CODE_ARTIFACTS,
-    EPOCH_METRICS,
-    ROLE,
-    TrackingUnavailable,
-    base_tags,
-    log_weights,
-    read_store,
-)
-from flatbasin.trainables import usercode
-from flatbasin.trainables.checkpoint import CheckpointError
+from flatbasin.search.run_record import converged_weights, fetch_record, load_passed
+from flatbasin.search.search_run import base_tags, log_weights
+from flatbasin.search.store import TrackingUnavailable, read_store
+from flatbasin.search.tags import BASE_RUN, CHECKPOINT_ARTIFACT, CODE_ARTIFACTS, EPOCH_METRICS, ROLE
 from flatbasin.trainables.config import TrialConfig, user_modules
 from flatbasin.trainables.loop import train
 from flatbasin.trainables.records import EpochMetrics
-from flatbasin.trainables.start import Weights, read_converged
 from flatbasin.trainables.usercode import code_files
 from flatbasin.trainables.variants import phase_flags
-
-
-def fetch_record(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    try:
-        client.get_run(run_id)
-    except Exception as err:
-        raise UsageError(f"run {run_id} not found at the tracking URI: {err}") from err
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, "trial_config.json", tmp)
-        except Exception as err:
-            raise UsageError(
-                f"run {run_id} has no trial_config.json (is it a finished trial run?): {err}"
-            ) from err
-        return json.loads(Path(path).read_text())
 
 
 def reproduce(
@@ -205,7 +178,9 @@ def print_comparison(
             "all equal" if not differing else f"{differing} differ",
             Text("=") if not differing else Text("differs", style="red"),
         )
-    differences = [row for row in rows if not same(row[1], row[2]) and row[0] not in ("score", "test_acc")]
+    differences = [
+        row for row in rows if not same(row[1], row[2]) and row[0] not in ("score", "test_acc")
+    ]
     for name, a, b in differences[:SHOWN_DIFFERENCES]:
         table.add_row(f"  {name}", _fmt(a), _fmt(b), Text("differs", style="red"))
     if len(differences) > SHOWN_DIFFERENCES:
@@ -260,7 +235,9 @@ def with_code(
     if not modules:
         return config
     recorded = _recorded_code(client, run_id, folder)
-    here = config.code_dir if config.code_dir and Path(config.code_dir).is_dir() else str(Path.cwd())
+    here = (
+        config.code_dir if config.code_dir and Path(config.code_dir).is_dir() else str(Path.cwd())
+    )
     now = code_files(modules, here)
     if use_recorded or (not now and recorded):
         if not recorded:
@@ -269,7 +246,9 @@ def with_code(
                 "has nothing to use: run without it, beside the modules"
             )
         why = "as asked" if use_recorded else f"{', '.join(modules)} cannot be found here"
-        console.print(f"using the code recorded with the run ({', '.join(sorted(recorded))}): {why}")
+        console.print(
+            f"using the code recorded with the run ({', '.join(sorted(recorded))}): {why}"
+        )
         return config.model_copy(update={"code_dir": str(folder)})
     if not now:
         raise UsageError(
@@ -302,59 +281,6 @@ def _recorded_code(client: MlflowClient, run_id: str, folder: Path) -> dict[str,
         target.parent.mkdir(parents=True, exist_ok=True)
         path.replace(target)
     return {name: (folder / name).read_text(encoding="utf-8") for name in files}
-
-
-def load_passed(client: MlflowClient, run_id: str, config: TrialConfig) -> list[str]:
-    """The callables handed to flatbasin.search that this trial ran (`callable:NAME`): their
-    pickled copies, from its search's run (code/NAME.pkl), registered under their names. Returns a
-    line on each, for the console."""
-    lines = []
-    for name, record in config.passed.items():
-        what = "model" if name == config.model else "dataset"
-        stem = name.partition(":")[2]
-        parent = client.get_run(run_id).data.tags.get(MLFLOW_PARENT_RUN_ID)
-        where = f"code/{stem}.pkl of the search's run {parent}"
-        shown = "; its source is in the run's trial_config.json (config.passed)" if record.source else ""
-        try:
-            if parent is None:
-                raise MlflowException("the run has no search run above it")
-            with tempfile.TemporaryDirectory(prefix="flatbasin-code-") as folder:
-                blob = Path(client.download_artifacts(parent, f"code/{stem}.pkl", folder)).read_bytes()
-            usercode.install({name: blob})
-        except (MlflowException, OSError, usercode.UserCodeError) as err:
-            raise UsageError(
-                f"run {run_id} trained {what} {name}, a Python callable handed to flatbasin.search "
-                f"from a notebook or script, which cannot be imported by name; its pickled copy "
-                f"({where}) cannot be loaded here: {str(err).strip().splitlines()[0]}{shown}"
-            ) from None
-        same = hashlib.sha256(blob).hexdigest() == record.sha256
-        lines.append(
-            f"{what} {name}: the pickled copy recorded with the search ({where})"
-            + ("" if same else "; it differs from the copy this trial ran (sha256), so the numbers may too")
-        )
-    return lines
-
-
-def converged_weights(client: MlflowClient, config: TrialConfig) -> Weights | None:
-    """The converged model a post-convergence trial continued: the checkpoint.pt of the run that
-    kept it (its base run, or the run it was started from), else the file it was read from. The
-    loop checks their SHA-256 against the one the trial recorded."""
-    start = config.start
-    if start is None:
-        return None
-    try:
-        if start.run_id is not None:
-            with tempfile.TemporaryDirectory(prefix="flatbasin-from-") as folder:
-                path = client.download_artifacts(start.run_id, CHECKPOINT_ARTIFACT, folder)
-                return read_converged(Path(path)).weights
-        if start.path is not None:
-            return read_converged(Path(start.path)).weights
-    except (CheckpointError, MlflowException) as err:
-        raise UsageError(
-            f"this trial continued the converged model {start.source}, which cannot be read "
-            f"now: {err}"
-        ) from err
-    raise UsageError(f"this trial continued {start.source}, but no run or file holds it")
 
 
 def same(recorded: Any, reproduced: Any) -> bool:

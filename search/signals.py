@@ -11,7 +11,9 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the stop signals that came, first first
@@ -84,3 +86,30 @@ def name() -> str:
     """'SIGTERM', 'SIGHUP' or 'Ctrl-C': what ended the command."""
     first = received()
     return signal.Signals(first).name if first else "Ctrl-C"
+
+
+def _second_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class Interrupt:
+    caught: bool = False
+
+
+@contextlib.contextmanager
+def interrupt_watch() -> Iterator[Interrupt]:
+    """Tell whether Tune's fit ended on Ctrl-C. Tune catches the first SIGINT itself, saves its state,
+    stops the trials (they end TERMINATED, like finished ones) and returns normally; when it catches
+    one, it puts back the handler it found. So: install ours, and see afterwards whether it is back.
+    Ours makes a second Ctrl-C a KeyboardInterrupt, as Tune's message promises."""
+    interrupt = Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt  # signals go to the main thread only; nothing to watch
+        return
+    previous = signal.signal(signal.SIGINT, _second_interrupt)
+    try:
+        yield interrupt
+        interrupt.caught = signal.getsignal(signal.SIGINT) is _second_interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -40,7 +40,9 @@ from rich.table import Table
 
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
-from flatbasin.search.tracking import (
+from flatbasin.search.search_run import base_tags, quoted
+from flatbasin.search.store import TrackingUnavailable, read_store
+from flatbasin.search.tags import (
     BASE_RUN,
     CHECKPOINT_ARTIFACT,
     FINAL,
@@ -51,10 +53,6 @@ from flatbasin.search.tracking import (
     TRIAL_ID,
     VARIANT,
     WINNER,
-    TrackingUnavailable,
-    _quoted,
-    base_tags,
-    read_store,
 )
 from flatbasin.trainables.start import DATA_KEYS
 
@@ -62,10 +60,14 @@ SOUP_ROLE, ENSEMBLE_ROLE = "soup", "ensemble"
 KIND = "flatbasin.soup_kind"  # uniform, greedy or ensemble
 MEMBERS = "flatbasin.members"  # the members' trial ids (weights in soup.json and the params)
 COST = "flatbasin.inference_cost"  # networks run per prediction
-RECORD = "soup.json"  # members, weights, every candidate's validation accuracy: what reproduce reads
+RECORD = (
+    "soup.json"  # members, weights, every candidate's validation accuracy: what reproduce reads
+)
 WHAT = Literal["all", "soups", "ensemble"]
 TITLES = {"uniform": "uniform soup", "greedy": "greedy soup", "ensemble": "greedy ensemble"}
-ENSEMBLE_ROUNDS = 25  # Caruana's selection rounds (with replacement); the best round's ensemble is kept
+ENSEMBLE_ROUNDS = (
+    25  # Caruana's selection rounds (with replacement); the best round's ensemble is kept
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
     import os
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files
-    from flatbasin.search.report import find_search
+    from flatbasin.search.search_lookup import find_search
 
     kinds = {"all": ("uniform", "greedy", "ensemble"), "soups": ("uniform", "greedy"),
              "ensemble": ("ensemble",)}[only]  # fmt: skip
@@ -185,7 +187,9 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
     try:
         parent = _by_folder(client, search, uri) if _folder_like(search) else None
         parent = parent or find_search(client, search, uri)
-        runs = [r for r in _children(client, parent) if r.data.tags.get(ROLE) in ("trial", "confirm")]
+        runs = [
+            r for r in _children(client, parent) if r.data.tags.get(ROLE) in ("trial", "confirm")
+        ]
     except MlflowException as err:
         raise UsageError(
             f"cannot read search '{search}' from {redact_uri(uri)}: {_first_line(err)}"
@@ -227,7 +231,9 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
             continue
         checkpoint = _checkpoint(folder, run)
         if checkpoint is None:
-            notes.append(f"{_label(run)} left out: Tune kept no checkpoint of it in {folder.parent}")
+            notes.append(
+                f"{_label(run)} left out: Tune kept no checkpoint of it in {folder.parent}"
+            )
             continue
         epochs = run.data.metrics.get("epochs_run")
         candidates.append(
@@ -266,7 +272,7 @@ def _by_folder(client: MlflowClient, search: str, uri: str) -> Run:
     experiment = client.get_experiment_by_name(folder.name)
     found = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{_quoted(str(folder))}'",
+        filter_string=f"tags.`{ROLE}` = 'search' and tags.`{SEARCH_KEY}` = '{quoted(str(folder))}'",
         max_results=1,
     ) if experiment is not None else []  # fmt: skip
     if not found:
@@ -311,8 +317,10 @@ def _children(client: MlflowClient, parent: Run) -> list[Run]:
 
 def _checkpoint(folder: Path, run: Run) -> Path | None:
     """The trial's last checkpoint in Tune's storage: its folder is VARIANT_TRIALID (tuner.trial_name),
-    under the search's folder, or the confirmation runs' folder beside it (tuner.confirm_path)."""
-    where = folder if run.data.tags.get(ROLE) == "trial" else folder.with_name(f"{folder.name}.confirm")
+    under the search's folder, or the confirmation runs' folder beside it (resume.confirm_path)."""
+    where = (
+        folder if run.data.tags.get(ROLE) == "trial" else folder.with_name(f"{folder.name}.confirm")
+    )
     trial = where / f"{run.data.tags.get(VARIANT, '?')}_{_trial_id(run)}"
     found = sorted(trial.glob("checkpoint_*/checkpoint.pt"))
     return found[-1] if found else None
@@ -377,7 +385,7 @@ def build(plan: Plan, device: str = "auto", console: Console | None = None) -> S
 def _config(client: MlflowClient, candidate: Candidate, device: str) -> Any:
     """The trial's config as its checkpoint holds it (what trained those weights), on `device`;
     its own Python callables (a model or data set handed to flatbasin.search) registered."""
-    from flatbasin.search.reproduce import load_passed
+    from flatbasin.search.run_record import load_passed
     from flatbasin.trainables.checkpoint import CheckpointError, read_checkpoint
     from flatbasin.trainables.config import TrialConfig
 
@@ -427,7 +435,9 @@ def _accuracy(module: Any, data: Any, split: str) -> float:
     return accuracy(_probs(module, data, split), data.labels(split))
 
 
-def _make(plan: Plan, loaded: list[Loaded], data: Any) -> list[tuple[SoupResult, Any, dict[str, Any]]]:
+def _make(
+    plan: Plan, loaded: list[Loaded], data: Any
+) -> list[tuple[SoupResult, Any, dict[str, Any]]]:
     """Each result, its deployed model and its record (soup.json); test scored last, once each."""
     import torch
 
@@ -475,7 +485,9 @@ def _make(plan: Plan, loaded: list[Loaded], data: Any) -> list[tuple[SoupResult,
         out = []
         for kind, model, members, val_acc, record in made:
             test_acc = _accuracy(model, data, "test")  # the test split: once, at the end
-            own: dict[str, float] = record.get("ingredient_val_acc") or record.get("member_val_acc") or {}
+            own: dict[str, float] = (
+                record.get("ingredient_val_acc") or record.get("member_val_acc") or {}
+            )
             result = SoupResult(
                 kind=kind, val_acc=val_acc, test_acc=test_acc,
                 members=tuple(
@@ -687,7 +699,14 @@ def members_text(result: SoupResult) -> str:
 
 def print_table(report: SoupReport, console: Console) -> None:
     table = Table(title=f"search '{report.search}': one model from the whole search")
-    for column in ("model", "val acc", "test acc", "members", "networks per prediction", "MLflow run"):
+    for column in (
+        "model",
+        "val acc",
+        "test acc",
+        "members",
+        "networks per prediction",
+        "MLflow run",
+    ):
         table.add_column(column, overflow="fold")
     for ref in report.references:
         cost = "?" if ref.inference_cost is None else str(ref.inference_cost)
@@ -719,9 +738,7 @@ def _first_line(err: BaseException) -> str:
 # ----------------------------------------------------------------------------- reproduce
 
 
-def reproduce_result(
-    client: MlflowClient, run: Run, uri: str, console: Console
-) -> bool:
+def reproduce_result(client: MlflowClient, run: Run, uri: str, console: Console) -> bool:
     """`flatbasin reproduce` of a soup or ensemble run: rebuild it from its recorded members, with
     their recorded weights, and compare. Each member's final weights come from Tune's storage when
     they are still there and are the ones recorded (sha256); otherwise the member is retrained from
@@ -755,6 +772,7 @@ def reproduce_result(
     tta = record.get("tta", "none")
     torch.set_num_threads(int(record.get("threads", torch.get_num_threads())))  # as it was made
     with torch.no_grad():
+        model: torch.nn.Module
         if kind == "ensemble":
             model = soups.WeightedEnsemble(
                 [item.deployed for item in loaded], [m["weight"] for m in record["members"]]
@@ -762,8 +780,10 @@ def reproduce_result(
             sha = None
         else:
             networks = [item.network for item in loaded]
-            network = networks[0] if len(networks) == 1 else soups.average(
-                networks, lambda: data.inputs("train")
+            network = (
+                networks[0]
+                if len(networks) == 1
+                else soups.average(networks, lambda: data.inputs("train"))
             )
             model = with_tta(network, tta).eval()
             from flatbasin.trainables.start import weights_sha256
@@ -772,7 +792,8 @@ def reproduce_result(
         val_acc, test_acc = _accuracy(model, data, "val"), _accuracy(model, data, "test")
     work.cleanup()
     rows: list[tuple[str, Any, Any]] = [
-        ("val_acc", record["val_acc"], val_acc), ("test_acc", record["test_acc"], test_acc)
+        ("val_acc", record["val_acc"], val_acc),
+        ("test_acc", record["test_acc"], test_acc),
     ]
     if kind != "ensemble":
         rows.append(("weights sha256", record["soup_sha256"], sha))
@@ -794,7 +815,9 @@ def reproduce_result(
         client.log_batch(new.info.run_id, metrics=[
             Metric("val_acc", val_acc, 0, 0), Metric("test_acc", test_acc, 0, 0)])  # fmt: skip
         if kind != "ensemble":
-            _log_weights(client, new.info.run_id, model.module if hasattr(model, "tta") else model, loaded[0])
+            _log_weights(
+                client, new.info.run_id, model.module if hasattr(model, "tta") else model, loaded[0]
+            )
         client.set_terminated(new.info.run_id)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -812,7 +835,7 @@ def _member(
 ) -> Loaded:
     """A recorded member: from Tune's storage when its weights there are the recorded ones, else
     retrained from its run."""
-    from flatbasin.search.reproduce import converged_weights, fetch_record, load_passed
+    from flatbasin.search.run_record import converged_weights, fetch_record, load_passed
     from flatbasin.trainables.config import TrialConfig
     from flatbasin.trainables.loop import train
 
@@ -839,7 +862,9 @@ def _member(
             f"({candidate.checkpoint}); retraining it from its run"
         )
     trial = fetch_record(client, candidate.run_id)
-    config = TrialConfig.model_validate({**trial["config"], "threads": trial["threads"], "device": "cpu"})
+    config = TrialConfig.model_validate(
+        {**trial["config"], "threads": trial["threads"], "device": "cpu"}
+    )
     load_passed(client, candidate.run_id, config)
     path = folder / f"{candidate.trial_id}-{candidate.role}.pt"
 
@@ -913,11 +938,16 @@ def html_section(
                      str(row["inference_cost"]), f"<code>{esc(row['run_id'])}</code>"])  # fmt: skip
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("model", "val acc", "test acc", "members", "networks per prediction", "MLflow run")
+        for h in (
+            "model",
+            "val acc",
+            "test acc",
+            "members",
+            "networks per prediction",
+            "MLflow run",
+        )
     )
-    cells = "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body
-    )
+    cells = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
     return (
         "<h2>One model from the whole search</h2>"
         '<p class="muted">Weight soups (the equal average of trials\' weights, batch norm '

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flatbasin.search.credentials import redact_uri
-from flatbasin.search.tuner import CODE_EXCLUDES
+from flatbasin.search.credentials import redact_uri, tracking_uri_args, user_info, value_at
+from flatbasin.search.errors import UsageError
+from flatbasin.search.ray_start import CODE_EXCLUDES
 from flatbasin.spaces.loader import BUNDLED, load_space, resolve
 
 
@@ -72,3 +73,52 @@ def submit(
         return 0
     code = getattr(info, "driver_exit_code", None)
     return code if isinstance(code, int) and code > 0 else 1
+
+
+def check_no_credentials(args: list[str]) -> None:
+    """A job's command line is kept by Ray and shown on its dashboard and by `ray job list` to
+    everyone who reaches the cluster (and a job's runtime environment with it): credentials in
+    --tracking-uri are refused, never sent. The driver runs on the head node, whose environment
+    holds them."""
+    for i in tracking_uri_args(args):
+        uri = value_at(args, i)
+        if user_info(uri) != (None, None):
+            raise UsageError(
+                f"--tracking-uri {redact_uri(uri)}: the URI carries credentials (user-info), and "
+                "a job's command line is shown on the cluster's dashboard and by `ray job list`, so "
+                "they are not sent; give the cluster's nodes MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD in their environment (docs/cluster.md) and pass the URI "
+                "without them"
+            )
+
+
+def check_dashboard(address: str) -> None:
+    """The Jobs API lives at the dashboard's http(s)://HOST:PORT; anything else is refused by name
+    (Ray would read a bare HOST:PORT as a GCS address and try to join the cluster from here)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise UsageError(
+            f"--address {redact_uri(address)}: expected the cluster's dashboard as http://HOST:PORT "
+            "(Ray's default port is 8265), e.g. http://127.0.0.1:8265"
+        )
+
+
+def check_search(space_file: str, tracking_uri: str | None, start_from: str | None) -> None:
+    """What the cluster's search would refuse, refused here: a malformed --tracking-uri (its form;
+    only the cluster can tell whether the store answers) and a bad space (a tail's too, with
+    --from)."""
+    from flatbasin.search.api import tracking_uri_or_default
+    from flatbasin.spaces import SpaceError
+
+    try:
+        if tracking_uri:
+            tracking_uri_or_default(tracking_uri)
+        load_space(space_file, start_from=start_from)
+    except SpaceError as err:
+        raise UsageError(str(err)) from err

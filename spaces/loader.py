@@ -401,7 +401,9 @@ def make_space(raw: Any, path: Path | None, start_from: str | None = None) -> Sp
         spec = _SpaceFile.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(
-            ".".join(map(str, e["loc"])) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
+            ".".join(map(str, e["loc"]))
+            + ": " * bool(e["loc"])
+            + e["msg"].removeprefix("Value error, ")
             for e in err.errors()
         )
         raise SpaceError(f"{label}: {problems}") from err
@@ -411,7 +413,10 @@ def make_space(raw: Any, path: Path | None, start_from: str | None = None) -> Sp
         # Trials run in Tune's trial folders, not here: a relative path means this directory.
         fixed_settings["data_dir"] = str(Path(fixed_settings["data_dir"]).expanduser().resolve())
     settings = {
-        "epochs": spec.epochs, "dataset": spec.dataset, "model": spec.model, **fixed_settings
+        "epochs": spec.epochs,
+        "dataset": spec.dataset,
+        "model": spec.model,
+        **fixed_settings,
     }
     if spec.data_args:
         for key, value in spec.data_args.items():
@@ -523,7 +528,9 @@ def _check_top_level(path: str | Path, raw: Any) -> None:
     known = set(_SpaceFile.model_fields) - {"start"} | {"from"}
     keys = list(raw) if isinstance(raw, dict) else []
     if not any(isinstance(k, str) and k in known for k in keys):
-        found = f"none of its {len(keys)} top-level keys is a space file's" if keys else "not a mapping"
+        found = (
+            f"none of its {len(keys)} top-level keys is a space file's" if keys else "not a mapping"
+        )
         raise SpaceError(
             f"{path}: not a space file ({found}); expected a mapping with at least 'variants' "
             "(see spaces/compare.yaml); check the path"
@@ -632,7 +639,10 @@ def _corners(searched: dict[str, Dist]) -> list[dict[str, Any]]:
     full = [searched[k].corners for k in keys]
     if math.prod(len(c) for c in full) <= MAX_CORNERS:
         return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*full)] or [{}]
-    ends = [(c[0], c[-1]) if searched[k].kind != "choice" else c for k, c in zip(keys, full, strict=True)]
+    ends = [
+        (c[0], c[-1]) if searched[k].kind != "choice" else c
+        for k, c in zip(keys, full, strict=True)
+    ]
     if math.prod(len(c) for c in ends) > MAX_CORNERS:
         raise SpaceError(
             f"{len(keys)} searched keys with {math.prod(len(c) for c in ends):,} combinations of their "
@@ -667,7 +677,9 @@ def _check_corners(
             make_config(variant, {**settings, **fixed, **values}, start=start)
         except ValidationError as err:
             key, message = _first_problem(err)
-            at = f" (at {', '.join(f'{k}={short(v)}' for k, v in values.items())})" if values else ""
+            at = (
+                f" (at {', '.join(f'{k}={short(v)}' for k, v in values.items())})" if values else ""
+            )
             raise SpaceError(f"{where}: variants.{variant}{key}: {message}{at}") from err
         except ValueError as err:
             raise SpaceError(f"{where}: variants.{variant}: {err}") from err

@@ -55,7 +55,9 @@ class DigitImages(Dataset):
     `targets`: the labels as an attribute, torchvision's convention; `blank`: every image zero."""
 
     def __init__(self, images, labels, *, jitter=False, targets=False, blank=False):
-        self.images = torch.zeros_like(torch.from_numpy(images)) if blank else torch.from_numpy(images)
+        self.images = (
+            torch.zeros_like(torch.from_numpy(images)) if blank else torch.from_numpy(images)
+        )
         self.labels, self.jitter = [int(y) for y in labels], jitter
         if targets:
             self.targets = list(self.labels)
@@ -417,7 +419,10 @@ def searched(tmp_path_factory) -> Iterator[Searched]:
     folder = tmp_path_factory.mktemp("searched")
     (folder / "searched.yaml").write_text(SEARCHED_SPACE)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with owned_processes() as groups, tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as ray:
+    with (
+        owned_processes() as groups,
+        tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as ray,
+    ):
         proc = groups.spawn(
             [sys.executable, "-m", "flatbasin", "search", "searched.yaml", "--tracking-uri", uri,
              "--storage", str(folder / "runs"), "--seed", "4", "--concurrency", "2"],

@@ -41,7 +41,9 @@ TESTS = Path(__file__).resolve().parent
 def build_mlp(input_shape, num_classes, width=16):
     """A small MLP on flattened inputs, as a notebook would define it."""
     features = int(np.prod(input_shape))
-    return nn.Sequential(nn.Flatten(), nn.Linear(features, width), nn.ReLU(), nn.Linear(width, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(features, width), nn.ReLU(), nn.Linear(width, num_classes)
+    )
 
 
 def blobs(n=400, classes=3, seed=0):
@@ -62,7 +64,7 @@ LOCK = threading.Lock()  # what a callable cannot take to another process
 
 
 # A temporary module: in the folder the search starts from, the workers import it by name.
-USERDATA = '''
+USERDATA = """
 import numpy as np
 
 
@@ -79,7 +81,7 @@ def build(input_shape, num_classes, width=8):
 
     return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), width), nn.ReLU(),
                          nn.Linear(width, num_classes))
-'''
+"""
 
 SPACE = {
     "name": "fromdict",
@@ -146,7 +148,11 @@ BAD_SPACES = {
     "unknown variant key": {**SPACE, "variants": {"sgd": {"lrr": 0.1}}},
     "low above high": {**SPACE, "variants": {"sgd": {"lr": {"uniform": [0.2, 0.1]}}}},
     "cycles beyond the budget": {**SPACE, "variants": {"snapshot": {"cycles": {"int": [2, 9]}}}},
-    "a searched data argument": {**SPACE, "dataset": "userdata:load", "data_args": {"n": {"int": [300, 400]}}},
+    "a searched data argument": {
+        **SPACE,
+        "dataset": "userdata:load",
+        "data_args": {"n": {"int": [300, 400]}},
+    },
     "a bad name": {**SPACE, "name": "two words"},
     "a budget that is not a number": {**SPACE, "epochs": True},
 }
@@ -158,7 +164,9 @@ def test_a_bad_space_dict_says_what_the_same_file_would(case, here):
     path = here / "space.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML: the same content as a file
     opts = options(here)
-    cli = cli_message(["search", str(path), "--tracking-uri", opts["tracking_uri"], "--storage", opts["storage"]])
+    cli = cli_message(
+        ["search", str(path), "--tracking-uri", opts["tracking_uri"], "--storage", opts["storage"]]
+    )
     api = api_message(raw, **opts)
     assert str(path) in cli
     assert api == cli.replace(str(path), "the space dict")
@@ -174,11 +182,17 @@ BAD_OPTIONS = {
     "a scheduler that is none": ({"scheduler": "hyperband"}, ["--scheduler", "hyperband"]),
     "a GPU share that wastes a GPU": ({"gpus_per_trial": 0.3}, ["--gpus-per-trial", "0.3"]),
     "a name with a slash": ({"name": "a/b"}, ["--name", "a/b"]),
-    "resume with fixed settings": ({"resume": True, "seed": 3, "samples": 4}, ["--resume", "--seed", "3", "--samples", "4"]),
+    "resume with fixed settings": (
+        {"resume": True, "seed": 3, "samples": 4},
+        ["--resume", "--seed", "3", "--samples", "4"],
+    ),
     "resume with nothing to resume": ({"resume": True}, ["--resume"]),
     "more CPUs than the machine": ({"cpus_per_trial": 4096}, ["--cpus-per-trial", "4096"]),
     "storage that is a file": ({"storage": "{here}/file"}, ["--storage", "{here}/file"]),
-    "a tracking URI that is no store": ({"tracking_uri": "ftp://127.0.0.1/x"}, ["--tracking-uri", "ftp://127.0.0.1/x"]),
+    "a tracking URI that is no store": (
+        {"tracking_uri": "ftp://127.0.0.1/x"},
+        ["--tracking-uri", "ftp://127.0.0.1/x"],
+    ),
 }
 
 
@@ -190,7 +204,9 @@ PARSED = {"no samples": ("--samples", "greater than or equal to 1 (got 0)")}
 def test_bad_options_raise_the_message_the_cli_prints(case, here):
     given, args = BAD_OPTIONS[case]
     (here / "file").write_text("not a folder")
-    given = {k: v.replace("{here}", str(here)) if isinstance(v, str) else v for k, v in given.items()}
+    given = {
+        k: v.replace("{here}", str(here)) if isinstance(v, str) else v for k, v in given.items()
+    }
     args = [a.replace("{here}", str(here)) for a in args]
     path = here / "space.yaml"
     path.write_text(json.dumps(SPACE))
@@ -211,9 +227,15 @@ def test_bad_callables_are_refused_before_ray(here):
     loaded on the driver, each error in one paragraph naming the option or the callable."""
     opts = options(here)
     cases = [
-        ({"model": 42}, "model=: expected a callable build(input_shape, num_classes, **model_args)"),
+        (
+            {"model": 42},
+            "model=: expected a callable build(input_shape, num_classes, **model_args)",
+        ),
         ({"data": 3.5}, "data=: expected a callable load(**data_args)"),
-        ({"model": not_a_module}, "variants.sgd: model callable:not_a_module returned an int, not a torch.nn.Module"),
+        (
+            {"model": not_a_module},
+            "variants.sgd: model callable:not_a_module returned an int, not a torch.nn.Module",
+        ),
         (
             {"model": build_mlp, "data": blobs, "space": {**SPACE, "model_args": {"depth": 2}}},
             "model callable:build_mlp: model_args: unknown argument(s) depth",
@@ -260,15 +282,21 @@ def test_train_takes_callables_and_names_what_ran(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "userdata", userdata)  # gone again after the test
 
     quiet = Console(quiet=True)
-    by_name = flatbasin.train("sgd", model=userdata.build, data=userdata.load, epochs=1, console=quiet)
+    by_name = flatbasin.train(
+        "sgd", model=userdata.build, data=userdata.load, epochs=1, console=quiet
+    )
     assert (by_name.config.model, by_name.config.dataset) == ("userdata:build", "userdata:load")
     assert by_name.config.code_dir == str(tmp_path) and not by_name.config.passed
 
     def sized(n):
         return lambda: blobs(n=n)
 
-    first = flatbasin.train("sgd", model=build_mlp, data=sized(200), epochs=1, console=quiet, model_args={"width": 8})
-    again = flatbasin.train("sgd", model=build_mlp, data=sized(320), epochs=1, console=quiet, model_args={"width": 8})
+    first = flatbasin.train(
+        "sgd", model=build_mlp, data=sized(200), epochs=1, console=quiet, model_args={"width": 8}
+    )
+    again = flatbasin.train(
+        "sgd", model=build_mlp, data=sized(320), epochs=1, console=quiet, model_args={"width": 8}
+    )
     assert first.config.model == "callable:build_mlp" and first.config.dataset == "callable:lambda"
     assert "def build_mlp(" in first.config.passed["callable:build_mlp"].source
     assert first.data_fingerprint != again.data_fingerprint  # another closure: other data
@@ -311,9 +339,16 @@ def test_train_from_a_script_names_its_functions(tmp_path):
         result = flatbasin.train("sgd", model=build, data=elsewhere.load, epochs=1, console=Console(quiet=True))
         print(result.config.model, result.config.dataset, *sorted(result.config.passed))
     """))  # fmt: skip
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["callable:build", "callable:load", "callable:build", "callable:load"]
+    assert done.stdout.split() == [
+        "callable:build",
+        "callable:load",
+        "callable:build",
+        "callable:load",
+    ]
 
 
 # ----------------------------------------------------------------------------- a real search
@@ -361,7 +396,11 @@ def test_search_from_python_with_callables_and_reproduce(tmp_path, ray_tmpdir, p
     assert result["state"] == "finished" and result["tracking_uri"] == uri
     assert result["model"] == "callable:build_mlp" and result["dataset"] == "userdata:load"
     assert {b[0] for b in result["best"]} == {"sgd", "swa"}
-    assert [c[1] for c in result["confirmed"]] == [2, 2] and result["winner"] in ("sgd", "swa", None)
+    assert [c[1] for c in result["confirmed"]] == [2, 2] and result["winner"] in (
+        "sgd",
+        "swa",
+        None,
+    )
     assert result["recommended"] in ("sgd", "swa") and f"Verdict:      {result['verdict']}" in out
     recommended = {b[0]: b[3] for b in result["best"]}[result["recommended"]]
     assert result["to_reproduce"] == recommended  # the winner, or the cheapest of a tie
@@ -369,7 +408,10 @@ def test_search_from_python_with_callables_and_reproduce(tmp_path, ray_tmpdir, p
 
     client = MlflowClient(uri)
     parent = client.get_run(result["parent"])
-    assert parent.data.tags["flatbasin.role"] == "search" and parent.data.params["space"] == "the space dict"
+    assert (
+        parent.data.tags["flatbasin.role"] == "search"
+        and parent.data.params["space"] == "the space dict"
+    )
     for variant, score, test_acc, run_id, trials, _ in result["best"]:
         run = client.get_run(run_id)  # the run ids are MLflow's
         assert run.data.tags["mlflow.parentRunId"] == result["parent"]

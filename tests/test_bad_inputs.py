@@ -189,13 +189,16 @@ SEARCH: dict[str, Case] = {
         "variants: {sgd: {}, swa: {dataset: mnist1d}}\n", (), "variants.swa.dataset"
     ),
     "lr_min above lr": Case(
-        "variants: {sgd: {lr: {loguniform: [1e-3, 0.1]}, lr_min: 0.01}}\n", (), "lr_min (0.01) is above lr"
+        "variants: {sgd: {lr: {loguniform: [1e-3, 0.1]}, lr_min: 0.01}}\n",
+        (),
+        "lr_min (0.01) is above lr",
     ),
     "milestones out of order": Case(
         "variants: {sgd: {schedule: step, step_milestones: [0.8, 0.5]}}\n", (), "increasing"
     ),
     "too many searched keys": Case(
-        "variants:\n  swa:\n" + "".join(f"    {key}: {{choice: [{a}, {b}]}}\n" for key, a, b in MANY),
+        "variants:\n  swa:\n"
+        + "".join(f"    {key}: {{choice: [{a}, {b}]}}\n" for key, a, b in MANY),
         (),
         "too many to check",
     ),
@@ -206,7 +209,8 @@ SEARCH: dict[str, Case] = {
     "name with markup": Case(GOOD, ("--name", "[/x]"), "'[/x]'"),
     "resume of nothing": Case(GOOD, ("--resume",), "no search to resume"),
     "resume with settings Tune keeps": Case(
-        GOOD, ("--resume", "--samples", "4", "--scheduler", "asha"),
+        GOOD,
+        ("--resume", "--samples", "4", "--scheduler", "asha"),
         "--samples, --scheduler would not apply; leave them out",
     ),
     "too many cpus": Case(GOOD, ("--cpus-per-trial", "4096"), "--cpus-per-trial 4096"),
@@ -218,11 +222,14 @@ SEARCH: dict[str, Case] = {
         GOOD, ("--gpus-per-trial", "1.5"), "1.5 is more than one GPU but not a whole number"
     ),
     "channels_last on signals": Case(
-        "dataset: mnist1d\nfixed: {channels_last: true}\nvariants: {sgd: {}}\n", (),
+        "dataset: mnist1d\nfixed: {channels_last: true}\nvariants: {sgd: {}}\n",
+        (),
         "channels_last applies to images",
     ),
     "synthetic_images on fixed data": Case(
-        "fixed: {synthetic_images: 100}\nvariants: {sgd: {}}\n", (), "synthetic_images",
+        "fixed: {synthetic_images: 100}\nvariants: {sgd: {}}\n",
+        (),
+        "synthetic_images",
     ),
     "zero concurrency": Case(GOOD, ("--concurrency", "0"), "--concurrency"),
     "unknown scheduler": Case(GOOD, ("--scheduler", "hyperband"), "--scheduler"),
@@ -252,34 +259,52 @@ SEARCH: dict[str, Case] = {
     "sqlite in a missing folder": Case(
         GOOD, ("--tracking-uri", "sqlite:///{space}/mlflow.db"), "space.yaml/mlflow.db"
     ),
-    "sqlite uri naming a folder": Case(GOOD, ("--tracking-uri", "sqlite:///{images}"), "is a folder"),
+    "sqlite uri naming a folder": Case(
+        GOOD, ("--tracking-uri", "sqlite:///{images}"), "is a folder"
+    ),
     "sqlite uri naming a text file": Case(
         GOOD, ("--tracking-uri", "sqlite:///{space}"), "is not a SQLite database"
     ),
     "a server that answers everything with {}": Case(
         GOOD, ("--tracking-uri", "http://127.0.0.1:{empty}"), "not an MLflow tracking server"
     ),
-    "storage where no folder can be made": Case(GOOD, ("--storage", "/proc/flatbasin-runs"), "cannot create a folder in /proc"),
+    "storage where no folder can be made": Case(
+        GOOD, ("--storage", "/proc/flatbasin-runs"), "cannot create a folder in /proc"
+    ),
     "yes for the budget": Case("epochs: true\nvariants: {sgd: {}}\n", (), "epochs takes a number"),
-    "a seed beyond 32 bits": Case("fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"),
-    "a negative split seed": Case("fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"),
-    "a negative validation seed": Case("fixed: {val_seed: -1}\nvariants: {sgd: {}}\n", (), "val_seed"),
+    "a seed beyond 32 bits": Case(
+        "fixed: {seed: 18446744073709551616}\nvariants: {sgd: {}}\n", (), "seed"
+    ),
+    "a negative split seed": Case(
+        "fixed: {split_seed: -1}\nvariants: {sgd: {}}\n", (), "split_seed"
+    ),
+    "a negative validation seed": Case(
+        "fixed: {val_seed: -1}\nvariants: {sgd: {}}\n", (), "val_seed"
+    ),
     "a validation seed per variant": Case(
         "variants: {sgd: {val_seed: 3}}\n", (), "val_seed is shared by every trial of a search"
     ),
     "mnist1d_signals on fixed data": Case(
-        "fixed: {mnist1d_signals: 2000}\nvariants: {sgd: {}}\n", (), "applies only to the mnist1d data set"
+        "fixed: {mnist1d_signals: 2000}\nvariants: {sgd: {}}\n",
+        (),
+        "applies only to the mnist1d data set",
     ),
     "too few mnist1d signals": Case(
-        "dataset: mnist1d\nfixed: {mnist1d_signals: 10}\nvariants: {sgd: {}}\n", (), "mnist1d_signals"
+        "dataset: mnist1d\nfixed: {mnist1d_signals: 10}\nvariants: {sgd: {}}\n",
+        (),
+        "mnist1d_signals",
     ),
     "a value that YAML aliases blow up": Case(BOMB, (), "Input should be a valid number"),
     # ---- a share of a CPU: Ray's rules, as for a GPU's share, checked before Ray starts
     "cpus below Ray's smallest step": Case(
-        GOOD, ("--cpus-per-trial", "0.00001"), "'--cpus-per-trial': Input should be greater than or equal to 0.0001"
+        GOOD,
+        ("--cpus-per-trial", "0.00001"),
+        "'--cpus-per-trial': Input should be greater than or equal to 0.0001",
     ),
     "a cpu share that wastes a cpu": Case(
-        GOOD, ("--cpus-per-trial", "0.3"), "--cpus-per-trial: 0.3 does not divide a CPU into whole trials"
+        GOOD,
+        ("--cpus-per-trial", "0.3"),
+        "--cpus-per-trial: 0.3 does not divide a CPU into whole trials",
     ),
     "a cpu share Ray cannot fit": Case(
         GOOD, ("--cpus-per-trial", "0.3334"), "Ray would fit 2 trial(s) on a CPU"
@@ -290,19 +315,29 @@ SEARCH: dict[str, Case] = {
     "cpus not a number": Case(GOOD, ("--cpus-per-trial", "nan"), "'--cpus-per-trial'"),
     "cpus infinite": Case(GOOD, ("--cpus-per-trial", "inf"), "'--cpus-per-trial'"),
     # ---- numbers out of their stated range, refused as the command line is read
-    "a seed beyond numpy's": Case(GOOD, ("--seed", "4294967296"), "'--seed': Input should be less than or equal to 4294967295"),
+    "a seed beyond numpy's": Case(
+        GOOD, ("--seed", "4294967296"), "'--seed': Input should be less than or equal to 4294967295"
+    ),
     "a negative seed": Case(GOOD, ("--seed", "-1"), "'--seed'"),
     "a time budget of half a second": Case(GOOD, ("--time-budget", "0.5"), "'--time-budget'"),
     "a time budget of nan": Case(GOOD, ("--time-budget", "nan"), "'--time-budget'"),
-    "a checkpoint interval of inf": Case(GOOD, ("--checkpoint-interval", "inf"), "'--checkpoint-interval'"),
+    "a checkpoint interval of inf": Case(
+        GOOD, ("--checkpoint-interval", "inf"), "'--checkpoint-interval'"
+    ),
     "checkpoints every 0 epochs": Case(GOOD, ("--checkpoint-every", "0"), "'--checkpoint-every'"),
     "too many retries": Case(GOOD, ("--max-failures", "1000"), "'--max-failures'"),
     "too many confirmation seeds": Case(GOOD, ("--confirm-seeds", "101"), "'--confirm-seeds'"),
-    "a word for a number": Case(GOOD, ("--samples", "many"), "'--samples': Input should be a valid integer"),
+    "a word for a number": Case(
+        GOOD, ("--samples", "many"), "'--samples': Input should be a valid integer"
+    ),
     # ---- malformed tracking URIs, whichever way given: named before anything starts
-    "in-memory sqlite": Case(GOOD, ("--tracking-uri", "sqlite://"), "sqlite://: an in-memory SQLite database"),
+    "in-memory sqlite": Case(
+        GOOD, ("--tracking-uri", "sqlite://"), "sqlite://: an in-memory SQLite database"
+    ),
     "in-memory sqlite from the environment": Case(
-        GOOD, (), "$MLFLOW_TRACKING_URI sqlite://: an in-memory SQLite database",
+        GOOD,
+        (),
+        "$MLFLOW_TRACKING_URI sqlite://: an in-memory SQLite database",
         env={"MLFLOW_TRACKING_URI": "sqlite://"},
     ),
     "in-memory sqlite with options": Case(
@@ -310,16 +345,30 @@ SEARCH: dict[str, Case] = {
     ),
     "sqlite without slashes": Case(GOOD, ("--tracking-uri", "sqlite:"), "too few slashes"),
     "sqlite with one slash": Case(GOOD, ("--tracking-uri", "sqlite:/x.db"), "too few slashes"),
-    "sqlite with a host": Case(GOOD, ("--tracking-uri", "sqlite://host/x.db"), "with a host (host)"),
-    "sqlite naming no file": Case(GOOD, ("--tracking-uri", "sqlite:///"), "sqlite:///: names no file"),
-    "sqlite naming the root folder": Case(GOOD, ("--tracking-uri", "sqlite:////"), "names a folder"),
+    "sqlite with a host": Case(
+        GOOD, ("--tracking-uri", "sqlite://host/x.db"), "with a host (host)"
+    ),
+    "sqlite naming no file": Case(
+        GOOD, ("--tracking-uri", "sqlite:///"), "sqlite:///: names no file"
+    ),
+    "sqlite naming the root folder": Case(
+        GOOD, ("--tracking-uri", "sqlite:////"), "names a folder"
+    ),
     "sqlite naming a folder by its slash": Case(
         GOOD, ("--tracking-uri", "sqlite:///{images}/"), "ends in '/'"
     ),
-    "a server without a host": Case(GOOD, ("--tracking-uri", "http://"), "http://: names no server host"),
-    "a secure server without a host": Case(GOOD, ("--tracking-uri", "https://"), "names no server host"),
-    "a server with a port only": Case(GOOD, ("--tracking-uri", "http://:5000"), "names no server host"),
-    "a server with one slash": Case(GOOD, ("--tracking-uri", "http:/127.0.0.1:5000"), "names no server host"),
+    "a server without a host": Case(
+        GOOD, ("--tracking-uri", "http://"), "http://: names no server host"
+    ),
+    "a secure server without a host": Case(
+        GOOD, ("--tracking-uri", "https://"), "names no server host"
+    ),
+    "a server with a port only": Case(
+        GOOD, ("--tracking-uri", "http://:5000"), "names no server host"
+    ),
+    "a server with one slash": Case(
+        GOOD, ("--tracking-uri", "http:/127.0.0.1:5000"), "names no server host"
+    ),
     "a server's port that is no number": Case(
         GOOD, ("--tracking-uri", "http://127.0.0.1:notaport"), "'notaport'"
     ),
@@ -328,14 +377,18 @@ SEARCH: dict[str, Case] = {
     ),
     "a server's port 0": Case(GOOD, ("--tracking-uri", "http://127.0.0.1:0"), "port 0"),
     "no password shown in a malformed uri": Case(
-        GOOD, ("--tracking-uri", "http://alice:hunter2@:5000"), "--tracking-uri http://:5000: names no server host"
+        GOOD,
+        ("--tracking-uri", "http://alice:hunter2@:5000"),
+        "--tracking-uri http://:5000: names no server host",
     ),
     "a file store MLflow refuses": Case(
         GOOD, ("--tracking-uri", "file:///{images}/mlruns"), "MLFLOW_ALLOW_FILE_STORE=true"
     ),
     "a plain folder for a store": Case(GOOD, ("--tracking-uri", "mlruns"), "filesystem store"),
     "a file uri without its slashes": Case(
-        GOOD, ("--tracking-uri", "file:mlruns"), "file:///ABSOLUTE/PATH",
+        GOOD,
+        ("--tracking-uri", "file:mlruns"),
+        "file:///ABSOLUTE/PATH",
         env={"MLFLOW_ALLOW_FILE_STORE": "true"},
     ),
     # ---- what a local Ray writes before it starts
@@ -468,6 +521,7 @@ def test_bad_search_input_exits_2_before_ray(
 def test_a_model_that_cannot_learn_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
     """A model whose output ignores its weights (here the real one times 0, through the builder the
     check uses: no fake model in the product) would give a search of trials at chance level."""
+
     class Silenced(torch.nn.Module):
         def __init__(self, module: torch.nn.Module):
             super().__init__()
@@ -514,7 +568,8 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "unreadable --set value": (["--set", "lr=[1,"], "cannot read the value"),
     "resume without a checkpoint file": (["--resume"], "--resume needs an existing --checkpoint"),
     "an existing checkpoint without --resume": (
-        ["--checkpoint", __file__], "exists; --resume continues the run it holds"
+        ["--checkpoint", __file__],
+        "exists; --resume continues the run it holds",
     ),
     "nan for a number": (["--set", "lr=.nan"], "lr: Input should be a finite number"),
     "cuda without cuda": (["--set", "device=cuda"], "cuda"),
@@ -522,12 +577,19 @@ TRAIN: dict[str, tuple[list[str], str]] = {
     "batch larger than digits": (["--set", "batch_size=4000"], "batch_size 4000"),
     "resnet on 8x8": (["--set", "model=resnet18"], "resnet18"),
     "airbench on 8x8": (["--set", "model=airbench"], "airbench"),
-    "unknown precision": (["--set", "precision=fp16"], "precision: Input should be 'auto', 'fp32' or 'bf16'"),
+    "unknown precision": (
+        ["--set", "precision=fp16"],
+        "precision: Input should be 'auto', 'fp32' or 'bf16'",
+    ),
     "channels_last on signals": (
-        ["--dataset", "mnist1d", "--set", "channels_last=true"], "channels_last applies to images"
+        ["--dataset", "mnist1d", "--set", "channels_last=true"],
+        "channels_last applies to images",
     ),
     "a validation seed beyond 32 bits": (["--set", "val_seed=4294967296"], "val_seed"),
-    "mnist1d_signals for digits": (["--set", "mnist1d_signals=2000"], "applies only to the mnist1d data set"),
+    "mnist1d_signals for digits": (
+        ["--set", "mnist1d_signals=2000"],
+        "applies only to the mnist1d data set",
+    ),
     "missing data_dir": (
         ["--dataset", "image_folder", "--data-dir", "/nonexistent/fb-images"],
         "/nonexistent/fb-images",
@@ -588,7 +650,9 @@ def test_reproduce_of_an_unknown_run_exits_2(tmp_path):
     assert "Traceback" not in result.output and "0123456789abcdef" in result.output
 
 
-@pytest.mark.parametrize("command", [["reproduce", "RUN"], ["train", "--variant", "swa", "--from", "RUN"]])
+@pytest.mark.parametrize(
+    "command", [["reproduce", "RUN"], ["train", "--variant", "swa", "--from", "RUN"]]
+)
 def test_a_store_that_is_not_there_is_named_not_the_run(tmp_path, command):
     """A mistyped SQLite path makes no database; a server that is down is not a missing run."""
     run = "0123456789abcdef0123456789abcdef"
@@ -597,7 +661,9 @@ def test_a_store_that_is_not_there_is_named_not_the_run(tmp_path, command):
         (f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}", "no MLflow store at"),
         (f"http://127.0.0.1:{closed_port()}", "is not reachable"),
     ):
-        result = runner.invoke(app, [*args, "--tracking-uri", uri], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        result = runner.invoke(
+            app, [*args, "--tracking-uri", uri], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+        )
         assert result.exit_code == 2, result.output
         assert needle in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "typo").exists()
@@ -668,8 +734,8 @@ def test_resume_with_an_edited_space_is_refused(tmp_path):
     """Tune resumes the space it pickled: an edited file would be ignored silently, so it is refused,
     naming what changed; comments and layout are no change."""
     from flatbasin.search.errors import UsageError
+    from flatbasin.search.resume import check_same_space
     from flatbasin.search.tracking import Tracker
-    from flatbasin.search.tuner import check_same_space
     from flatbasin.spaces import load_space
 
     path = tmp_path / "edited.yaml"
@@ -706,7 +772,7 @@ def test_a_second_driver_of_a_running_search_is_refused(tmp_path, ray_tmpdir, mo
 USER_MODULES = {
     "usr_raises.py": "import numpy\n\ndef helper():\n    raise RuntimeError('my own bug')\n\nhelper()\n",
     "usr_syntax.py": "def load(:\n    pass\n",
-    "usr_models.py": '''
+    "usr_models.py": """
 import torch
 from torch import nn
 
@@ -740,8 +806,8 @@ def frozen(input_shape, num_classes):
 
 def width(input_shape, num_classes, width=8):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, num_classes))
-''',
-    "usr_data.py": '''
+""",
+    "usr_data.py": """
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -799,7 +865,7 @@ def no_label(): return NoLabel(), NoLabel()
 def text_label(): return TextLabel(), TextLabel()
 def nan_items(): return NanItems(), NanItems()
 def lists(): return [1, 2], [3, 4]
-''',
+""",
 }
 
 
@@ -809,45 +875,119 @@ def user_space(dataset: str = "digits", model: str = "small_cnn", extra: str = "
 
 USER_CODE: dict[str, Case] = {
     "module missing": Case(user_space("usr_nothere:load"), (), "no module named 'usr_nothere'"),
-    "module raises": Case(user_space("usr_raises:load"), (), "RuntimeError: my own bug (at {code}/usr_raises.py:4)"),
+    "module raises": Case(
+        user_space("usr_raises:load"), (), "RuntimeError: my own bug (at {code}/usr_raises.py:4)"
+    ),
     "module syntax": Case(user_space("usr_syntax:load"), (), "usr_syntax.py:1"),
     "callable missing": Case(user_space("usr_data:nothere"), (), "has no 'nothere'"),
-    "data raises": Case(user_space("usr_data:raises"), (), "OSError: no such file: /data/train.csv (at {code}/usr_data.py"),
+    "data raises": Case(
+        user_space("usr_data:raises"),
+        (),
+        "OSError: no such file: /data/train.csv (at {code}/usr_data.py",
+    ),
     "data three things": Case(user_space("usr_data:three"), (), "returned a tuple of 3"),
-    "data one array": Case(user_space("usr_data:one"), (), "usr_data:one returned a ndarray; return four arrays"),
+    "data one array": Case(
+        user_space("usr_data:one"), (), "usr_data:one returned a ndarray; return four arrays"
+    ),
     "data lists": Case(user_space("usr_data:lists"), (), "not two torch.utils.data.Dataset"),
-    "data lengths differ": Case(user_space("usr_data:lengths"), (), "x_train holds 200 examples but y_train 199 labels"),
-    "data float labels": Case(user_space("usr_data:float_labels"), (), "y_train is of type float64"),
-    "data missing class": Case(user_space("usr_data:gap"), (), "class(es) 1 have no training example"),
+    "data lengths differ": Case(
+        user_space("usr_data:lengths"), (), "x_train holds 200 examples but y_train 199 labels"
+    ),
+    "data float labels": Case(
+        user_space("usr_data:float_labels"), (), "y_train is of type float64"
+    ),
+    "data missing class": Case(
+        user_space("usr_data:gap"), (), "class(es) 1 have no training example"
+    ),
     "data negative labels": Case(user_space("usr_data:negative"), (), "negative labels"),
     "data one-hot labels": Case(user_space("usr_data:one_hot"), (), "(not one-hot)"),
     "data one class": Case(user_space("usr_data:one_class"), (), "at least 2 classes"),
     "data strings": Case(user_space("usr_data:strings"), (), "x_train is not a numeric array"),
     "data test shape": Case(user_space("usr_data:test_shape"), (), "test examples (3,)"),
-    "data nan": Case(user_space("usr_data:nan"), (), "NaN or infinite values in 1 example(s), the first at index 7"),
-    "data unknown argument": Case(user_space("usr_data:takes", extra="data_args: {count: 3}\n"), (), "unknown argument(s) count"),
-    "data argument searched": Case(user_space("usr_data:takes", extra="data_args: {n: {choice: [1, 2]}}\n"), (), "data_args.n"),
-    "data args for a built-in set": Case(user_space("digits", extra="data_args: {n: 1}\n"), (), "data_args (n) apply to your own data set"),
-    "dataset ragged items": Case(user_space("usr_data:ragged"), (), "inconsistent shapes: item 0 is (4,), item 99 is (5,)"),
-    "dataset items without labels": Case(user_space("usr_data:no_label"), (), "item 0 is a Tensor; each item must be (input_tensor, integer_label)"),
+    "data nan": Case(
+        user_space("usr_data:nan"),
+        (),
+        "NaN or infinite values in 1 example(s), the first at index 7",
+    ),
+    "data unknown argument": Case(
+        user_space("usr_data:takes", extra="data_args: {count: 3}\n"),
+        (),
+        "unknown argument(s) count",
+    ),
+    "data argument searched": Case(
+        user_space("usr_data:takes", extra="data_args: {n: {choice: [1, 2]}}\n"), (), "data_args.n"
+    ),
+    "data args for a built-in set": Case(
+        user_space("digits", extra="data_args: {n: 1}\n"),
+        (),
+        "data_args (n) apply to your own data set",
+    ),
+    "dataset ragged items": Case(
+        user_space("usr_data:ragged"), (), "inconsistent shapes: item 0 is (4,), item 99 is (5,)"
+    ),
+    "dataset items without labels": Case(
+        user_space("usr_data:no_label"),
+        (),
+        "item 0 is a Tensor; each item must be (input_tensor, integer_label)",
+    ),
     "dataset text labels": Case(user_space("usr_data:text_label"), (), "label is 'cat'"),
-    "data huge label": Case(user_space("usr_data:huge_label"), (), "labels run 0..1000000000000, but class(es) 2, 3"),
-    "data complex inputs": Case(user_space("usr_data:complex_inputs"), (), "x_train is not a numeric array"),
-    "dataset item raises": Case(user_space("usr_data:raises_at_77"), (), "item 77 cannot be read: RuntimeError: corrupt record 77 (at {code}/usr_data.py"),
+    "data huge label": Case(
+        user_space("usr_data:huge_label"), (), "labels run 0..1000000000000, but class(es) 2, 3"
+    ),
+    "data complex inputs": Case(
+        user_space("usr_data:complex_inputs"), (), "x_train is not a numeric array"
+    ),
+    "dataset item raises": Case(
+        user_space("usr_data:raises_at_77"),
+        (),
+        "item 77 cannot be read: RuntimeError: corrupt record 77 (at {code}/usr_data.py",
+    ),
     "dataset nan items": Case(user_space("usr_data:nan_items"), (), "item 0's input holds NaN"),
-    "model not a module": Case(user_space(model="usr_models:number"), (), "returned an int, not a torch.nn.Module"),
-    "model raises": Case(user_space(model="usr_models:raises"), (), "ValueError: width must be even (at {code}/usr_models.py"),
-    "model wrong outputs": Case(user_space(model="usr_models:wrong_outputs"), (), "gives outputs of shape (11,)"),
-    "model wrong input": Case(user_space(model="usr_models:wrong_input"), (), "cannot take the input of 'digits' (examples of shape (1, 8, 8))"),
+    "model not a module": Case(
+        user_space(model="usr_models:number"), (), "returned an int, not a torch.nn.Module"
+    ),
+    "model raises": Case(
+        user_space(model="usr_models:raises"),
+        (),
+        "ValueError: width must be even (at {code}/usr_models.py",
+    ),
+    "model wrong outputs": Case(
+        user_space(model="usr_models:wrong_outputs"), (), "gives outputs of shape (11,)"
+    ),
+    "model wrong input": Case(
+        user_space(model="usr_models:wrong_input"),
+        (),
+        "cannot take the input of 'digits' (examples of shape (1, 8, 8))",
+    ),
     "model returns a pair": Case(user_space(model="usr_models:pair"), (), "returns a tuple"),
     "model frozen": Case(user_space(model="usr_models:frozen"), (), "without trainable parameters"),
-    "model unknown argument": Case(user_space(model="usr_models:width", extra="model_args: {depth: 3}\n"), (), "unknown argument(s) depth"),
+    "model unknown argument": Case(
+        user_space(model="usr_models:width", extra="model_args: {depth: 3}\n"),
+        (),
+        "unknown argument(s) depth",
+    ),
     "model unknown form": Case(user_space(model="not a model"), (), "unknown model 'not a model'"),
-    "model args for a built-in": Case(user_space(extra="model_args: {width: 3}\n"), (), "the built-in 'small_cnn' takes dropout and init"),
-    "model dropout for a user model": Case(user_space(model="usr_models:width", extra="fixed: {dropout: 0.1}\n"), (), "give 'usr_models:width' its own dropout"),
-    "torchvision unknown": Case(user_space(model="torchvision:resnt18"), (), "torchvision has no model builder 'resnt18'; similar: resnet18"),
-    "timm unknown": Case(user_space(model="timm:resnt18"), (), "timm has no model 'resnt18'; similar: resnet18"),
-    "zoo model on signals": Case(user_space("mnist1d", model="torchvision:resnet18"), (), "is an image model"),
+    "model args for a built-in": Case(
+        user_space(extra="model_args: {width: 3}\n"),
+        (),
+        "the built-in 'small_cnn' takes dropout and init",
+    ),
+    "model dropout for a user model": Case(
+        user_space(model="usr_models:width", extra="fixed: {dropout: 0.1}\n"),
+        (),
+        "give 'usr_models:width' its own dropout",
+    ),
+    "torchvision unknown": Case(
+        user_space(model="torchvision:resnt18"),
+        (),
+        "torchvision has no model builder 'resnt18'; similar: resnet18",
+    ),
+    "timm unknown": Case(
+        user_space(model="timm:resnt18"), (), "timm has no model 'resnt18'; similar: resnet18"
+    ),
+    "zoo model on signals": Case(
+        user_space("mnist1d", model="torchvision:resnet18"), (), "is an image model"
+    ),
 }
 
 
@@ -871,7 +1011,9 @@ def test_bad_user_code_exits_2_before_ray(case, user_code, tmp_path, ray_tmpdir,
     result = runner.invoke(app, args, env={"RAY_TMPDIR": str(ray_tmpdir)})
     output = result.output
     assert result.exit_code == 2, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     assert "Traceback" not in output
     assert fill(spec.needle, code=user_code) in " ".join(output.split()), output
     assert str(space) in output, output  # the file named
@@ -920,7 +1062,9 @@ def stated_options(command: tuple[str, ...]) -> dict[str, Stated]:
             continue
         option, kind, ranged, rest = row.groups()
         bounds = re.search(r"\[([-0-9.e+]+)<=x<=([-0-9.e+]+)\]", rest)
-        assert ranged and bounds, f"{' '.join(command)} {option} states no range from low to high: {line}"
+        assert ranged and bounds, (
+            f"{' '.join(command)} {option} states no range from low to high: {line}"
+        )
         default = re.search(r"\[default: ([-0-9.e+]+)\]", rest)
         number = int if kind == "int" else float
         found[option] = Stated(
@@ -930,9 +1074,11 @@ def stated_options(command: tuple[str, ...]) -> dict[str, Stated]:
 
 
 def search_field(field: str) -> Callable[[float], object]:
-    from flatbasin.search.tuner import SearchOptions
+    from flatbasin.search.options import SearchOptions
 
-    return lambda v: SearchOptions(tracking_uri="sqlite:///x.db", storage=Path("runs"), **{field: v})
+    return lambda v: SearchOptions(
+        tracking_uri="sqlite:///x.db", storage=Path("runs"), **{field: v}
+    )
 
 
 def trial_setting(key: str, **settings: object) -> Callable[[float], object]:
@@ -1000,7 +1146,11 @@ def validators(tmp_path: Path) -> dict[tuple[str, str], Callable[[float], object
 
 def beyond(value: float, kind: type, direction: float) -> str:
     """The value just past `value` in `direction`: the next integer, or the next float."""
-    return str(int(value + direction)) if kind is int else repr(math.nextafter(value, direction * math.inf))
+    return (
+        str(int(value + direction))
+        if kind is int
+        else repr(math.nextafter(value, direction * math.inf))
+    )
 
 
 def test_every_numeric_option_states_its_range_and_its_checks_agree(tmp_path, monkeypatch):
@@ -1019,16 +1169,25 @@ def test_every_numeric_option_states_its_range_and_its_checks_agree(tmp_path, mo
             key = (" ".join(command), option)
             seen.add(key)
             assert key in checks, f"{key}: a numeric option with no check named in this test"
-            assert stated.low <= (stated.default if stated.default is not None else stated.low) <= stated.high
+            assert (
+                stated.low
+                <= (stated.default if stated.default is not None else stated.low)
+                <= stated.high
+            )
             for edge, direction in ((stated.low, -1.0), (stated.high, 1.0)):
                 bad = beyond(edge, stated.kind, direction)
                 result = runner.invoke(app, [*command, *needs, option, bad])
                 assert result.exit_code == 2, (key, bad, result.output)
-                assert result.output.startswith("error: ") and f"'{option}'" in result.output, result.output
+                assert result.output.startswith("error: ") and f"'{option}'" in result.output, (
+                    result.output
+                )
                 assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
             if stated.kind is float:
                 result = runner.invoke(app, [*command, *needs, option, "nan"])
-                assert result.exit_code == 2 and f"'{option}'" in result.output, (key, result.output)
+                assert result.exit_code == 2 and f"'{option}'" in result.output, (
+                    key,
+                    result.output,
+                )
             for good in {stated.low, stated.high, stated.default} - {None}:
                 click_command.make_context(command[-1], [*needs, option, str(good)])  # parses
                 checks[key](good)  # and the check below accepts it
@@ -1050,8 +1209,15 @@ def test_an_allocation_that_cannot_be_had_is_named_with_what_to_change():
         with pytest.raises(OutOfMemory) as caught, named_out_of_memory(config, "training"):
             allocate()
         text = str(caught.value)
-        assert text.startswith(f"training ran out of this machine's memory (RAM) asking for {amount} more"), text
-        for advice in ("batch_size (now 32)", "model (now auto)", "image_size (now 64)", "synthetic_images (now 60000)"):
+        assert text.startswith(
+            f"training ran out of this machine's memory (RAM) asking for {amount} more"
+        ), text
+        for advice in (
+            "batch_size (now 32)",
+            "model (now auto)",
+            "image_size (now 64)",
+            "synthetic_images (now 60000)",
+        ):
             assert advice in text, text
     with pytest.raises(RuntimeError, match=r"^unrelated$"), named_out_of_memory(config, "training"):
         raise RuntimeError("unrelated")
@@ -1070,7 +1236,9 @@ main()
 """
 
 
-def run_with_memory(tmp_path: Path, headroom_mib: int, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run_with_memory(
+    tmp_path: Path, headroom_mib: int, *args: str, **env: str
+) -> subprocess.CompletedProcess:
     """flatbasin in a process whose address space ends `headroom_mib` past what importing torch
     took: what it cannot have fails at once, and the machine's memory is never at stake."""
     script = tmp_path / "limited.py"
@@ -1115,7 +1283,10 @@ def test_a_search_whose_data_cannot_fit_is_refused_before_ray(tmp_path, ray_tmpd
     assert done.returncode == 2, output
     assert "Traceback" not in output and output.startswith("error: "), output
     text = " ".join(output.split())
-    assert "variants.sgd: loading the data and checking the model ran out of this machine's memory" in text, text
+    assert (
+        "variants.sgd: loading the data and checking the model ran out of this machine's memory"
+        in text
+    ), text
     assert "fewer synthetic_images (now 1000000)" in text, text
     assert not list(ray_tmpdir.rglob("session_*")), "a Ray session was started"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
@@ -1125,8 +1296,14 @@ def test_a_search_whose_data_cannot_fit_is_refused_before_ray(tmp_path, ray_tmpd
 SHADOW = "root:$6$saltsalt$HASHofROOT0123:19000:0:99999:7:::\nalice:$6$pepper$HASHofALICE4567:19000:0:99999:7:::\n"
 NOT_SPACES = {
     "a shadow file": (SHADOW, ["HASHofROOT", "HASHofALICE", "alice"]),
-    "a JSON of secrets": ('{"password": "hunter2-json", "api_key": "sk-json-0123"}', ["hunter2", "sk-json", "password"]),
-    "a compose file": ("services:\n  db:\n    environment: {PGPASSWORD: pg-compose-9}\n", ["pg-compose-9", "PGPASSWORD"]),
+    "a JSON of secrets": (
+        '{"password": "hunter2-json", "api_key": "sk-json-0123"}',
+        ["hunter2", "sk-json", "password"],
+    ),
+    "a compose file": (
+        "services:\n  db:\n    environment: {PGPASSWORD: pg-compose-9}\n",
+        ["pg-compose-9", "PGPASSWORD"],
+    ),
     "a plain text file": ("the secret phrase is tulip-azure-88\nand more\n", ["tulip-azure-88"]),
     "a list": ("- token-in-a-list-77\n", ["token-in-a-list-77"]),
 }
@@ -1203,7 +1380,9 @@ OUTPUTS = {  # the command, with {out} where the output goes; what the message n
 
 @pytest.mark.parametrize("kind", OUTPUT_KINDS)
 @pytest.mark.parametrize("output", sorted(OUTPUTS), ids=str)
-def test_an_output_that_is_no_regular_file_is_refused_before_work(output, kind, tmp_path, monkeypatch):
+def test_an_output_that_is_no_regular_file_is_refused_before_work(
+    output, kind, tmp_path, monkeypatch
+):
     if output == "report --out" and kind == "folder":
         pytest.skip("a folder is what --out takes")
     monkeypatch.chdir(tmp_path)  # a default output (lr_find.png, ./mlflow.db) lands here, if any
@@ -1265,12 +1444,16 @@ def full_disk(tmp_path) -> Iterator[Path]:
 
 def test_train_on_a_full_disk_keeps_its_result(full_disk, tmp_path):
     spare_before = set(Path(tempfile.gettempdir()).glob("flatbasin-*.json"))
-    args = train_args("--json", str(full_disk / "old.json"), "--checkpoint", str(full_disk / "c.pt"))
+    args = train_args(
+        "--json", str(full_disk / "old.json"), "--checkpoint", str(full_disk / "c.pt")
+    )
     result = runner.invoke(app, args)
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "deployed model" in text, text  # the run is shown
-    assert "warning: the checkpoint of epoch 1 could not be written (No space left on device)" in text
+    assert (
+        "warning: the checkpoint of epoch 1 could not be written (No space left on device)" in text
+    )
     paragraph = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(paragraph) == 1, result.output
     assert f"--checkpoint {full_disk / 'c.pt'} could not be written from epoch 1 on" in text
@@ -1301,7 +1484,9 @@ def test_submit_refuses_credentials_in_the_tracking_uri(tmp_path):
     """A job's entrypoint is shown on the cluster's dashboard: they are refused, never sent."""
     for uri in ("http://alice:pw-submit-0123@127.0.0.1:5000", "https://alice@127.0.0.1:5000"):
         for form in (["--tracking-uri", uri], [f"--tracking-uri={uri}"]):
-            result = runner.invoke(app, ["submit", "compare", "--address", "http://127.0.0.1:9", *form])
+            result = runner.invoke(
+                app, ["submit", "compare", "--address", "http://127.0.0.1:9", *form]
+            )
             text = " ".join(result.output.split())
             assert result.exit_code == 2, result.output
             assert "carries credentials" in text and "--tracking-uri http" in text, text
@@ -1383,11 +1568,16 @@ def test_credentials_leave_the_command_line_and_reach_the_server(process_groups,
     process_groups.kill(proc)
     assert proc.returncode == 2
     text = " ".join(log.read_text().split())
-    assert "the credentials of user 'alice' (both from the user-info of --tracking-uri) are wrong" in text, text
+    assert (
+        "the credentials of user 'alice' (both from the user-info of --tracking-uri) are wrong"
+        in text
+    ), text
     assert secret not in text and urllib.parse.quote(secret, safe="") not in text
 
 
-def test_a_fifo_where_the_searchs_report_goes_is_refused_before_ray(tmp_path, ray_tmpdir, monkeypatch):
+def test_a_fifo_where_the_searchs_report_goes_is_refused_before_ray(
+    tmp_path, ray_tmpdir, monkeypatch
+):
     """The report a search writes at its end (./reports/NAME) would have hung on a FIFO there."""
     monkeypatch.chdir(tmp_path)
     space = tmp_path / "rep.yaml"

@@ -147,9 +147,7 @@ def test_variant_trains_and_resumes_on_streamed_data(name, streamed_small, tmp_p
 
     assert not full.diverged and full.test_acc is not None
     assert [m.epoch for m in full.history] == [1, 2]
-    assert all(
-        math.isfinite(v) for m in full.history for k, v in asdict(m).items() if k in METRICS
-    )
+    assert all(math.isfinite(v) for m in full.history for k, v in asdict(m).items() if k in METRICS)
     assert len(full.curve) == expected_curve_length(config, streamed_small.steps_per_epoch(32))
     assert full.score == pytest.approx(full.history[-1].score)
     assert full.score > 0.3, "two epochs on digits should be well above chance"

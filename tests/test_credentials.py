@@ -10,7 +10,9 @@ import pytest
 
 from flatbasin.search import credentials
 from flatbasin.search.credentials import adopt, redact_uri, scrub, user_info
-from flatbasin.search.tracking import Tracker, browse_hint, refusal_message
+from flatbasin.search.store import refusal_message
+from flatbasin.search.tracking import Tracker
+from flatbasin.search.tracking_uri import browse_hint
 
 VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_TOKEN", credentials.USERNAME_FROM, credentials.PASSWORD_FROM)  # fmt: skip
@@ -86,7 +88,9 @@ def test_a_refusal_names_where_each_credential_came_from(monkeypatch, tmp_path):
     text = refusal_message(uri, 401)
     assert "user 'alice' (both from the user-info of --tracking-uri) are wrong" in text, text
     assert "wrong-0123" not in text
-    assert "(both from the user-info of --tracking-uri) has no permission" in refusal_message(uri, 403)
+    assert "(both from the user-info of --tracking-uri) has no permission" in refusal_message(
+        uri, 403
+    )
     for name in VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
@@ -95,4 +99,7 @@ def test_a_refusal_names_where_each_credential_came_from(monkeypatch, tmp_path):
     (tmp_path / ".mlflow").mkdir()
     (tmp_path / ".mlflow" / "credentials").write_text("[mlflow]\nmlflow_tracking_password = x\n")
     text = refusal_message(uri, 401)
-    assert "the username from $MLFLOW_TRACKING_USERNAME, the password from ~/.mlflow/credentials" in text
+    assert (
+        "the username from $MLFLOW_TRACKING_USERNAME, the password from ~/.mlflow/credentials"
+        in text
+    )

@@ -106,7 +106,9 @@ def test_image_folder_loads_and_resizes(tmp_path):
     assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 12
 
 
-@pytest.mark.parametrize(("per_class", "empty"), [(1, "validation and test splits are"), (3, "validation split is")])
+@pytest.mark.parametrize(
+    ("per_class", "empty"), [(1, "validation and test splits are"), (3, "validation split is")]
+)
 def test_a_folder_too_small_to_split_is_refused(tmp_path, per_class, empty):
     write_image_folder(tmp_path, per_class=per_class)
     with pytest.raises(DataError, match=f"the {empty} empty"):
@@ -337,7 +339,9 @@ def test_notes_say_an_image_folder_is_resized_and_a_small_validation_split_is_co
     for c in range(2):  # 2 classes of 25: 10 test images (test_frac 0.2), 4 of the 40 left for val
         (tmp_path / f"c{c}").mkdir()
         for i in range(25):
-            Image.new("RGB", (40 + i, 20), (10 * i, 100 * c, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+            Image.new("RGB", (40 + i, 20), (10 * i, 100 * c, 0)).save(
+                tmp_path / f"c{c}" / f"{i}.png"
+            )
     spec = DataSpec(dataset="image_folder", data_dir=tmp_path, image_size=16)
     notes = data_notes(spec, load_data(spec, "cpu"))
     assert len(notes) == 2 and notes[0].startswith(f"image folder {tmp_path}: every image is resized to 16x16")  # fmt: skip

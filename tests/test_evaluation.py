@@ -199,8 +199,9 @@ def test_gap_is_training_accuracy_scored_like_val_minus_val(small, tmp_path):
 
 
 def test_old_histories_without_the_gap_load_and_print():
-    from flatbasin.search.cli import print_epoch
-    from flatbasin.search.tracking import EPOCH_METRICS, TrialRecord, trial_record
+    from flatbasin.search.output import print_epoch
+    from flatbasin.search.tags import EPOCH_METRICS
+    from flatbasin.search.tracking import TrialRecord, trial_record
 
     old = {"epoch": 1, "step": 10, "train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.6,
            "val_acc": 0.7, "lr": 0.1, "score": 0.7, "members": 0}  # fmt: skip

@@ -446,7 +446,8 @@ def test_two_trials_share_one_gpu_through_a_real_search(tmp_path):
     import ray
     from rich.console import Console
 
-    from flatbasin.search.tuner import SearchOptions, run_search
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.running import run_search
 
     path = tmp_path / "half.yaml"
     path.write_text(

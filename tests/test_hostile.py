@@ -43,7 +43,10 @@ from flatbasin.trainables.files import NotAFileError, disk_problem, disk_state, 
             RuntimeError("(sqlite3.OperationalError) database or disk is full"),
             "full (no space left on device)",
         ),
-        (RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database"), "read-only"),
+        (
+            RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database"),
+            "read-only",
+        ),
         (OSError(errno.ENOENT, "No such file or directory"), None),
         (OSError(errno.EACCES, "Permission denied"), None),
         (ValueError("disk"), None),
@@ -93,7 +96,11 @@ def test_a_device_is_refused_never_replaced(tmp_path):
     with pytest.raises(NotAFileError, match="character device"):
         write_whole(node, lambda handle: handle.write(b"x"))
     after = os.stat(node)
-    assert (after.st_ino, after.st_rdev, after.st_mode) == (before.st_ino, before.st_rdev, before.st_mode)
+    assert (after.st_ino, after.st_rdev, after.st_mode) == (
+        before.st_ino,
+        before.st_rdev,
+        before.st_mode,
+    )
 
 
 def test_a_full_disk_keeps_the_old_file_and_says_so_as_the_os_does(tmp_path):
@@ -196,7 +203,10 @@ def test_train_on_a_full_disk_ends_in_one_paragraph_and_keeps_its_checkpoint(tmp
         assert "Traceback" not in err
         # Training went on to its end (the result is printed); the paragraph names the file and
         # which epoch it holds, whole.
-        assert "could not be written from epoch 2 on (No space left on device; it holds epoch 1)" in " ".join(err.split())
+        assert (
+            "could not be written from epoch 2 on (No space left on device; it holds epoch 1)"
+            in " ".join(err.split())
+        )
         assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "run.pt"]
 
@@ -209,7 +219,9 @@ def test_a_result_that_cannot_be_written_is_kept_elsewhere(tmp_path):
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 1, done.stderr
         assert "Traceback" not in done.stderr
-        assert f"--json {out} could not be written (No space left on device)" in " ".join(done.stderr.split())
+        assert f"--json {out} could not be written (No space left on device)" in " ".join(
+            done.stderr.split()
+        )
         kept = Path(done.stderr.split("written to ")[1].split(" instead")[0])
         try:
             assert json.loads(kept.read_text())["history"][-1]["epoch"] == 1

@@ -107,9 +107,20 @@ def assert_finished_once(
         return
     by_id = {t.data.tags["flatbasin.trial_id"]: t for t in trials}
     for folder in (d for d in experiment.iterdir() if (d / "result.json").exists()):
-        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
-        steps = [m.step for m in client.get_metric_history(by_id[rows[0]["trial_id"]].info.run_id, "score")]
-        assert sorted(steps) == sorted(set(steps)) == sorted({r["epoch"] for r in rows if "epoch" in r})
+        rows = [
+            json.loads(line)
+            for line in (folder / "result.json").read_text().splitlines()
+            if line.strip()
+        ]
+        steps = [
+            m.step
+            for m in client.get_metric_history(by_id[rows[0]["trial_id"]].info.run_id, "score")
+        ]
+        assert (
+            sorted(steps)
+            == sorted(set(steps))
+            == sorted({r["epoch"] for r in rows if "epoch" in r})
+        )
 
 
 def test_sigterm_then_sighup_mid_search_end_as_ctrl_c_and_resume(tmp_path, ray_tmpdir, spawn):
@@ -193,7 +204,10 @@ def interrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("interrupted")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     space = write_space(folder, "damaged", samples=4)
-    with owned_processes() as groups, tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as ray:
+    with (
+        owned_processes() as groups,
+        tempfile.TemporaryDirectory(prefix="fbray-", dir="/tmp") as ray,
+    ):
         proc = groups.spawn(
             [sys.executable, "-m", "flatbasin", *search_args(space, uri, folder, 1)], cwd=folder,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray},
@@ -250,7 +264,9 @@ def test_resume_refuses_a_damaged_state_before_ray_and_touches_nothing(
     )
     assert done.returncode == 2, done.stdout + done.stderr
     message = done.stderr.strip()
-    assert message.startswith("error: Tune's saved state of the search 'damaged' cannot be restored")
+    assert message.startswith(
+        "error: Tune's saved state of the search 'damaged' cannot be restored"
+    )
     assert "\n" not in message and "Traceback" not in done.stdout + done.stderr
     assert "nothing was changed (MLflow's run " in message
     assert digest(folder / "mlflow.db") == store and listing(experiment) == files
@@ -308,7 +324,10 @@ def test_a_storage_that_fills_up_stops_the_search_and_the_printed_command_finish
         assert "the search's run says failed" in paragraph
         client = MlflowClient(uri)
         parents, _ = trial_runs(client, "filled")
-        assert parents[0].info.status == "FAILED" and parents[0].data.tags["flatbasin.state"] == "failed"
+        assert (
+            parents[0].info.status == "FAILED"
+            and parents[0].data.tags["flatbasin.state"] == "failed"
+        )
         assert_none_running(client, "filled")
 
         filler.unlink()
@@ -318,7 +337,9 @@ def test_a_storage_that_fills_up_stops_the_search_and_the_printed_command_finish
             subprocess.run(shlex.split(copy), check=True)
         else:
             search = then
-        done = flatbasin(*shlex.split(search)[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)})
+        done = flatbasin(
+            *shlex.split(search)[1:], cwd=tmp_path, env={"RAY_TMPDIR": str(ray_tmpdir)}
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert_finished_once(client, "filled", experiment, 4)
 

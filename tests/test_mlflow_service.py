@@ -28,7 +28,8 @@ import pytest
 from conftest import free_port
 from mlflow import MlflowClient
 
-from flatbasin.search.tracking import Tracker, TrackingRefused
+from flatbasin.search.store import TrackingRefused
+from flatbasin.search.tracking import Tracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("mlflow_service")]
 
@@ -469,7 +470,9 @@ def test_credentials_in_the_uri_leak_nowhere(service, tmp_path, monkeypatch):
     assert f"open {service.uri} in a browser" in text and "Report:" in text, text
     assert f"--tracking-uri {service.uri}" in text, text  # the Reproduce line, clean
     assert "leave out the credentials given in the tracking URI" in text, text
-    synced = run_flatbasin(tmp_path, "sync", str(tmp_path / "runs" / "inuri"), "--tracking-uri", uri)
+    synced = run_flatbasin(
+        tmp_path, "sync", str(tmp_path / "runs" / "inuri"), "--tracking-uri", uri
+    )
     assert synced.returncode == 0, synced.stdout + synced.stderr
     reported = run_flatbasin(tmp_path, "report", "inuri", "--tracking-uri", uri,
                              "--out", str(tmp_path / "report-again"))  # fmt: skip
@@ -492,7 +495,9 @@ def test_credentials_in_the_uri_leak_nowhere(service, tmp_path, monkeypatch):
 def test_a_wrong_password_says_where_it_came_from(service, tmp_path, given):
     host = service.uri.removeprefix("http://")
     wrong = "not-the-password-0123"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "FLATBASIN_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "FLATBASIN_"))
+    }
     uri, source = {
         "uri": (f"http://{ADMIN}:{wrong}@{host}", "both from the user-info of --tracking-uri"),
         "uri user, environment password": (
@@ -515,5 +520,8 @@ def test_a_wrong_password_says_where_it_came_from(service, tmp_path, given):
     )  # fmt: skip
     text = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 2, text
-    assert f"refused the request (HTTP 401): the credentials of user 'admin' ({source}) are wrong" in text, text
+    assert (
+        f"refused the request (HTTP 401): the credentials of user 'admin' ({source}) are wrong"
+        in text
+    ), text
     assert wrong not in text and "none were given" not in text and "Traceback" not in text, text

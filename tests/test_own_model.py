@@ -62,10 +62,22 @@ def test_a_search_on_the_users_model_and_arrays_records_its_code_and_reproduces(
 ):
     folder = user_folder(tmp_path, ARRAYS)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    elsewhere = tmp_path / "elsewhere"  # the search runs from another folder: found beside the space
+    elsewhere = (
+        tmp_path / "elsewhere"
+    )  # the search runs from another folder: found beside the space
     elsewhere.mkdir()
-    run = lambda *a, cwd=elsewhere: flatbasin(*a, cwd=cwd, ray_tmpdir=ray_tmpdir, groups=process_groups)  # noqa: E731
-    done = run("search", str(folder / "space.yaml"), "--tracking-uri", uri, "--storage", str(tmp_path / "runs"))
+
+    def run(*a, cwd=elsewhere):
+        return flatbasin(*a, cwd=cwd, ray_tmpdir=ray_tmpdir, groups=process_groups)
+
+    done = run(
+        "search",
+        str(folder / "space.yaml"),
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp_path / "runs"),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
     client = MlflowClient(uri)

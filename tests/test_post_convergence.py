@@ -384,7 +384,8 @@ def test_resume_with_another_source_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_resume_command_names_the_source(tmp_path, monkeypatch):
-    from flatbasin.search.tuner import SearchOptions, resume_command
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.resume import resume_command
 
     monkeypatch.chdir(tmp_path)
     space_file = tmp_path / "pc.yaml"
@@ -485,7 +486,11 @@ def test_a_search_from_base_trains_the_base_once(tmp_path, ray_tmpdir, process_g
     assert parent.data.params["from"] == "base"
     confirms = by_role["confirm"]
     assert len(confirms) == 2 and {r.data.params["seed"] for r in confirms} == {"1", "2"}
-    assert {r.data.params["val_seed"] for r in confirms} == {t.data.params["val_seed"] for t in trials} == {"None"}
+    assert (
+        {r.data.params["val_seed"] for r in confirms}
+        == {t.data.params["val_seed"] for t in trials}
+        == {"None"}
+    )
     assert {r.data.params["from_sha256"] for r in confirms} == {sha}  # the same base, no retraining
     for run in trials:
         assert run.data.tags["flatbasin.base_run"] == base_id

@@ -319,7 +319,9 @@ def test_cli_refusals_exit_2_in_one_paragraph(library_path, tmp_path):
     assert result.exit_code == 2 and "pass --overwrite" in " ".join(result.output.split())
     assert library_path.read_bytes() == before  # an existing library is never replaced silently
     result = runner.invoke(app, ["focus-library", str(tmp_path / "v2.pt" / "x.pt")])
-    assert result.exit_code == 2 and "v2.pt is a file, not a folder" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "v2.pt is a file, not a folder" in " ".join(
+        result.output.split()
+    )
 
 
 def test_preflight_refuses_a_library_that_does_not_fit_before_ray(library_path, tmp_path):

@@ -56,9 +56,11 @@ def test_a_failed_trial_is_one_line_not_the_workers_traceback():
 
     from ray.exceptions import RayTaskError
 
-    from flatbasin.search.tuner import _TrialFailures
+    from flatbasin.search.tune_logs import TrialFailures
 
-    cause = RuntimeError("Unable to set up cluster storage with the following settings:\nStorageContext<>")
+    cause = RuntimeError(
+        "Unable to set up cluster storage with the following settings:\nStorageContext<>"
+    )
     try:
         raise RayTaskError("train", "Traceback (most recent call last):\n  ...", cause)
     except RayTaskError:
@@ -66,27 +68,41 @@ def test_a_failed_trial_is_one_line_not_the_workers_traceback():
             "ray.tune.execution.tune_controller", logging.ERROR, __file__, 1,
             "Trial task failed for trial %s", ("sgd_1",), sys.exc_info(),
         )  # fmt: skip
-    assert _TrialFailures().filter(record)
+    assert TrialFailures().filter(record)
     text = logging.Formatter().format(record)
-    assert text == "Trial task failed for trial sgd_1: RuntimeError: Unable to set up cluster storage with the following settings:", text
+    assert (
+        text
+        == "Trial task failed for trial sgd_1: RuntimeError: Unable to set up cluster storage with the following settings:"
+    ), text
 
 
 def test_a_time_budget_that_cut_the_search_short_is_named():
-    from flatbasin.search.tuner import SearchOptions, _out_of_time
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.tune_results import ran_out_of_time
 
     records = {i: SimpleNamespace(final={"score": 0.9} if i < 3 else None) for i in range(5)}
     writer = SimpleNamespace(records=records)
     budget = SearchOptions(tracking_uri="sqlite:///x.db", storage="runs", time_budget_s=60)
-    assert _out_of_time(budget, writer, 16, 60.2) == "the --time-budget of 60 s ran out after 3 of 16 trial(s)"
-    assert _out_of_time(budget, writer, 3, 60.2) == ""  # all it asked for finished
-    assert _out_of_time(budget, writer, 16, 30.0) == ""  # ended for another reason (errors, Ctrl-C)
-    assert _out_of_time(SearchOptions(tracking_uri="sqlite:///x.db", storage="runs"), writer, 16, 600.0) == ""
+    assert (
+        ran_out_of_time(budget, writer, 16, 60.2)
+        == "the --time-budget of 60 s ran out after 3 of 16 trial(s)"
+    )
+    assert ran_out_of_time(budget, writer, 3, 60.2) == ""  # all it asked for finished
+    assert (
+        ran_out_of_time(budget, writer, 16, 30.0) == ""
+    )  # ended for another reason (errors, Ctrl-C)
+    assert (
+        ran_out_of_time(
+            SearchOptions(tracking_uri="sqlite:///x.db", storage="runs"), writer, 16, 600.0
+        )
+        == ""
+    )
 
 
 def test_a_best_score_at_chance_level_is_named():
     import torch
 
-    from flatbasin.search.tuner import learned_nothing
+    from flatbasin.search.tune_results import learned_nothing
     from flatbasin.trainables.loop import chance_level
 
     chance = chance_level(torch.tensor([0, 1, 1, 2, 1]))

@@ -19,13 +19,10 @@ from typer.testing import CliRunner
 from flatbasin.search import figures
 from flatbasin.search.cli import app
 from flatbasin.search.errors import UsageError
-from flatbasin.search.report import (
-    MIN_IMPORTANCE_TRIALS,
-    find_search,
-    read_report,
-    write_files,
-    write_report,
-)
+from flatbasin.search.report import write_files, write_report
+from flatbasin.search.report_read import read_report
+from flatbasin.search.report_stats import MIN_IMPORTANCE_TRIALS
+from flatbasin.search.search_lookup import find_search
 
 VAL = 144  # examples in the digits validation split
 
@@ -317,7 +314,10 @@ def test_a_search_without_confirmation_says_so_first(synthetic, tmp_path):
     report.confirmations = []
     page = write_files(report, tmp_path)[-1].read_text()
     said = re.search(r'<p class="verdict unconfirmed">(.*?)</p>', page).group(1)
-    assert said.startswith("Not confirmed: the best search trial is swa&#x27;s") and "--confirm-seeds" in said
+    assert (
+        said.startswith("Not confirmed: the best search trial is swa&#x27;s")
+        and "--confirm-seeds" in said
+    )
     assert page.index("verdict unconfirmed") < page.index("<table")
 
 
@@ -347,6 +347,7 @@ def test_report_bad_input_is_one_message(synthetic, tmp_path):
 
 # ----------------------------------------------------------------------------- a real search
 
+
 def cli(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flatbasin", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
@@ -357,7 +358,16 @@ def summary_scores(stdout: str) -> dict[str, str]:
     trials, val acc, test acc, MLflow run under a header and its rule; the params follow indented."""
     lines = stdout[stdout.index("best trial per variant") :].splitlines()[1:]
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["variant"])
-    assert lines[header].split() == ["variant", "trials", "val", "acc", "test", "acc", "MLflow", "run"]
+    assert lines[header].split() == [
+        "variant",
+        "trials",
+        "val",
+        "acc",
+        "test",
+        "acc",
+        "MLflow",
+        "run",
+    ]
     scores = {}
     for line in lines[header + 2 :]:  # past the header's rule
         if not line.strip() or line.startswith(" "):
@@ -372,7 +382,12 @@ def summary_scores(stdout: str) -> dict[str, str]:
 @pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)  # the module's search runs in the first test's setup
 def test_search_ends_with_its_report(searched):
-    tmp, code, stdout, stderr = searched.folder, searched.returncode, searched.stdout, searched.stderr
+    tmp, code, stdout, stderr = (
+        searched.folder,
+        searched.returncode,
+        searched.stdout,
+        searched.stderr,
+    )
     assert code == 0, stdout + stderr
     assert "warning: the report was not written" not in stderr
     page = tmp / "reports" / "searched" / "report.html"
@@ -431,7 +446,9 @@ def test_importances_of_a_real_search(searched):
 @pytest.mark.xdist_group("searched")  # shares conftest.searched
 @pytest.mark.timeout(900)
 def test_unknown_search_exits_2_without_traceback(searched):
-    done = cli("report", "no-such-search", "--tracking-uri", searched.uri, cwd=searched.folder, timeout=300)
+    done = cli(
+        "report", "no-such-search", "--tracking-uri", searched.uri, cwd=searched.folder, timeout=300
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "no-such-search" in done.stderr
     assert "searched" in done.stderr  # names the searches that are there
@@ -440,7 +457,8 @@ def test_unknown_search_exits_2_without_traceback(searched):
 def test_importances_count_trials_whose_idle_parameters_were_not_sampled():
     # swa_lr_max is sampled in cyclic mode only (trainables/conditions.py): a constant-mode trial
     # lacks it and still counts; a trial lacking a parameter that would have acted does not.
-    from flatbasin.search.report import Trial, importances
+    from flatbasin.search.report_data import Trial
+    from flatbasin.search.report_stats import importances
     from flatbasin.spaces.loader import space_from_dict
 
     space = space_from_dict({"name": "c", "epochs": 4, "variants": {"swa": {
@@ -452,7 +470,9 @@ def test_importances_count_trials_whose_idle_parameters_were_not_sampled():
         if i % 2:
             params["swa_lr_max"] = "0.1"
         trials.append(Trial(f"r{i}", f"t{i}", "swa", "finished", 0.5 + i / 100, 0.5, 0.5, params))
-    lacking = Trial("r9", "t9", "swa", "finished", 0.9, 0.9, 0.1, {"lr": "0.05", "swa_mode": "cyclic"})
+    lacking = Trial(
+        "r9", "t9", "swa", "finished", 0.9, 0.9, 0.1, {"lr": "0.05", "swa_mode": "cyclic"}
+    )
     (study,) = importances([*trials, lacking], space, "")
     assert study.trials == 8 and "1 trial(s) outside the logged space" in study.reason
     assert set(study.values) == {"swa/lr", "swa/swa_mode"}  # the keys every trial has

@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from flatbasin.search.callbacks import MlflowWriter, epoch_rows
-from flatbasin.search.tracking import FINAL, TRIAL_ID, Tracker, TrialRecord
+from flatbasin.search.tags import FINAL, TRIAL_ID
+from flatbasin.search.tracking import Tracker, TrialRecord
 from flatbasin.trainables.checkpoint import read_checkpoint
 from flatbasin.trainables.config import make_config
 from flatbasin.trainables.data import load_data
@@ -351,7 +352,7 @@ def test_the_learning_check_steps_torchs_adam_without_importing_dynamo():
 def test_result_files_cut_short_by_a_full_disk_are_mended(tmp_path):
     """Tune copies its files to the storage on its own schedule: a copy cut short leaves a half
     line, which a resumed search would append after. It is cut off, and the rows of the trial's
-    last report that Tune's state holds are written back (search/tuner._fill_from_grid)."""
+    last report that Tune's state holds are written back (search/tune_results.fill_from_grid)."""
     from flatbasin.search.callbacks import append_rows, mend_results, read_results
 
     trial = tmp_path / "exp" / "sgd_1"

@@ -25,7 +25,10 @@ from flatbasin.trainables.data_spec import DataSpec
 
 # Minutes per search on a loaded 2-core machine; the shared search may run in the first test's setup.
 pytestmark = [
-    pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("searched"), pytest.mark.timeout(900)
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("searched"),
+    pytest.mark.timeout(900),
 ]
 
 
@@ -199,8 +202,12 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
 
     # Confirmation: each variant's best config, 2 fresh seeds, its own runs under the parent.
     exp = client.get_experiment_by_name("searched").experiment_id
-    confirms = [r for r in client.search_runs([exp]) if r.data.tags.get("flatbasin.role") == "confirm"]
-    assert len(confirms) == 6 and {r.data.tags["mlflow.parentRunId"] for r in confirms} == {parent.info.run_id}
+    confirms = [
+        r for r in client.search_runs([exp]) if r.data.tags.get("flatbasin.role") == "confirm"
+    ]
+    assert len(confirms) == 6 and {r.data.tags["mlflow.parentRunId"] for r in confirms} == {
+        parent.info.run_id
+    }
     by_trial = {t.data.tags["flatbasin.trial_id"]: t for t in trials}
     for run in confirms:
         source = by_trial[run.data.tags["flatbasin.confirms"]]  # the best trial it retrains
@@ -219,8 +226,14 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert runs_of["sgd"] == runs_of["swa"] == runs_of["snapshot"] and len(runs_of["sgd"]) == 2
     assert {t.data.params["val_seed"] for t in trials} == {"None"}
     assert {val_seed for _, val_seed in runs_of["sgd"]}.isdisjoint({"None", "1"})
-    assert {r.data.params["split_seed"] for r in confirms} == {t.data.params["split_seed"] for t in trials}
-    assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {"sgd", "swa", "snapshot"}
+    assert {r.data.params["split_seed"] for r in confirms} == {
+        t.data.params["split_seed"] for t in trials
+    }
+    assert summary["confirmed"] and {row["variant"] for row in summary["confirmed"]} == {
+        "sgd",
+        "swa",
+        "snapshot",
+    }
     assert all(row["fresh_splits"] and row["val_size"] == 144 for row in summary["confirmed"])
     assert parent.data.metrics["confirmed/val_size"] == 144
     # One meaning per tag: the best search trial (also under its former name), the confirmed
@@ -233,7 +246,9 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
     assert tags["flatbasin.recommended"] in {"sgd", "swa", "snapshot"}
     if "flatbasin.winner" in tags:
         assert tags["flatbasin.recommended"] == tags["flatbasin.winner"]
-    chosen = next(r for r in summary["best_per_variant"] if r["variant"] == tags["flatbasin.recommended"])
+    chosen = next(
+        r for r in summary["best_per_variant"] if r["variant"] == tags["flatbasin.recommended"]
+    )
     assert tags["flatbasin.reproduce_run"] == chosen["run_id"]
     assert f"Reproduce:    flatbasin reproduce {chosen['run_id']} " in searched.stdout
     verdict = tags["flatbasin.verdict"]
@@ -254,7 +269,9 @@ def test_search_records_every_trial_confirms_and_reproduces(searched, tmp_path):
 
 
 @pytest.mark.timeout(1200)  # three searches in a row: minutes each on a loaded 2-core machine
-def test_interrupted_then_killed_search_resumes_to_the_end(tmp_path, ray_tmpdir, spawn, process_groups):
+def test_interrupted_then_killed_search_resumes_to_the_end(
+    tmp_path, ray_tmpdir, spawn, process_groups
+):
     """Ctrl-C, then SIGKILL, then the end, in one search of 8 trials:
 
     - Ctrl-C: exit 130, the parent run says interrupted (not FINISHED), the exact --resume command

@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from flatbasin.search import soup
 from flatbasin.search.cli import app
 from flatbasin.search.errors import plain_console
-from flatbasin.search.tracking import BASE_RUN, FROM_SHA, Tracker, TrialRecord
+from flatbasin.search.tags import BASE_RUN, FROM_SHA
+from flatbasin.search.tracking import Tracker, TrialRecord
 from flatbasin.trainables import soups
 from flatbasin.trainables.config import make_config, trial_config
 from flatbasin.trainables.curve import accuracy
@@ -98,7 +99,9 @@ def test_a_greedy_soup_is_never_worse_on_validation_than_its_first_member(blobs,
     first = soups.ranked(scores)[0]
     assert result.members[0] == first
     assert result.val_acc >= scores[first]
-    assert [s.added for s in result.steps] == soups.ranked(scores)[1:]  # each candidate once, in order
+    assert [s.added for s in result.steps] == soups.ranked(scores)[
+        1:
+    ]  # each candidate once, in order
     level = scores[first]
     for step in result.steps:  # kept exactly when it does not lower the soup's validation accuracy
         assert step.kept == (step.val_acc >= level)
@@ -157,9 +160,9 @@ def test_ensemble_probabilities_are_the_weighted_mean_of_its_members(blobs, from
     inner = soups.WeightedEnsemble(nets[:2], [1.0, 1.0])
     outer = soups.WeightedEnsemble([inner, nets[2]], [1.0, 1.0]).eval()
     with torch.no_grad():
-        want = 0.5 * (0.5 * nets[0](xv).softmax(1) + 0.5 * nets[1](xv).softmax(1)) + 0.5 * nets[
-            2
-        ](xv).softmax(1)
+        want = 0.5 * (0.5 * nets[0](xv).softmax(1) + 0.5 * nets[1](xv).softmax(1)) + 0.5 * nets[2](
+            xv
+        ).softmax(1)
         torch.testing.assert_close(outer(xv).softmax(1), want)
     assert soups.networks_of(outer) == nets
     with pytest.raises(ValueError, match="positive"):
@@ -249,8 +252,12 @@ def recorded(tmp_path_factory):
         ("c0000001", sampled("swa", {"swa_lr": 0.01}, start, seed=7, confirm_of="a0000001")),
     ]
     for trial_id, config in trials:
-        role_folder = storage if not config.get("confirm_of") else storage.with_name(f"{SEARCH}.confirm")
-        path = role_folder / f"{config['variant']}_{trial_id}" / "checkpoint_000000" / CHECKPOINT_FILE
+        role_folder = (
+            storage if not config.get("confirm_of") else storage.with_name(f"{SEARCH}.confirm")
+        )
+        path = (
+            role_folder / f"{config['variant']}_{trial_id}" / "checkpoint_000000" / CHECKPOINT_FILE
+        )
         path.parent.mkdir(parents=True)
         result = train(
             trial_config(config), data=data, start_weights=converged.weights,
@@ -305,7 +312,10 @@ def test_soups_and_the_ensemble_are_recorded_with_their_members(recorded):
         artifacts = {a.path for a in client.list_artifacts(result.run_id)}
         with torch.no_grad():  # the deployed model, as MLflow keeps it, scores what was recorded
             deployed = mlflow_load(uri, result.run_id)
-            assert accuracy(predict(deployed, data.inputs("test")), data.labels("test")) == result.test_acc
+            assert (
+                accuracy(predict(deployed, data.inputs("test")), data.labels("test"))
+                == result.test_acc
+            )
         assert ("checkpoint.pt" in artifacts) == (result.kind != "ensemble")
     uniform, greedy, ensemble = report.results
     assert {m.trial_id for m in uniform.members} == candidates and uniform.inference_cost == 1
@@ -356,7 +366,8 @@ def test_a_search_is_found_by_name_run_id_or_tune_folder(recorded):
 
 
 def test_the_resume_command_keeps_soup_as_given(tmp_path):
-    from flatbasin.search.tuner import SearchOptions, resume_command
+    from flatbasin.search.options import SearchOptions
+    from flatbasin.search.resume import resume_command
     from flatbasin.spaces import load_space
 
     space = load_space("swa")
@@ -403,7 +414,9 @@ def test_reproduce_rebuilds_a_soup_from_its_members_and_from_continues_it(record
               "--tracking-uri", uri],
     )  # fmt: skip
     assert tail.exit_code == 0 and f"continuing run {greedy}" in tail.output, tail.output
-    refused = runner.invoke(app, ["train", "--variant", "swa", "--from", ensemble, "--tracking-uri", uri])
+    refused = runner.invoke(
+        app, ["train", "--variant", "swa", "--from", ensemble, "--tracking-uri", uri]
+    )
     assert refused.exit_code == 2 and "kept no weights" in refused.output, refused.output
 
 
@@ -442,7 +455,9 @@ def soup_fails(uri: str, *args: str) -> str:
     )
     output = result.output
     assert result.exit_code == 2, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
     assert "Traceback" not in output and output.startswith("error: "), output
     assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
     assert _runs(uri) == client_runs  # nothing recorded
@@ -474,7 +489,9 @@ def test_soups_of_a_search_from_scratch_are_refused_with_what_to_do(tmp_path):
     uri = hand_made(tmp_path, "scratch", None, [{"sha": None}])
     for args in (["scratch"], ["scratch", "--only", "soups"]):
         text = soup_fails(uri, *args)
-        assert "search 'scratch': a weight soup averages the weights of trials that continue" in text
+        assert (
+            "search 'scratch': a weight soup averages the weights of trials that continue" in text
+        )
         assert "--from base" in text and "--only ensemble" in text
     # The ensemble needs no shared start: it gets as far as the trials' weights (not kept here).
     text = soup_fails(uri, "scratch", "--only", "ensemble")
@@ -571,7 +588,11 @@ def test_a_search_from_base_ends_with_its_soups(tmp_path, ray_tmpdir, process_gr
     runs = client.search_runs([experiment])
     parent = next(r for r in runs if r.data.tags.get("flatbasin.role") == "search")
     made = [r for r in runs if r.data.tags.get("flatbasin.role") in ("soup", "ensemble")]
-    assert sorted(r.data.tags["flatbasin.soup_kind"] for r in made) == ["ensemble", "greedy", "uniform"]
+    assert sorted(r.data.tags["flatbasin.soup_kind"] for r in made) == [
+        "ensemble",
+        "greedy",
+        "uniform",
+    ]
     trials = {r.data.tags["flatbasin.trial_id"] for r in runs
               if r.data.tags.get("flatbasin.role") in ("trial", "confirm")}  # fmt: skip
     for run in made:

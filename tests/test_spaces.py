@@ -40,7 +40,9 @@ def test_the_bundled_comparison_can_tell_variants_apart():
     assert compare.samples > startup + len(compare.variants)  # each variant gets guided trials
     assert compare.confirm_seeds >= 3
     data = load_data(make_config("sgd", compare.settings).data_spec, "cpu")
-    assert len(data.y_val) >= 1000 and len(data.y_train) >= 3600  # no less training data than before
+    assert (
+        len(data.y_val) >= 1000 and len(data.y_train) >= 3600
+    )  # no less training data than before
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -230,7 +232,9 @@ def test_tracking_server_down_exits_2_and_starts_nothing(tmp_path):
 def test_exponent_floats_are_numbers(tmp_path):
     """YAML 1.1 reads 1e-3 as a string; space files read it as every user does: 0.001."""
     path = tmp_path / "exp.yaml"
-    path.write_text("epochs: 2\nvariants:\n  sgd: {lr: {loguniform: [1e-3, 1E-1]}, weight_decay: 5e-4}\n")
+    path.write_text(
+        "epochs: 2\nvariants:\n  sgd: {lr: {loguniform: [1e-3, 1E-1]}, weight_decay: 5e-4}\n"
+    )
     space = load_space(path)
     searched, fixed = space.variants["sgd"]
     assert searched["lr"].values == (0.001, 0.1) and fixed["weight_decay"] == 0.0005

@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 from rich.console import Console
 
 from flatbasin.search.callbacks import MlflowWriter
-from flatbasin.search.tracking import Tracker, TrialRecord, seed_sqlite
+from flatbasin.search.sqlite_store import seed_sqlite
+from flatbasin.search.tracking import Tracker, TrialRecord
 
 
 def _schema(path: Path) -> tuple[set[str], list[tuple[str, ...]]]:
@@ -170,7 +171,9 @@ def test_runs_of_trials_tune_never_saved_are_ended_and_not_counted(tmp_path):
     assert seen["lost"].info.status == "KILLED"
     assert seen["lost"].data.tags["flatbasin.role"] == "lost"
     assert "killed before Tune saved" in seen["lost"].data.tags["flatbasin.stopped"]
-    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id("lost"), "score")] == [1]
+    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id("lost"), "score")] == [
+        1
+    ]
     assert seen["known"].info.status == "RUNNING"  # Tune will continue it
     assert seen["ended"].info.status == "FINISHED"
     assert sorted(tracker.trial_variants()) == ["sgd", "sgd"]

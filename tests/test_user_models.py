@@ -82,14 +82,18 @@ def test_prior_guided_guides_the_users_conv_layers(folder, tmp_path):
     source = config(folder, "sgd", "usr_nets:conv", epochs=1)
     library, _ = fit_focus_library(source)
     library.save(tmp_path / "focus.pt")
-    result = train(config(folder, "prior_guided", "usr_nets:conv", library=str(tmp_path / "focus.pt")))
+    result = train(
+        config(folder, "prior_guided", "usr_nets:conv", library=str(tmp_path / "focus.pt"))
+    )
     assert not result.diverged
 
 
 def test_the_users_arrays_take_the_built_in_path(folder):
     data = load_data(config(folder, "sgd", "auto").data_spec)
     assert data.shape == (1, 8, 8) and data.num_classes == 3
-    assert data.x_train.dtype == torch.float32 and abs(float(data.x_train.mean())) < 1e-4  # normalised
+    assert (
+        data.x_train.dtype == torch.float32 and abs(float(data.x_train.mean())) < 1e-4
+    )  # normalised
     assert len(data.y_val) == round(144 * 0.1) and len(data.y_test) == 48
     other = load_data(config(folder, "sgd", "auto", data_args={"seed": 1}).data_spec)
     assert other.fingerprint != data.fingerprint  # the arguments are part of what the data is
@@ -98,7 +102,9 @@ def test_the_users_arrays_take_the_built_in_path(folder):
 def test_torchvision_models_take_any_channel_count():
     model = build_model("torchvision:resnet18", (1, 32, 32), 7)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
-    assert build_model("torchvision:mobilenet_v3_small", (3, 32, 32), 5)(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert build_model("torchvision:mobilenet_v3_small", (3, 32, 32), 5)(
+        torch.randn(2, 3, 32, 32)
+    ).shape == (2, 5)
 
 
 def test_timm_models_get_the_datas_channels_and_classes():

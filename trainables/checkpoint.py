@@ -90,7 +90,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
         raise CheckpointError(f"checkpoint {path} does not exist") from err
     except IsADirectoryError as err:
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file") from err
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+    except (
+        Exception
+    ) as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad files
         # Not torch's text: it advises weights_only=False, which runs the file's code.
         raise CheckpointError(
             f"checkpoint {path} cannot be read (truncated, corrupt or not a flatbasin checkpoint; "
@@ -121,7 +123,9 @@ def load_checkpoint(
         averager.load_state_dict(state["averager"])
         curve.load_state_dict(state["curve"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this trial: {_first_line(err)}") from err
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this trial: {_first_line(err)}"
+        ) from err
     order.set_state(state["order_rng"].cpu())
     torch.set_rng_state(state["torch_rng"].cpu())
     if state["cuda_rng"]:
@@ -130,7 +134,9 @@ def load_checkpoint(
     return Resumed(epoch=state["epoch"], step=state["step"], history=history)
 
 
-def load_deployable(path: Path, model: nn.Module, averager: Averager, *, config: dict[str, Any]) -> None:
+def load_deployable(
+    path: Path, model: nn.Module, averager: Averager, *, config: dict[str, Any]
+) -> None:
     """The weights and the averager's state of a checkpoint: all that the model a trial deploys
     needs (no optimiser, whose first making imports torch._dynamo: 1.3 s of CPU in a driver)."""
     state = _read_matching(path, model, config)
@@ -138,7 +144,9 @@ def load_deployable(path: Path, model: nn.Module, averager: Averager, *, config:
         model.load_state_dict(state["model"])
         averager.load_state_dict(state["averager"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this trial: {_first_line(err)}") from err
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this trial: {_first_line(err)}"
+        ) from err
 
 
 def _read_matching(path: Path, model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:

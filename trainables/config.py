@@ -95,7 +95,9 @@ class TrialConfig(DataSpec):
         self.build_variant()  # raises ValueError naming the parameter when the cycles do not fit
         lr_min = getattr(self.params, "lr_min", None)
         if lr_min is not None and lr_min > self.lr:
-            raise ValueError(f"lr_min ({lr_min:g}) is above lr ({self.lr:g}); the floor must be lower")
+            raise ValueError(
+                f"lr_min ({lr_min:g}) is above lr ({self.lr:g}); the floor must be lower"
+            )
         return self
 
     def build_variant(self) -> Variant:
@@ -117,7 +119,8 @@ class TrialConfig(DataSpec):
         """Every setting that acts under one flat name (variant parameters unprefixed; the model's
         and the data's arguments as model_args.KEY and data_args.KEY), for logging."""
         values = self.model_dump(
-            mode="json", exclude={"params", "start", "model_args", "data_args", "code_dir", "passed"}
+            mode="json",
+            exclude={"params", "start", "model_args", "data_args", "code_dir", "passed"},
         )
         for group in ("model_args", "data_args"):
             values |= {f"{group}.{k}": v for k, v in getattr(self, group).items()}

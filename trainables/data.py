@@ -186,7 +186,9 @@ def _root(spec: DataSpec) -> Path:
         raise DataError(f"data_dir {root} is a file; give the folder that holds the data")
     if not root.is_dir() and not spec.download:
         fetch = "" if spec.dataset == "image_folder" else " or set download: true to fetch them"
-        raise DataError(f"data_dir {root} does not exist; put the '{spec.dataset}' files there{fetch}")
+        raise DataError(
+            f"data_dir {root} does not exist; put the '{spec.dataset}' files there{fetch}"
+        )
     return root
 
 
@@ -329,7 +331,9 @@ def channel_statistics(x_train: Tensor) -> tuple[Tensor, Tensor]:
     count = values.size // values.shape[1]
     total = sum(b.astype(np.float64).sum(axis=axes, keepdims=True) for b in blocks)
     mean = total / count
-    squares = sum(((b.astype(np.float64) - mean) ** 2).sum(axis=axes, keepdims=True) for b in blocks)
+    squares = sum(
+        ((b.astype(np.float64) - mean) ** 2).sum(axis=axes, keepdims=True) for b in blocks
+    )
     std = np.maximum(np.sqrt(squares / max(count - 1, 1)), 1e-6)  # unbiased, as torch.std
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 

@@ -54,6 +54,7 @@ def scan(root: Path) -> Scan:
     found.classes = sorted(
         e.name for e in os.scandir(root) if not _hidden(e.name) and e.is_dir(follow_symlinks=True)
     )
+
     # Real folders already taken: the root and every class folder, so that a link back up the
     # tree, or into another class, is never walked (its images would count twice, or as this class).
     def key(path: Path | str) -> tuple[int, int]:

@@ -38,7 +38,11 @@ def model_kind(name: str) -> Literal["built_in", "zoo", "user"]:
 def check_model_name(name: str) -> str:
     """A `model` setting's form (not whether it exists: that needs the import, done before Ray)."""
     zoo, sep, arch = name.partition(":")
-    if name in BUILT_IN_MODELS or (sep and zoo in ZOOS and arch.strip()) or usercode.parse_ref(name):
+    if (
+        name in BUILT_IN_MODELS
+        or (sep and zoo in ZOOS and arch.strip())
+        or usercode.parse_ref(name)
+    ):
         return name
     raise ValueError(
         f"unknown model {name!r}; give a built-in one ({', '.join(BUILT_IN_MODELS)}), a zoo's "
@@ -340,8 +344,10 @@ def build_model(
     model: nn.Module
     kind = model_kind(name)
     if kind != "built_in":
-        model = _zoo_model(name, shape, num_classes, dict(model_args or {})) if kind == "zoo" else (
-            _user_model(name, shape, num_classes, dict(model_args or {}), code_dir)
+        model = (
+            _zoo_model(name, shape, num_classes, dict(model_args or {}))
+            if kind == "zoo"
+            else (_user_model(name, shape, num_classes, dict(model_args or {}), code_dir))
         )
         _initialise(model, init)
         return model
@@ -407,7 +413,7 @@ def _zoo_model(
         except ImportError:
             raise ValueError(
                 f"model '{name}' needs timm, which is not installed; install it with "
-                "pip install \"flatbasin[timm]\" (or pip install timm)"
+                'pip install "flatbasin[timm]" (or pip install timm)'
             ) from None
         if not timm.is_model(arch):
             near = difflib.get_close_matches(arch, timm.list_models(), n=8, cutoff=0.75)
@@ -425,7 +431,11 @@ def _zoo_model(
         near = difflib.get_close_matches(arch.lower(), tv.list_models(), n=8, cutoff=0.75)
         raise ValueError(
             f"model {name}: torchvision has no model builder '{arch}'"
-            + (f"; similar: {', '.join(near)}" if near else "; see torchvision.models.list_models()")
+            + (
+                f"; similar: {', '.join(near)}"
+                if near
+                else "; see torchvision.models.list_models()"
+            )
         )
     model = usercode.call_user(tv.get_model, f"model {name}", arch, num_classes=num_classes, **args)
     if shape[0] != 3:

@@ -142,7 +142,9 @@ def _run(config: dict[str, Any], start_weights: dict[str, Any] | None) -> None:
     except PERMANENT:
         reporter.flush()  # the epochs it trained before its error stay on record, then the error
         raise
-    reporter.finish(result, {"val_size": data.size("val")})  # a score's resolution, for confirmation
+    reporter.finish(
+        result, {"val_size": data.size("val")}
+    )  # a score's resolution, for confirmation
 
 
 class EpochReporter:

@@ -49,7 +49,9 @@ def average(networks: Sequence[nn.Module], bn_batches: BatchSource) -> nn.Module
     left as they were."""
     if not networks:
         raise ValueError("an average of no networks")
-    soup = AveragedModel(networks[0])  # a copy; its buffers are recomputed below where they are BN's
+    soup = AveragedModel(
+        networks[0]
+    )  # a copy; its buffers are recomputed below where they are BN's
     for network in networks:
         soup.update_parameters(network)
     update_bn(bn_batches(), soup)
@@ -135,9 +137,7 @@ class Selection:
     rounds: list[tuple[str, float]] = field(default_factory=list)  # each round's pick, val acc
 
 
-def greedy_ensemble(
-    val_probs: Mapping[str, Tensor], labels: Tensor, rounds: int = 25
-) -> Selection:
+def greedy_ensemble(val_probs: Mapping[str, Tensor], labels: Tensor, rounds: int = 25) -> Selection:
     """Caruana et al.'s ensemble selection: start empty; each round add, with replacement, the model
     whose probabilities make the ensemble's validation accuracy highest (its validation NLL breaks
     ties: accuracy on a few hundred examples ties often); keep the best of the rounds' ensembles

@@ -125,8 +125,10 @@ def _numpy(what: str, name: str, value: Any) -> np.ndarray:
         array = np.asarray(value)
     except (ValueError, TypeError) as err:
         raise DataError(f"{what}: {name} is not an array ({type(value).__name__}): {err}") from None
-    if array.dtype == object or np.issubdtype(array.dtype, np.complexfloating) or not (
-        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+    if (
+        array.dtype == object
+        or np.issubdtype(array.dtype, np.complexfloating)
+        or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_)
     ):
         raise DataError(
             f"{what}: {name} is not a numeric array (a {type(value).__name__} of {array.dtype}); "
@@ -172,7 +174,9 @@ def _check_classes(what: str, y_train: Any, y_test: Any) -> int:
     seen = np.unique(y_train)
     if len(seen) < classes:  # the first few missing lie below len(seen) + 11: no range of K made
         missing = np.setdiff1d(np.arange(min(classes, len(seen) + 11)), seen)[:10]
-        shown = ", ".join(map(str, missing)) + (", ..." if classes - len(seen) > len(missing) else "")
+        shown = ", ".join(map(str, missing)) + (
+            ", ..." if classes - len(seen) > len(missing) else ""
+        )
         raise DataError(
             f"{what}: labels run 0..{classes - 1}, but class(es) {shown} have no training "
             f"example ({classes - len(seen)} of {classes}); renumber the classes 0..K-1 without gaps"
@@ -190,7 +194,9 @@ def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
     try:  # under a fixed seed: a random transform in the Dataset hashes alike in every process
         item = _Seeded(dataset).__getitems__((EVAL_SEED, [index]))[0]
     except Exception as err:
-        raise DataError(f"{what}: item {index} cannot be read: {usercode.describe_error(err)}") from None
+        raise DataError(
+            f"{what}: item {index} cannot be read: {usercode.describe_error(err)}"
+        ) from None
     if not isinstance(item, tuple | list) or len(item) != 2:
         raise DataError(
             f"{what}: item {index} is {_kind(item)}; each item must be (input_tensor, integer_label)"
@@ -217,7 +223,9 @@ def _item(what: str, dataset: Dataset, index: int) -> tuple[Tensor, int]:
 
 
 def _sample_positions(n: int) -> list[int]:
-    return sorted({round(i * (n - 1) / max(SAMPLED_ITEMS - 1, 1)) for i in range(min(n, SAMPLED_ITEMS))})
+    return sorted(
+        {round(i * (n - 1) / max(SAMPLED_ITEMS - 1, 1)) for i in range(min(n, SAMPLED_ITEMS))}
+    )
 
 
 def _check_sample(what: str, dataset: Dataset, n: int, digest: Any) -> tuple[int, ...]:
@@ -263,10 +271,14 @@ def _labels(what: str, dataset: Dataset, n: int, workers: int) -> np.ndarray:
         # A worker's error says little ("Caught RuntimeError in DataLoader worker process 0"):
         # read the items here, one by one, to name the one that fails and where.
         _find_bad_item(what, dataset, n)
-        raise DataError(f"{what}: reading every item failed: {usercode.describe_error(err)}") from None
+        raise DataError(
+            f"{what}: reading every item failed: {usercode.describe_error(err)}"
+        ) from None
     labels = torch.cat(found).numpy()
     if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{what}: labels are of type {labels.dtype}; labels are integer class indices")
+        raise DataError(
+            f"{what}: labels are of type {labels.dtype}; labels are integer class indices"
+        )
     return labels.astype(np.int64)
 
 
@@ -305,9 +317,7 @@ def streamed(spec: DataSpec, result: Sequence[Dataset], source: str) -> Streamed
     shape = _check_sample(f"{what} (training set)", train_set, sizes["training"], digest)
     test_shape = _check_sample(f"{what} (test set)", test_set, sizes["test"], digest)
     if test_shape != shape:
-        raise DataError(
-            f"{what}: training inputs have shape {shape} but test inputs {test_shape}"
-        )
+        raise DataError(f"{what}: training inputs have shape {shape} but test inputs {test_shape}")
     y_all = _labels(f"{what} (training set)", train_set, sizes["training"], spec.loader_workers)
     y_test = _labels(f"{what} (test set)", test_set, sizes["test"], spec.loader_workers)
     for name, y in (("training", y_all), ("test", y_test)):

@@ -27,12 +27,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-_OURS = str(Path(__file__).resolve().parents[1])  # this package's folder: frames there are not the user's
+_OURS = str(
+    Path(__file__).resolve().parents[1]
+)  # this package's folder: frames there are not the user's
 _LIBRARIES = ("site-packages", "dist-packages", f"{sys.prefix}/lib", f"{sys.base_prefix}/lib")
 # `package.module:attribute.path`: Python identifiers joined by dots on either side of one colon.
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 REF = re.compile(rf"({_DOTTED}):({_DOTTED})")
-PASSED = "callable"  # `callable:NAME`: a Python callable handed in from Python, not importable by name
+PASSED = (
+    "callable"  # `callable:NAME`: a Python callable handed in from Python, not importable by name
+)
 _passed: dict[str, Callable[..., Any]] = {}  # `callable:NAME` -> the callable, in this process
 
 
@@ -145,7 +149,9 @@ def load_callable(ref: Ref, folder: str | Path | None, what: str) -> Callable[..
         try:
             target = getattr(target, part)
         except AttributeError:
-            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            names = sorted(
+                n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+            )
             raise UserCodeError(
                 f"{what}: module '{ref.module}' ({getattr(module, '__file__', '?')}) has no "
                 f"'{ref.attr}'; its callables: {', '.join(names[:12]) or '(none)'}"
@@ -214,7 +220,9 @@ def describe_error(err: BaseException) -> str:
     own = [f for f in frames if not any(lib in f.filename for lib in _LIBRARIES)]
     if own:
         return f"{text} (at {own[-1].filename}:{own[-1].lineno})"
-    return text  # raised inside a library (torch's layers): its file and line say nothing to the user
+    return (
+        text  # raised inside a library (torch's layers): its file and line say nothing to the user
+    )
 
 
 def source_files(module_name: str) -> list[Path]:
@@ -259,7 +267,9 @@ def _files_now(module: str, folder: str | Path | None) -> tuple[Path, list[Path]
         return Path(), []
     if origin.name == "__init__.py":
         package = origin.parent
-        return package.parent, sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+        return package.parent, sorted(
+            p for p in package.rglob("*.py") if "__pycache__" not in p.parts
+        )
     return origin.parent, [origin]
 
 
@@ -278,7 +288,9 @@ def recorded_code(modules: list[str], folder: str | Path | None) -> dict[str, st
     files = code_files(modules, folder)
     if sum(p.stat().st_size for p in files.values()) > MAX_RECORDED_BYTES:
         return {}
-    return {name: path.read_text(encoding="utf-8", errors="replace") for name, path in files.items()}
+    return {
+        name: path.read_text(encoding="utf-8", errors="replace") for name, path in files.items()
+    }
 
 
 def text_digest(code: dict[str, str]) -> str:

@@ -15,7 +15,6 @@ REGISTRY: dict[str, type[Variant]] = {
 }
 
 
-
 def phase_flags(variant: str, phase: str | None) -> dict[str, float]:
     """An epoch's phase as the metrics its variant records: {"focus": 1.0} for a focus epoch of
     prior_guided, {"focus": 0.0} for its data epochs, nothing for variants that have no epochs
