@@ -522,8 +522,9 @@ def soup_command(
     ] = "all",
     device: Annotated[str, typer.Option(help="auto (a GPU if there is one), cpu or cuda")] = "auto",
 ) -> None:
-    """Weight soups and the greedy ensemble of a search's trials, each chosen on validation and
-    recorded as an MLflow run under the search's (see docs/soups.md)."""
+    """Weight soups and the greedy ensemble of a search's trials, chosen on validation.
+
+    Each is recorded as an MLflow run under the search's (see docs/soups.md)."""
     import flatbasin.search.api as api
 
     try:
@@ -558,8 +559,10 @@ def focus_library(
     ] = 0.1,
     overwrite: Annotated[bool, typer.Option(help="replace OUT.pt if it exists")] = False,
 ) -> None:
-    """Fit a focus library for prior_guided: plain SGD on the source data, every conv layer's weights,
-    bias and gradients recorded at every iteration, one ridge regression per layer and kind."""
+    """Fit a focus library for prior_guided from plain SGD on the source data.
+
+    Every conv layer's weights, bias and gradients are recorded at every iteration, then one ridge
+    regression is fitted per layer and kind."""
     from flatbasin.search.focus import make_library
 
     try:

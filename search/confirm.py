@@ -162,8 +162,12 @@ def _compare(
     if spread == 0:  # every run differs by the same amount and the resolution is unknown
         return {**out, "diff_mean": mean, "verdict": FLAT}
     p, half = t_test(mean, spread / math.sqrt(len(diffs)), df)
+    # An interval of accuracies stays where accuracies can be: the lead is at most the leader's
+    # mean (the other at 0%) and at least its mean minus 100% (the other at 100%).
+    top = leader["val_mean"]
     return {
-        **out, "diff_mean": mean, "diff_low": mean - half, "diff_high": mean + half,
+        **out, "diff_mean": mean,
+        "diff_low": max(mean - half, top - 1.0), "diff_high": min(mean + half, top),
         "p_vs_best": p, "verdict": NOISE if p >= ALPHA else WORSE,
     }  # fmt: skip
 
@@ -239,6 +243,8 @@ def verdict(
             f"within noise of it (paired test, p ≥ {ALPHA}); the runs cannot rule out a lead "
             f"of {_points(widest)}"
         )
+        if seeds == 2:  # one degree of freedom per pair: only very large gaps can be told apart
+            why += " (2 runs each tell apart only large gaps: --confirm-seeds 3 or more)"
     others = [r["variant"] for r in leading[1:]]
     cost = (
         f"All of them cost the same ({_models(fewest)} per prediction)."

@@ -129,7 +129,7 @@ def print_confirmed(rows: list[dict[str, Any]], console: Console = CONSOLE) -> N
     table.add_column("verdict")
     for row in rows:
         verdict = row["verdict"] + (
-            f" (p {row['p_vs_best']:.3f})" if row["p_vs_best"] is not None else ""
+            f" (p {row['p_vs_best']:.3g})" if row["p_vs_best"] is not None else ""
         )
         verdict += f", {row['diverged']} diverged" if row["diverged"] else ""
         lead = (

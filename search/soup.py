@@ -220,9 +220,12 @@ def plan(search: str, uri: str, only: WHAT = "all") -> Plan:
             "which is not there (moved, deleted, or on another machine); run this where that "
             "folder is, or put it back"
         )
-    search_data = _data(finished[0])  # the search's own split: its first trial's
+    ordered = sorted(finished, key=lambda r: (r.data.tags.get(ROLE) != "trial", _trial_id(r)))
+    # The search's own split: its first trial's (never a confirmation run's, which has its own split;
+    # MLflow lists the newest runs first, so the confirmation's came first here once)
+    search_data = _data(ordered[0])
     candidates = []
-    for run in sorted(finished, key=lambda r: (r.data.tags.get(ROLE) != "trial", _trial_id(r))):
+    for run in ordered:
         if _data(run) != search_data:
             notes.append(
                 f"{_label(run)} left out: it was scored on another validation split than the "

@@ -312,3 +312,23 @@ def test_runs_that_share_no_split_are_not_compared(no_warning):
     b = [{**r, "pair": f"other {k}"} for k, r in enumerate(runs(0.90, 0.91, 0.92))]
     rows = by_variant(confirmation_stats({"a": a, "b": b}, VAL))
     assert rows["b"]["verdict"] == "too few seeds to test" and rows["b"]["pairs"] == 0
+
+
+def test_an_interval_stays_within_what_accuracies_allow_and_two_runs_say_so(no_warning):
+    # From the fresh-clone trial: a variant that had not learned (15%) beside one at 99%, two runs
+    # each: the interval ran to +167 points. A lead is at most the leader's mean, at least its mean
+    # minus 100%, and two runs say that they tell apart only large gaps.
+    rows = confirmation_stats({"sgd": runs(0.9931, 0.9931), "ema": runs(0.06, 0.25)}, VAL)
+    lagging = rows[1]
+    assert lagging["verdict"] == NOISE
+    assert (
+        rows[0]["val_mean"] - 1.0
+        <= lagging["diff_low"]
+        <= lagging["diff_high"]
+        <= rows[0]["val_mean"]
+    )
+    said = verdict(rows, VAL, fresh=True).text
+    assert (
+        "cannot rule out a lead of +99.31 points" in said
+        and "2 runs each tell apart only large gaps" in said
+    )
