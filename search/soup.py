@@ -35,8 +35,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flatbasin.search.credentials import redact_uri
 from flatbasin.search.errors import Unwritten, UsageError
@@ -701,25 +703,31 @@ def members_text(result: SoupResult) -> str:
 
 
 def print_table(report: SoupReport, console: Console) -> None:
-    table = Table(title=f"search '{report.search}': one model from the whole search")
-    for column in (
-        "model",
-        "val acc",
-        "test acc",
-        "members",
-        "networks per prediction",
-        "MLflow run",
-    ):
-        table.add_column(column, overflow="fold")
+    # As the search's own tables: 79 columns at most, numbers never wrapped; the run ids follow
+    # the table, one a line, whole (a folded id cannot be copied).
+    table = Table(
+        title=f"search '{report.search}': one model from the whole search",
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+    )  # fmt: skip
+    table.add_column("model")
+    for column in ("val acc", "test acc"):
+        table.add_column(column, no_wrap=True, justify="right")
+    table.add_column("members")
+    table.add_column("networks", justify="right")  # per prediction: its inference cost
+    runs: list[tuple[str, str]] = []
     for ref in report.references:
         cost = "?" if ref.inference_cost is None else str(ref.inference_cost)
-        table.add_row(ref.label, ref.val, ref.test, ref.members, cost, ref.run_id or "-")
+        table.add_row(ref.label, ref.val, ref.test, ref.members, cost)
+        runs.append((ref.label, ref.run_id or "-"))
     for r in report.results:
         table.add_row(r.title, f"{r.val_acc:.4f}", f"{r.test_acc:.4f}", members_text(r),
-                      str(r.inference_cost), r.run_id or "-")  # fmt: skip
-    console.print(table)
+                      str(r.inference_cost))  # fmt: skip
+        runs.append((r.title, r.run_id or "-"))
+    console.print(table, width=min(console.width, 80) - 1)
+    for label, run_id in runs:
+        console.print(Text(f"  {label}: ") + Text(run_id), soft_wrap=True)
     console.print(
-        "Every row was chosen on the validation split, so its val acc flatters it; the test split "
+        "networks: per prediction. Every row was chosen on the validation split, so its val acc flatters it; the test split "
         "was scored once per row, after every choice."
     )
     for note in report.notes:
