@@ -149,9 +149,7 @@ def search_tuner(
     return tune.Tuner(
         trainable,
         param_space={
-            "checkpoint_every": options.checkpoint_every,
-            "checkpoint_interval_s": options.checkpoint_interval_s,
-            "report_interval_s": REPORT_INTERVAL_S,
+            **_reporting(options),
             "report_at": scheduler.milestones() if isinstance(scheduler, PerVariantASHA) else [],
         },
         tune_config=tune.TuneConfig(
@@ -167,6 +165,15 @@ def search_tuner(
             experiment_path.name, experiment_path.parent, options, writer, progress, stopper
         ),
     )
+
+
+def _reporting(options: SearchOptions) -> dict[str, Any]:
+    """How every trial of a search, and of its confirmation, checkpoints and reports to Tune."""
+    return {
+        "checkpoint_every": options.checkpoint_every,
+        "checkpoint_interval_s": options.checkpoint_interval_s,
+        "report_interval_s": REPORT_INTERVAL_S,
+    }
 
 
 def confirm_tuner(
@@ -187,9 +194,7 @@ def confirm_tuner(
     return tune.Tuner(
         trainable,
         param_space={
-            "checkpoint_every": options.checkpoint_every,
-            "checkpoint_interval_s": options.checkpoint_interval_s,
-            "report_interval_s": REPORT_INTERVAL_S,
+            **_reporting(options),
             "confirm": tune.grid_search(configs),
         },
         tune_config=tune.TuneConfig(
